@@ -1,0 +1,5 @@
+import sys
+
+from moeprec.cli import main
+
+sys.exit(main())
