@@ -1,0 +1,1 @@
+"""Bridges to other ecosystems: Hugging Face transformers modules and gpt-oss checkpoints."""
