@@ -20,7 +20,6 @@ from __future__ import annotations
 
 import importlib.util
 import math
-import os
 import sys
 import types
 from collections.abc import Callable
@@ -32,6 +31,9 @@ from moeprec._validation import check_choice, check_tensor
 from moeprec.act_policy import ACT_DTYPE_CHOICES, QUANTS, resolve_act_dtype
 from moeprec.activations import ACTIVATIONS, GATE_MODES, SWIGLU_ALPHA, SWIGLU_LIMIT, gated_activation
 from moeprec.dispatch import INDEX_DTYPES
+from moeprec.formats._backend import triton_interpret
+from moeprec.formats.fp8 import fake_quantize_fp8
+from moeprec.formats.mxfp4 import dequantize_mxfp4, fake_quantize_mxfp4
 
 BACKENDS = ("auto", "torch", "triton")
 HIDDEN_DTYPES = (torch.bfloat16, torch.float16, torch.float32)
@@ -150,22 +152,17 @@ def _check_ids_in_range(topk_ids: torch.Tensor, num_experts: int) -> None:
 def _quantize_act(x: torch.Tensor, act_dtype: str) -> torch.Tensor:
     """Q(x) in fp32: what a low-precision GEMM sees of its activations (exact in fp32)."""
     x = x.float()
+    # backend="torch": the reference stays pure torch even on CUDA.
     if act_dtype == "fp8":
-        from moeprec.formats.fp8 import fake_quantize_fp8
-
-        return fake_quantize_fp8(x, granularity="per_token").float()
+        return fake_quantize_fp8(x, granularity="per_token", backend="torch")
     if act_dtype == "fp4":
-        from moeprec.formats.mxfp4 import fake_quantize_mxfp4
-
-        return fake_quantize_mxfp4(x, scale_mode="rceil").float()
+        return fake_quantize_mxfp4(x, scale_mode="rceil", backend="torch")
     return x
 
 
 def _expert_weight(w: torch.Tensor, scale: torch.Tensor | None, e: int, quant: str) -> torch.Tensor:
     """Expert e's weight matrix dequantized to fp32 (one expert at a time: bounded memory)."""
     if quant == "mxfp4":
-        from moeprec.formats.mxfp4 import dequantize_mxfp4
-
         # E2M1 * 2^k with k in [-127, 127] is exact in fp32.
         return dequantize_mxfp4(w[e], scale[e], dtype=torch.float32)
     if quant == "fp8":
@@ -235,10 +232,6 @@ def _load_triton() -> Callable[..., torch.Tensor]:
     return fused_moe_triton
 
 
-def _triton_interpret() -> bool:
-    return os.environ.get("TRITON_INTERPRET", "0").strip().lower() in ("1", "true", "yes", "on")
-
-
 def _triton_available() -> bool:
     return (
         importlib.util.find_spec("triton") is not None
@@ -252,7 +245,7 @@ def _pick_backend(backend: str, device: torch.device) -> Callable[..., torch.Ten
         backend = "triton" if device.type == "cuda" and _triton_available() else "torch"
     if backend == "torch":
         return _fused_moe_torch_impl
-    if device.type != "cuda" and not _triton_interpret():
+    if device.type != "cuda" and not triton_interpret():
         raise ValueError(
             f"backend: 'triton' runs on CUDA tensors, or on CPU with TRITON_INTERPRET=1; "
             f"got tensors on {device} without it (use backend='torch' or 'auto')"
