@@ -1,0 +1,212 @@
+"""The router's gate GEMM in a chosen precision (SPEC 2).
+
+Why: top-k selection is discrete, so the rounding of bf16 logits flips experts for a few percent of
+tokens, and the softmax of bf16 logits is coarse. A router dtype of fp32 (or fp64) computes the
+logits from the same bf16 inputs and weights without that rounding.
+
+`RouterGatingLinearFunction` computes `x.to(rd) @ weight.to(rd).T [+ bias.to(rd)]` and saves only
+the original tensors for backward, so the fp32 router costs no extra activation memory. Autocast is
+disabled inside, so an enclosing `torch.autocast` cannot drop the GEMM back to bf16.
+
+Two implementations, chosen in one place (`_plan`):
+- "upcast": the reference. Upcast the operands to `rd` and run the GEMMs in `rd`; backward
+  upcasts the incoming gradient, runs both GEMMs in `rd` and casts each result to its input's
+  dtype. Used on CPU, for fp64, and whenever the fast path does not apply.
+- "fast" (CUDA, x and weight both bf16 or both fp16, rd == float32, `torch.mm(out_dtype=)`
+  available): tensor-core GEMMs that accumulate in fp32.
+  * forward: `mm(x, W^T, out_dtype=float32)`. A product of two bf16 (or fp16) numbers is exact in
+    fp32 and the sum is accumulated in fp32, so this equals the upcast GEMM up to summation order.
+  * backward: the incoming gradient g is fp32, and a bf16 GEMM needs bf16 operands. Rounding g to
+    bf16 once would add a 2^-9 relative error per element, far beyond summation order. Instead g
+    is split into `BACKWARD_GRAD_SPLITS` bf16 pieces, g = g_1 + g_2 (+ g_3), each the rounding of
+    what is left, and the pieces are stacked along the GEMM's reduction (grad_x) or output
+    (grad_w) dimension, so each GEMM still reads x once. With 2 pieces the representation error
+    is <= 2^-17 |g| per element, below the worst-case fp32 rounding error of the GEMM itself
+    (K * 2^-24 for the reduction length K >= 128 here): the result equals the upcast path within
+    the error bound of fp32 summation. 3 pieces represent g exactly (8+8+8 mantissa bits), i.e.
+    equal up to summation order in the strict sense; 1 piece is the plain bf16 backward of a bf16
+    router (fastest, 2^-9 per element). fp16 inputs take the fast forward but the upcast backward
+    (rounding small gradients to fp16 could underflow).
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+import torch
+import torch.nn as nn
+import torch.nn.functional as F
+
+from moeprec._validation import check_floating, check_tensor
+from moeprec.precision import parse_router_dtype
+
+# Number of bf16 pieces the fp32 output gradient is split into by the fast backward (1, 2 or 3);
+# see the module docstring for the numerics of each. The one knob of the fast path.
+BACKWARD_GRAD_SPLITS = 2
+
+# torch.mm(a, b, out_dtype=torch.float32) (aten::mm.dtype) has a CUDA kernel in recent torch
+# builds (not on CPU). Asking the dispatcher needs no CUDA context and no kernel launch, so it
+# is decided once at import and stays a plain constant under torch.compile.
+try:
+    MM_OUT_DTYPE_ON_CUDA = bool(
+        torch._C._dispatch_has_kernel_for_dispatch_key("aten::mm.dtype", "CUDA")
+    )
+except Exception:  # an older torch without the overload or the private query
+    MM_OUT_DTYPE_ON_CUDA = False
+
+_FAST_DTYPES = (torch.bfloat16, torch.float16)
+
+
+def _plan(x: torch.Tensor, weight: torch.Tensor, router_dtype: torch.dtype) -> str:
+    """"fast" or "upcast": the one place the gate GEMM implementation is chosen."""
+    if (
+        MM_OUT_DTYPE_ON_CUDA
+        and router_dtype == torch.float32
+        and x.is_cuda
+        and weight.is_cuda
+        and x.dtype in _FAST_DTYPES
+        and weight.dtype == x.dtype
+    ):
+        return "fast"
+    return "upcast"
+
+
+def _split_to_bf16(g: torch.Tensor, pieces: int) -> list[torch.Tensor]:
+    """fp32 g -> bf16 pieces whose fp32 sum approximates g (exactly for 3 pieces)."""
+    out = []
+    rest = g
+    for i in range(pieces):
+        piece = rest.to(torch.bfloat16)
+        out.append(piece)
+        if i + 1 < pieces:
+            rest = rest - piece.float()  # exact in fp32: the rounding error of `piece`
+    return out
+
+
+class RouterGatingLinearFunction(torch.autograd.Function):
+    """y = x.to(rd) @ weight.to(rd).T [+ bias.to(rd)] in dtype rd; grads in the inputs' dtypes."""
+
+    @staticmethod
+    def forward(ctx, x, weight, bias, router_dtype):
+        rd = router_dtype
+        plan = _plan(x, weight, rd)
+        ctx.plan = plan
+        ctx.router_dtype = rd
+        ctx.x_shape = x.shape
+        ctx.x_dtype = x.dtype
+        ctx.w_dtype = weight.dtype
+        ctx.has_bias = bias is not None
+        ctx.b_dtype = bias.dtype if bias is not None else None
+        need_x, need_w = ctx.needs_input_grad[0], ctx.needs_input_grad[1]
+        # Only what backward reads, and only the originals: grad_x needs weight, grad_w needs x.
+        ctx.save_for_backward(x if need_w else None, weight if need_x else None)
+        with torch.autocast(device_type=x.device.type, enabled=False):
+            if plan == "fast":
+                y = torch.mm(x.reshape(-1, x.shape[-1]), weight.t(), out_dtype=torch.float32)
+                y = y.view(*x.shape[:-1], weight.shape[0])
+                if bias is not None:
+                    y = y + bias.to(rd)
+                return y
+            b = bias.to(rd) if bias is not None else None
+            return F.linear(x.to(rd), weight.to(rd), b)
+
+    @staticmethod
+    def backward(ctx, grad_out):
+        x, weight = ctx.saved_tensors
+        rd = ctx.router_dtype
+        need_x, need_w, need_b = ctx.needs_input_grad[0], ctx.needs_input_grad[1], ctx.needs_input_grad[2]
+        grad_x = grad_w = grad_b = None
+        with torch.autocast(device_type=grad_out.device.type, enabled=False):
+            g = grad_out.to(rd).reshape(-1, grad_out.shape[-1])
+            if ctx.plan == "fast" and ctx.x_dtype == torch.bfloat16:
+                grad_x, grad_w = _fast_backward(g, x, weight, need_x, need_w)
+            else:
+                if need_x:
+                    grad_x = g.mm(weight.to(rd)).to(ctx.x_dtype).view(ctx.x_shape)
+                if need_w:
+                    x2d = x.reshape(-1, x.shape[-1]).to(rd)
+                    grad_w = g.t().mm(x2d).to(ctx.w_dtype)
+            if need_b and ctx.has_bias:
+                grad_b = g.sum(0).to(ctx.b_dtype)
+        if grad_x is not None:
+            grad_x = grad_x.view(ctx.x_shape)
+        return grad_x, grad_w, grad_b, None
+
+
+def _fast_backward(g, x, weight, need_x, need_w):
+    """Backward GEMMs on bf16 tensor cores with fp32 accumulation; g is the fp32 [T, E] gradient.
+
+    The fast plan requires x.dtype == weight.dtype, so grad_x is produced in weight.dtype.
+    """
+    n = BACKWARD_GRAD_SPLITS
+    pieces = _split_to_bf16(g, n)
+    grad_x = grad_w = None
+    if need_x:
+        # [g_1 | g_2 | ...] @ [W; W; ...]: one GEMM, pieces summed by the fp32 accumulator. The
+        # bf16 output is one rounding of the fp32 accumulator, as `.to(bf16)` of an fp32 result,
+        # unless cuBLAS may reduce split-K partials in bf16; then ask for fp32 output.
+        gs = torch.cat(pieces, dim=1) if n > 1 else pieces[0]
+        ws = torch.cat([weight] * n, dim=0) if n > 1 else weight
+        if torch.backends.cuda.matmul.allow_bf16_reduced_precision_reduction:
+            grad_x = torch.mm(gs, ws, out_dtype=torch.float32).to(weight.dtype)
+        else:
+            grad_x = torch.mm(gs, ws)
+    if need_w:
+        # [g_1 | g_2 | ...]^T @ x: one GEMM reading x once, [n*E, D] fp32, then the pieces summed.
+        gs = torch.cat(pieces, dim=1) if n > 1 else pieces[0]
+        x2d = x.reshape(-1, x.shape[-1])
+        gw = torch.mm(gs.t(), x2d, out_dtype=torch.float32)
+        grad_w = gw.view(n, -1, gw.shape[-1]).sum(0).to(weight.dtype)
+    return grad_x, grad_w
+
+
+def _check_gate_args(x: Any, weight: Any, bias: Any) -> None:
+    check_floating("x", x)
+    check_floating("weight", weight)
+    check_tensor("weight", weight, ndim=2)
+    if x.dim() < 1:
+        raise ValueError(f"x: expected a tensor of shape [..., {weight.shape[1]}], got a 0-D tensor")
+    if x.shape[-1] != weight.shape[1]:
+        raise ValueError(
+            f"x: expected last dim {weight.shape[1]} (weight.shape[1], the hidden size), "
+            f"got shape {tuple(x.shape)}"
+        )
+    if bias is not None:
+        check_floating("bias", bias)
+        check_tensor("bias", bias, shape=(weight.shape[0],))
+
+
+def router_gating_linear(
+    x: torch.Tensor,
+    weight: torch.Tensor,
+    router_dtype: Any = None,
+    bias: torch.Tensor | None = None,
+) -> torch.Tensor:
+    """Gate logits [..., E]: plain F.linear in the model dtype for router_dtype None, else in rd."""
+    _check_gate_args(x, weight, bias)
+    rd = parse_router_dtype(router_dtype)
+    if rd is None:
+        return F.linear(x, weight, bias)
+    return RouterGatingLinearFunction.apply(x, weight, bias, rd)
+
+
+class RouterGateLinear(nn.Linear):
+    """nn.Linear (same parameters and state-dict keys) whose GEMM runs in `router_dtype`."""
+
+    def __init__(
+        self,
+        in_features: int,
+        out_features: int,
+        bias: bool = False,
+        router_dtype: Any = None,
+        device: Any = None,
+        dtype: torch.dtype | None = None,
+    ) -> None:
+        super().__init__(in_features, out_features, bias=bias, device=device, dtype=dtype)
+        self.router_dtype = parse_router_dtype(router_dtype)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return router_gating_linear(x, self.weight, self.router_dtype, self.bias)
+
+    def extra_repr(self) -> str:
+        return f"{super().extra_repr()}, router_dtype={self.router_dtype}"
