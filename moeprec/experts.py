@@ -239,6 +239,7 @@ class GroupedExperts(nn.Module):
         self.gate_mode = gate_mode
         self.swiglu_alpha = float(swiglu_alpha)
         self.swiglu_limit = float(swiglu_limit)
+        self.quant = "none"  # "mxfp4" | "fp8" after quantize_ (weights become buffers)
         kw = {"device": device, "dtype": dtype}
         self.w1 = nn.Parameter(torch.empty(num_experts, 2 * hidden_dim, dim, **kw))
         self.w2 = nn.Parameter(torch.empty(num_experts, dim, hidden_dim, **kw))
@@ -273,6 +274,11 @@ class GroupedExperts(nn.Module):
         self, x: torch.Tensor, num_tokens_per_expert: torch.Tensor | None = None
     ) -> torch.Tensor:
         check_tensor("x", x, shape=(None, self.dim))
+        if self.quant != "none":
+            raise RuntimeError(
+                f"GroupedExperts: the weights are quantized ({self.quant!r}); quantized experts run "
+                "through moeprec.fused_moe (MoE.forward does this after MoE.quantize_)"
+            )
         x = x.to(self.w1.dtype)
         if num_tokens_per_expert is None:
             if self.num_experts != 1:
@@ -298,6 +304,41 @@ class GroupedExperts(nn.Module):
         if self.has_bias:
             y = y + self.b2[row_expert.clamp(max=self.num_experts - 1)]
         return torch.where((row_expert < self.num_experts).unsqueeze(-1), y, 0.0)
+
+    @torch.no_grad()
+    def quantize_(self, quant: str, scale_mode: str = "rceil") -> GroupedExperts:
+        """Replace the weights by `fused_moe`'s quantized buffers (inference only), in place.
+
+        "mxfp4": w1/w2 packed uint8 + E8M0 scales w1_scale/w2_scale (dim and hidden_dim multiples
+        of 32). "fp8": float8_e4m3fn + fp32 per-output-channel scales [E, N]. Biases become fp32
+        buffers, as fused_moe reads them. After this, forward raises: use fused_moe.
+        """
+        check_choice("quant", quant, ("mxfp4", "fp8"))
+        if self.quant != "none":
+            raise RuntimeError(f"GroupedExperts: already quantized ({self.quant!r})")
+        if quant == "mxfp4":
+            from moeprec.formats.mxfp4 import MX_BLOCK, quantize_mxfp4
+
+            for name, size in (("dim", self.dim), ("hidden_dim", self.hidden_dim)):
+                if size % MX_BLOCK:
+                    raise ValueError(
+                        f"quant: 'mxfp4' needs {name} to be a multiple of {MX_BLOCK}, got {size}"
+                    )
+            (w1, s1), (w2, s2) = quantize_mxfp4(self.w1, scale_mode), quantize_mxfp4(self.w2, scale_mode)
+        else:
+            from moeprec.formats.fp8 import quantize_fp8
+
+            (w1, s1), (w2, s2) = quantize_fp8(self.w1, "per_channel"), quantize_fp8(self.w2, "per_channel")
+            s1, s2 = s1.squeeze(-1), s2.squeeze(-1)  # [E, N, 1] -> [E, N], fused_moe's layout
+        tensors = {"w1": w1, "w2": w2, "w1_scale": s1, "w2_scale": s2}
+        if self.has_bias:
+            tensors.update(b1=self.b1.float(), b2=self.b2.float())
+        for name, t in tensors.items():
+            if name in self._parameters:
+                del self._parameters[name]
+            self.register_buffer(name, t.contiguous())
+        self.quant = quant
+        return self
 
     def _dense_forward(self, x: torch.Tensor) -> torch.Tensor:
         h = F.linear(x, self.w1[0], None if self.b1 is None else self.b1[0])

@@ -1,0 +1,54 @@
+"""Token reordering around the experts: group the T*k routed copies by expert, then combine.
+
+MoE.forward reads `router -> reorder_tokens -> experts -> combine_expert_outputs`; expert
+parallelism calls the same two steps around its all-to-all exchange.
+
+Both steps are device-side and sync-free (stable argsort, gathers, a batched matmul): no host
+sync, no atomics, so the combine is deterministic on GPU too.
+"""
+
+from __future__ import annotations
+
+from typing import NamedTuple
+
+import torch
+
+
+class ReorderedTokens(NamedTuple):
+    """The T*k (token, slot) copies grouped by expert (ascending), token order kept within one."""
+
+    order: torch.Tensor  # [T*k] int64: flat slot index t*k + j of each sorted copy
+    token_indices: torch.Tensor  # [T*k] int64: its token t (= order // k)
+    scores: torch.Tensor  # [T*k]: its routing score top_scores[t, j]
+
+
+def reorder_tokens(top_scores: torch.Tensor, selected_experts: torch.Tensor) -> ReorderedTokens:
+    """Group the copies of each token by expert: rows of `x[token_indices]` are expert-sorted.
+
+    The per-expert counts (the router's `num_tokens_per_expert`) delimit the groups.
+    """
+    k = selected_experts.shape[-1]
+    # stable: within an expert, copies stay in (token, slot) order, as in the loop references.
+    order = torch.argsort(selected_experts.reshape(-1), stable=True)
+    return ReorderedTokens(order, order // k, top_scores.reshape(-1)[order])
+
+
+def combine_expert_outputs(
+    expert_out: torch.Tensor,
+    reordered: ReorderedTokens,
+    top_scores: torch.Tensor,
+    score_before_experts: bool = False,
+) -> torch.Tensor:
+    """[T*k, D] expert-sorted outputs -> [T, D] `sum_j top_scores[t, j] * out[t, j]`, in fp32.
+
+    (fp64 when the outputs are fp64.) With `score_before_experts` the scores were applied to the
+    experts' inputs already, so the copies are summed unweighted.
+    """
+    t, k = top_scores.shape
+    acc = torch.promote_types(expert_out.dtype, torch.float32)
+    # Undo the sort (index_copy: a permutation, no atomics), then a [1, k] x [k, D] product per token.
+    unsorted = torch.empty_like(expert_out, dtype=acc).index_copy(0, reordered.order, expert_out.to(acc))
+    per_slot = unsorted.view(t, k, expert_out.shape[-1])
+    if score_before_experts:
+        return per_slot.sum(dim=1)
+    return torch.bmm(top_scores.to(acc).unsqueeze(1), per_slot).squeeze(1)
