@@ -1,0 +1,247 @@
+"""Triton backend of `fused_moe` (SPEC 4): two grouped GEMMs over expert-sorted token blocks.
+
+    align:   flat (token, slot) ids grouped by expert in blocks of BLOCK_M rows (no host sync)
+    stage 1: z[slot] = act(gate(h), up(h)), h = Q(x[token]) @ W1_e^T (* w) + b1  (one kernel)
+    stage 2: out[token] += w * (Q(z[slot]) @ W2_e^T + b2)  (fp32 atomics into [M, H], one kernel)
+
+Weights stay in the SPEC layout: MXFP4 is decoded in registers (nibbles + E8M0 -> bf16 for the
+w4a16 path; -> exact fp8 with a per-column power of two per K block for the fp8 path), fp8
+weights keep their per-channel scales. Launch configurations come from `tuning.get_config`.
+
+`fused_moe_triton` is registered as the torch custom op `moeprec::fused_moe_triton` (with a
+fake implementation) so that `torch.compile` traces through it; eager calls skip the dispatcher.
+"""
+
+from __future__ import annotations
+
+import os
+from typing import Any
+
+import torch
+import triton
+
+from moeprec.kernels import _fused_moe_kernels as K
+from moeprec.kernels.tuning import get_config, path_name
+
+# Largest M*k that the single-program align kernel handles; beyond it the torch sort path
+# (a dozen launches, negligible next to the GEMMs of such batches) takes over.
+_ALIGN_KERNEL_MAX_SLOTS = 4096
+# Tests set this to fill intermediates with NaN, proving that no unwritten row is ever read.
+_POISON_INTERMEDIATE = False
+
+
+def _interpret() -> bool:
+    return os.environ.get("TRITON_INTERPRET", "0").strip().lower() in ("1", "true", "yes", "on")
+
+
+def _device_name(t: torch.Tensor) -> str | None:
+    return torch.cuda.get_device_name(t.device) if t.is_cuda else None
+
+
+def max_blocks(num_slots: int, num_experts: int, block_m: int) -> int:
+    """Upper bound on used blocks: every expert with tokens adds at most one partial block."""
+    return triton.cdiv(num_slots, block_m) + min(num_experts, num_slots)
+
+
+def align_blocks(topk_ids: torch.Tensor, num_experts: int, block_m: int,
+                 expert_mask: torch.Tensor | None) -> tuple[torch.Tensor, torch.Tensor]:
+    """(sorted_ids, expert_ids) in vLLM's block layout; masked and out-of-range ids dropped.
+
+    expert_ids is -1 for every block the GEMMs must skip. Sizes depend on shapes only.
+    """
+    num_slots = topk_ids.numel()
+    if num_slots > _ALIGN_KERNEL_MAX_SLOTS:
+        from moeprec.dispatch import moe_align_block_size
+
+        # masked experts keep their blocks there, marked -1: the GEMMs skip them as well
+        sorted_ids, expert_ids, _ = moe_align_block_size(topk_ids, num_experts, block_m, expert_mask)
+        return sorted_ids, expert_ids
+    nb = max_blocks(num_slots, num_experts, block_m)
+    dev = topk_ids.device
+    sorted_ids = torch.empty(nb * block_m, dtype=torch.int32, device=dev)
+    expert_ids = torch.empty(nb, dtype=torch.int32, device=dev)
+    mask = expert_mask.to(torch.int32) if expert_mask is not None else sorted_ids
+    e_pad = triton.next_power_of_2(num_experts)
+    chunk = max(16, min(64, 16384 // e_pad))
+    K._align_kernel[(1,)](
+        topk_ids.reshape(-1), mask, sorted_ids, expert_ids, num_slots, num_experts, nb,
+        HAS_MASK=expert_mask is not None, BLOCK_M=block_m, E_PAD=e_pad, CHUNK=chunk,
+        num_warps=4 if e_pad <= 64 else 8,
+    )
+    return sorted_ids, expert_ids
+
+
+def _quant_fp8_rows(x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    M, H = x.shape
+    q = torch.empty(M, H, dtype=torch.float8_e4m3fn, device=x.device)
+    s = torch.empty(M, dtype=torch.float32, device=x.device)
+    K._quant_fp8_rows_kernel[(M,)](x, q, s, H, x.stride(0), q.stride(0),
+                                   BLOCK=min(1024, triton.next_power_of_2(H)), INTERP=_interpret(),
+                                   num_warps=4)
+    return q, s
+
+
+_TL_DTYPE = {torch.bfloat16: "bf16", torch.float16: "fp16", torch.float32: "fp32"}
+
+
+def _compute_dtype(dtype: torch.dtype) -> Any:
+    import triton.language as tl
+
+    return {torch.bfloat16: tl.bfloat16, torch.float16: tl.float16, torch.float32: tl.float32}[dtype]
+
+
+def _launch_gemm(*, a, a_scale, b, b_scale, bias, c, c_scale, sorted_ids, expert_ids, topk_w,
+                 N, Kdim, num_slots, top_k, gu_stride, up_off, stage1, b_fmt, a_fp8,
+                 a_quant, act, mul_weight, atomic_out, quant_out, compute_dtype, alpha,
+                 limit, block_m, st):
+    num_pid_m = expert_ids.numel()
+    grid = (num_pid_m * triton.cdiv(N, st["BLOCK_N"]),)
+    dummy = sorted_ids
+    a_scale_t = a_scale if a_scale is not None else dummy
+    b_scale_t = b_scale if b_scale is not None else dummy
+    bias_t = bias if bias is not None else dummy
+    c_scale_t = c_scale if c_scale is not None else dummy
+
+    def s(t, i):
+        return t.stride(i) if t is not None and t.dim() > i else 0
+
+    K._moe_gemm_kernel[grid](
+        a, a_scale_t, b, b_scale_t, bias_t, c, c_scale_t, sorted_ids, expert_ids, topk_w,
+        N, Kdim, num_slots, top_k, num_pid_m, gu_stride, up_off,
+        a.stride(0), a.stride(1), s(a_scale, 0),
+        b.stride(0), b.stride(1), b.stride(2), s(b_scale, 0), s(b_scale, 1), s(b_scale, 2),
+        s(bias, 0), c.stride(0), c.stride(1), s(c_scale, 0),
+        float(alpha), float(limit),
+        STAGE1=stage1, B_FMT=b_fmt, A_FP8=a_fp8, A_QUANT=a_quant, ACT=act,
+        HAS_BIAS=bias is not None, MUL_WEIGHT=mul_weight, ATOMIC_OUT=atomic_out,
+        QUANT_OUT=quant_out, COMPUTE_DTYPE=compute_dtype, INTERP=_interpret(),
+        BLOCK_M=block_m, BLOCK_N=st["BLOCK_N"], BLOCK_K=st["BLOCK_K"], GROUP_M=st["GROUP_M"],
+        num_warps=st["num_warps"], num_stages=st["num_stages"],
+    )
+
+
+def fused_moe_triton_impl(
+    hidden_states: torch.Tensor, w1: torch.Tensor, w2: torch.Tensor,
+    topk_weights: torch.Tensor, topk_ids: torch.Tensor, *, activation: str = "silu",
+    gate_mode: str = "separated", swiglu_alpha: float = 1.702, swiglu_limit: float = 7.0,
+    quant: str = "none", w1_scale: torch.Tensor | None = None,
+    w2_scale: torch.Tensor | None = None, act_dtype: str = "bf16",
+    bias1: torch.Tensor | None = None, bias2: torch.Tensor | None = None,
+    expert_mask: torch.Tensor | None = None, apply_router_weight_on_input: bool = False,
+    config: dict[str, Any] | None = None,
+) -> torch.Tensor:
+    """The kernels, called directly (validated arguments; `config` overrides the tuned one)."""
+    M, H = hidden_states.shape
+    E, two_i = w1.shape[0], w1.shape[1]
+    I = two_i // 2  # noqa: E741
+    k = topk_ids.shape[1]
+    S = M * k
+    dev = hidden_states.device
+    out_dtype = hidden_states.dtype
+    path = path_name(quant, act_dtype)
+    cfg = config if config is not None else get_config(path, M, E, H, I, k, _device_name(hidden_states))
+    bm = cfg["BLOCK_M"]
+    b_fmt = {"none": 0, "mxfp4": 1, "fp8": 2}[quant]
+    a_fp8 = act_dtype == "fp8"
+    compute_dtype = _compute_dtype(out_dtype)
+    act = 0 if activation == "silu" else 1
+    gu_stride, up_off = (1, I) if gate_mode == "separated" else (2, 1)
+
+    sorted_ids, expert_ids = align_blocks(topk_ids, E, bm, expert_mask)
+    topk_w = topk_weights.reshape(-1)
+    if not topk_w.is_contiguous():
+        topk_w = topk_w.contiguous()
+
+    # stage 1 input
+    x = hidden_states
+    x_scale = None
+    if act_dtype == "fp8":
+        x, x_scale = _quant_fp8_rows(hidden_states)
+    elif act_dtype == "fp4":  # accuracy emulation on GPUs without FP4 tensor cores
+        from moeprec.formats.mxfp4 import fake_quantize_mxfp4
+
+        x = fake_quantize_mxfp4(hidden_states.float(), scale_mode="rceil").to(out_dtype)
+
+    s1, s2 = cfg["s1"], cfg["s2"]
+    inter = (torch.full((S, I), float("nan"), dtype=out_dtype, device=dev) if _POISON_INTERMEDIATE
+             else torch.empty(S, I, dtype=out_dtype, device=dev))
+    # fp8: stage 1 gathers each z row's amax here (atomic max from 0); stage 2 quantizes with it
+    inter_amax = torch.zeros(S, dtype=torch.float32, device=dev) if a_fp8 else None
+    _launch_gemm(
+        a=x, a_scale=x_scale, b=w1, b_scale=w1_scale, bias=bias1, c=inter, c_scale=inter_amax,
+        sorted_ids=sorted_ids, expert_ids=expert_ids, topk_w=topk_w, N=I, Kdim=H, num_slots=S,
+        top_k=k, gu_stride=gu_stride, up_off=up_off, stage1=True, b_fmt=b_fmt, a_fp8=a_fp8,
+        a_quant=False, act=act, mul_weight=apply_router_weight_on_input, atomic_out=False,
+        quant_out=a_fp8, compute_dtype=compute_dtype, alpha=swiglu_alpha, limit=swiglu_limit,
+        block_m=bm, st=s1,
+    )
+    if act_dtype == "fp4":
+        from moeprec.formats.mxfp4 import fake_quantize_mxfp4
+
+        inter = fake_quantize_mxfp4(inter.float(), scale_mode="rceil").to(out_dtype)
+
+    atomic = bool(cfg.get("atomic", True))
+    if atomic:
+        out32 = torch.zeros(M, H, dtype=torch.float32, device=dev)
+    else:  # rows of masked slots are never written: start from zeros
+        out32 = torch.zeros(S, H, dtype=torch.float32, device=dev)
+    _launch_gemm(
+        a=inter, a_scale=inter_amax, b=w2, b_scale=w2_scale, bias=bias2, c=out32, c_scale=None,
+        sorted_ids=sorted_ids, expert_ids=expert_ids, topk_w=topk_w, N=H, Kdim=I, num_slots=S,
+        top_k=k, gu_stride=1, up_off=0, stage1=False, b_fmt=b_fmt, a_fp8=a_fp8,
+        a_quant=a_fp8, act=act,
+        mul_weight=not apply_router_weight_on_input, atomic_out=atomic, quant_out=False,
+        compute_dtype=compute_dtype, alpha=swiglu_alpha, limit=swiglu_limit, block_m=bm, st=s2,
+    )
+    if not atomic:
+        out32 = out32.view(M, k, H).sum(dim=1)
+    return out32.to(out_dtype)
+
+
+@torch.library.custom_op("moeprec::fused_moe_triton", mutates_args=())
+def _fused_moe_op(
+    hidden_states: torch.Tensor, w1: torch.Tensor, w2: torch.Tensor,
+    topk_weights: torch.Tensor, topk_ids: torch.Tensor, activation: str, gate_mode: str,
+    swiglu_alpha: float, swiglu_limit: float, quant: str, w1_scale: torch.Tensor | None,
+    w2_scale: torch.Tensor | None, act_dtype: str, bias1: torch.Tensor | None,
+    bias2: torch.Tensor | None, expert_mask: torch.Tensor | None,
+    apply_router_weight_on_input: bool,
+) -> torch.Tensor:
+    return fused_moe_triton_impl(
+        hidden_states, w1, w2, topk_weights, topk_ids, activation=activation,
+        gate_mode=gate_mode, swiglu_alpha=swiglu_alpha, swiglu_limit=swiglu_limit, quant=quant,
+        w1_scale=w1_scale, w2_scale=w2_scale, act_dtype=act_dtype, bias1=bias1, bias2=bias2,
+        expert_mask=expert_mask, apply_router_weight_on_input=apply_router_weight_on_input,
+    )
+
+
+@_fused_moe_op.register_fake
+def _fused_moe_fake(hidden_states, w1, w2, topk_weights, topk_ids, activation, gate_mode,
+                    swiglu_alpha, swiglu_limit, quant, w1_scale, w2_scale, act_dtype, bias1,
+                    bias2, expert_mask, apply_router_weight_on_input):
+    return hidden_states.new_empty(hidden_states.shape)
+
+
+def fused_moe_triton(
+    hidden_states: torch.Tensor, w1: torch.Tensor, w2: torch.Tensor,
+    topk_weights: torch.Tensor, topk_ids: torch.Tensor, *, activation: str = "silu",
+    gate_mode: str = "separated", swiglu_alpha: float = 1.702, swiglu_limit: float = 7.0,
+    quant: str = "none", w1_scale: torch.Tensor | None = None,
+    w2_scale: torch.Tensor | None = None, act_dtype: str = "bf16",
+    bias1: torch.Tensor | None = None, bias2: torch.Tensor | None = None,
+    expert_mask: torch.Tensor | None = None, apply_router_weight_on_input: bool = False,
+) -> torch.Tensor:
+    """`fused_moe` on the Triton kernels (arguments validated by the caller, act dtype resolved).
+
+    Under `torch.compile` this goes through the custom op; eagerly it calls the kernels directly
+    (the dispatcher would add latency to every decode step).
+    """
+    args = (hidden_states, w1, w2, topk_weights, topk_ids)
+    kwargs = dict(activation=activation, gate_mode=gate_mode, swiglu_alpha=float(swiglu_alpha),
+                  swiglu_limit=float(swiglu_limit), quant=quant, w1_scale=w1_scale,
+                  w2_scale=w2_scale, act_dtype=act_dtype, bias1=bias1, bias2=bias2,
+                  expert_mask=expert_mask,
+                  apply_router_weight_on_input=bool(apply_router_weight_on_input))
+    if torch.compiler.is_compiling():
+        return _fused_moe_op(*args, **kwargs)
+    return fused_moe_triton_impl(*args, **kwargs)

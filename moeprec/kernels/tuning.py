@@ -1,0 +1,115 @@
+"""Launch configurations of the fused MoE kernels: tuned data files first, a heuristic otherwise.
+
+Data lives in `moeprec/configs/fused_moe_<device>.json` (device = torch.cuda.get_device_name()
+with spaces and slashes turned into underscores), written by `moeprec tune`:
+
+    {"<path>": {"E=128,H=2048,I=768,k=8": {"<M>": <config>, ...}, ...}, ...}
+
+A config is {"BLOCK_M": int, "atomic": bool, "s1": {...}, "s2": {...}}, each stage holding
+BLOCK_N, BLOCK_K, GROUP_M, num_warps, num_stages. BLOCK_M is shared because both stages walk the
+same block layout. Lookup takes the exact shape key and the nearest tuned M (in log scale);
+anything missing falls back to `default_config`.
+"""
+
+from __future__ import annotations
+
+import functools
+import json
+import math
+import os
+from importlib import resources
+from typing import Any
+
+# kernel paths: (weight format, activation dtype)
+PATHS = ("bf16", "w4a16", "w4a8", "fp8", "w8a16")
+
+
+def path_name(quant: str, act_dtype: str) -> str:
+    if quant == "mxfp4":
+        return "w4a8" if act_dtype == "fp8" else "w4a16"
+    if quant == "fp8":
+        return "fp8" if act_dtype == "fp8" else "w8a16"
+    return "bf16"
+
+
+def shape_key(E: int, H: int, I: int, top_k: int) -> str:  # noqa: E741 (I is the MoE dim name)
+    return f"E={E},H={H},I={I},k={top_k}"
+
+
+def device_file_name(device_name: str) -> str:
+    safe = "".join(c if c.isalnum() or c in "-." else "_" for c in device_name)
+    return f"fused_moe_{safe}.json"
+
+
+def _stage(bn: int, bk: int, group_m: int, warps: int, stages: int) -> dict[str, int]:
+    return {"BLOCK_N": bn, "BLOCK_K": bk, "GROUP_M": group_m, "num_warps": warps,
+            "num_stages": stages}
+
+
+def default_config(path: str, M: int, E: int, H: int, I: int, top_k: int) -> dict[str, Any]:  # noqa: E741
+    """Hand-picked H100 starting points by tokens per expert (what `moeprec tune` refines)."""
+    per_expert = M * top_k / E
+    fp8_act = path in ("w4a8", "fp8")
+    bk_small = 128
+    if per_expert <= 4:
+        cfg = {"BLOCK_M": 16, "s1": _stage(64, bk_small, 1, 4, 4), "s2": _stage(64, bk_small, 1, 4, 4)}
+    elif per_expert <= 24:
+        cfg = {"BLOCK_M": 32, "s1": _stage(64, bk_small, 1, 4, 4), "s2": _stage(64, bk_small, 1, 4, 4)}
+    elif per_expert <= 96:
+        cfg = {"BLOCK_M": 64, "s1": _stage(64, 64 if not fp8_act else 128, 4, 4, 4),
+               "s2": _stage(128, 64 if not fp8_act else 128, 4, 4, 4)}
+    else:
+        bk = 128 if fp8_act else 64
+        cfg = {"BLOCK_M": 128, "s1": _stage(128, bk, 8, 8, 3), "s2": _stage(128, bk, 8, 8, 4)}
+    cfg["atomic"] = True
+    return cfg
+
+
+def fix_config(cfg: dict[str, Any], path: str) -> dict[str, Any]:
+    """Make a config legal for the kernels (any file or tuner output goes through here)."""
+    cfg = {"BLOCK_M": int(cfg["BLOCK_M"]), "atomic": bool(cfg.get("atomic", True)),
+           "s1": dict(cfg["s1"]), "s2": dict(cfg["s2"])}
+    for st in ("s1", "s2"):
+        s = cfg[st]
+        s.setdefault("GROUP_M", 1)
+        s.setdefault("num_warps", 4)
+        s.setdefault("num_stages", 3)
+        # MXFP4 decodes K in blocks of 32; tl.dot needs K >= 16 per half (>= 32 for fp8).
+        if path in ("w4a16", "w4a8"):
+            s["BLOCK_K"] = max(s["BLOCK_K"], 64)
+        if path in ("fp8", "w4a8"):
+            s["BLOCK_K"] = max(s["BLOCK_K"], 32)
+    if path in ("fp8", "w4a8"):
+        # stage 2 reads one activation scale per 1 x BLOCK_N(stage 1) block: its K blocks must
+        # not straddle two of them
+        bn1 = cfg["s1"]["BLOCK_N"]
+        cfg["s2"]["BLOCK_K"] = min(cfg["s2"]["BLOCK_K"], bn1)
+        if path == "w4a8":
+            cfg["s1"]["BLOCK_N"] = max(bn1, 64)
+            cfg["s2"]["BLOCK_K"] = max(min(cfg["s2"]["BLOCK_K"], cfg["s1"]["BLOCK_N"]), 64)
+    return cfg
+
+
+@functools.lru_cache(maxsize=8)
+def _load_table(file_name: str) -> dict[str, Any]:
+    override = os.environ.get("MOEPREC_FUSED_MOE_CONFIG_DIR")
+    if override and os.path.exists(os.path.join(override, file_name)):
+        with open(os.path.join(override, file_name)) as f:
+            return json.load(f)
+    try:
+        text = resources.files("moeprec").joinpath("configs", file_name).read_text()
+    except (FileNotFoundError, OSError):
+        return {}
+    return json.loads(text)
+
+
+def get_config(path: str, M: int, E: int, H: int, I: int, top_k: int,  # noqa: E741
+               device_name: str | None = None) -> dict[str, Any]:
+    """The launch configuration for one call: tuned entry for (device, path, shape, nearest M)."""
+    if device_name is not None:
+        per_m = _load_table(device_file_name(device_name)).get(path, {}).get(
+            shape_key(E, H, I, top_k))
+        if per_m:
+            best = min(per_m, key=lambda m: abs(math.log(max(int(m), 1)) - math.log(max(M, 1))))
+            return fix_config(per_m[best], path)
+    return fix_config(default_config(path, M, E, H, I, top_k), path)
