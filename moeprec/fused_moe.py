@@ -33,7 +33,7 @@ from moeprec.activations import ACTIVATIONS, GATE_MODES, SWIGLU_ALPHA, SWIGLU_LI
 from moeprec.dispatch import INDEX_DTYPES
 from moeprec.formats._backend import triton_interpret
 from moeprec.formats.fp8 import fake_quantize_fp8
-from moeprec.formats.mxfp4 import dequantize_mxfp4, fake_quantize_mxfp4
+from moeprec.formats.mxfp4 import MX_BLOCK, dequantize_mxfp4, fake_quantize_mxfp4
 
 BACKENDS = ("auto", "torch", "triton")
 HIDDEN_DTYPES = (torch.bfloat16, torch.float16, torch.float32)
@@ -42,7 +42,6 @@ WEIGHT_DTYPES = {
     "mxfp4": (torch.uint8,),
     "fp8": (torch.float8_e4m3fn,),
 }
-MX_BLOCK = 32  # MXFP4 elements per E8M0 scale
 _FLOAT_DTYPES = (torch.float16, torch.bfloat16, torch.float32, torch.float64)
 _MASK_DTYPES = (torch.bool, torch.uint8, torch.int8, torch.int32, torch.int64)
 
