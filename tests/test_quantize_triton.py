@@ -1,0 +1,261 @@
+"""Triton quantizers vs the torch reference: bit-identical bytes and scales.
+
+On CPU the kernels run under TRITON_INTERPRET=1 (set by conftest) on tiny inputs; the tests
+marked gpu repeat the comparison at size on CUDA.
+"""
+
+import struct
+
+import numpy as np
+import pytest
+import torch
+
+pytest.importorskip("triton")
+
+from moeprec.formats.fp8 import quantize_fp8  # noqa: E402
+from moeprec.formats.mxfp4 import SCALE_MODES, quantize_mxfp4  # noqa: E402
+
+GRANULARITIES = ("per_token", "per_tensor", "per_channel", "block")
+interpret = pytest.mark.interpret
+
+
+@pytest.fixture
+def poisoned(monkeypatch):
+    """Fill every kernel output with garbage before the kernel runs: unwritten bytes show up."""
+    from moeprec.kernels import quantize as kq
+
+    def empty(shape, dtype, device):
+        t = torch.empty(shape, dtype=dtype, device=device)
+        t.view(torch.uint8).fill_(0xA5)  # NaN-free fp32 (0xA5A5A5A5) and a nonzero byte
+        return t
+
+    monkeypatch.setattr(kq, "_empty", empty)
+    return kq
+
+
+def special_blocks(device="cpu"):
+    """Rows of 32-blocks exercising every branch: zeros, NaN/Inf, subnormals, huge, ties."""
+    g = torch.Generator().manual_seed(3)
+    rows = []
+    base = torch.randn(32, generator=g)
+    for k in (-140, -127, -126, -125, -124, -20, 0, 20, 125, 127):
+        rows.append(base * 2.0**k)
+    rows.append(torch.zeros(32))
+    rows.append(-torch.zeros(32))
+    nan = base.clone()
+    nan[3] = float("nan")
+    inf = base.clone()
+    inf[9] = float("-inf")
+    rows += [nan, inf]
+    sub = (torch.arange(1, 33, dtype=torch.float64) * 2.0**-149 * 2**17).float()
+    rows.append(torch.where(torch.arange(32) % 2 == 0, sub, -sub))
+    fmax = torch.tensor(np.finfo(np.float32).max)
+    rows.append(torch.cat([fmax.view(1), -fmax.view(1), base[2:] * 2.0**120]))
+    ties = torch.tensor([0.25, 0.75, 1.25, 1.75, 2.5, 3.5, 5.0, 6.0] * 4)
+    ties[-1] = 6.0
+    rows += [ties, -ties, ties * 7 / 6]
+    return torch.stack(rows).to(device)
+
+
+def amax_bit_patterns():
+    """One block per (exponent field, edge mantissa): every binade, all scale-rule boundaries."""
+    mants = [0, 1, 2, 0x1FFFFF, 0x200000, 0x3FFFFF, 0x400000, 0x400001, 0x400002, 0x5FFFFF,
+             0x600000, 0x600001, 0x7FFFFE, 0x7FFFFF, 0x123457, 0x654321]
+    bits = [(f << 23) | m for f in range(255) for m in mants]
+    amax = torch.tensor(bits, dtype=torch.int32).view(torch.float32)
+    x = amax[:, None] * torch.linspace(-1, 1, 32)  # largest magnitude at both ends
+    x[:, 31] = amax
+    return x.reshape(-1, 256)  # 8 blocks per row: fewer, wider programs in the interpreter
+
+
+def assert_same_mx(x, mode, device="cpu"):
+    ref = quantize_mxfp4(x, mode, backend="torch")
+    got = quantize_mxfp4(x, mode, backend="triton")
+    assert got[0].shape == ref[0].shape and got[1].shape == ref[1].shape
+    assert torch.equal(got[1].cpu(), ref[1].cpu()), "scales differ"
+    assert torch.equal(got[0].cpu(), ref[0].cpu()), "packed elements differ"
+
+
+def fp8_equal(a, b):
+    """Same E4M3 bytes, NaN matched by NaN (its sign bit aside)."""
+    a, b = a.cpu(), b.cpu()
+    na, nb = a.float().isnan(), b.float().isnan()
+    return torch.equal(na, nb) and torch.equal(a.view(torch.uint8)[~na], b.view(torch.uint8)[~nb])
+
+
+def assert_same_fp8(x, granularity, block_size=128):
+    ref = quantize_fp8(x, granularity, block_size, backend="torch")
+    got = quantize_fp8(x, granularity, block_size, backend="triton")
+    assert got[0].dtype == torch.float8_e4m3fn and got[0].shape == ref[0].shape
+    assert got[1].shape == ref[1].shape
+    assert torch.equal(got[1].isnan(), ref[1].isnan())
+    assert torch.equal(got[1].nan_to_num(), ref[1].nan_to_num()), "scales differ"
+    assert fp8_equal(got[0], ref[0]), "fp8 bytes differ"
+
+
+# ----------------------------------------------------------------------------- MXFP4
+
+
+@interpret
+@pytest.mark.parametrize("mode", SCALE_MODES)
+def test_mxfp4_special_blocks(mode, poisoned):
+    x = special_blocks()
+    assert_same_mx(x, mode)
+    assert_same_mx(x[:18].reshape(-1, 96), mode)  # several blocks per row
+
+
+@interpret
+@pytest.mark.parametrize("mode", SCALE_MODES)
+def test_mxfp4_scale_rule_in_every_binade(mode, poisoned):
+    assert_same_mx(amax_bit_patterns(), mode)
+
+
+@interpret
+@pytest.mark.parametrize("mode", SCALE_MODES)
+@pytest.mark.parametrize(
+    "shape", [(1, 32), (17, 96), (2, 3, 288), (0, 64), (5, 512 + 64)], ids=lambda s: "x".join(map(str, s))
+)
+def test_mxfp4_shapes_random(mode, shape, poisoned):
+    x = torch.randn(shape) * torch.exp2(torch.randint(-40, 40, (*shape[:-1], 1)).float())
+    assert_same_mx(x, mode)
+
+
+@interpret
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16, torch.float64])
+def test_mxfp4_input_dtypes_and_strides(dtype, poisoned):
+    x = (torch.randn(64, 6) * 3).to(dtype).T  # non-contiguous
+    assert_same_mx(x, "rceil")
+    assert_same_mx(x, "floor")
+
+
+# ----------------------------------------------------------------------------- FP8
+
+
+@interpret
+@pytest.mark.parametrize("granularity", GRANULARITIES)
+@pytest.mark.parametrize("shape", [(1, 64), (9, 200), (2, 3, 130), (0, 64), (4, 1)], ids=str)
+def test_fp8_shapes_random(granularity, shape, poisoned):
+    x = torch.randn(shape) * torch.exp2(torch.randint(-10, 10, (*shape[:-1], 1)).float())
+    assert_same_fp8(x, granularity, block_size=48)
+    assert_same_fp8(x, granularity, block_size=64)
+
+
+@interpret
+@pytest.mark.filterwarnings("ignore:invalid value encountered")  # inf / inf in the interpreter
+@pytest.mark.parametrize("granularity", GRANULARITIES)
+def test_fp8_specials(granularity, poisoned):
+    x = torch.randn(6, 256)
+    x[0] = 0
+    x[1, 5] = float("nan")
+    x[2, 7] = float("inf")
+    x[3] *= 1e-40  # subnormal row: floor scale
+    x[4, 0] = 3e38
+    x[5, :8] = torch.tensor([1e-45, -1e-45, 1e-39, -0.0, 0.0, 448, -448, 1e-3])
+    assert_same_fp8(x, granularity, block_size=128)
+
+
+@interpret
+@pytest.mark.parametrize("granularity", ["per_token", "block"])
+def test_fp8_two_pass_groups(granularity, poisoned, monkeypatch):
+    monkeypatch.setattr(poisoned, "_FP8_MAX_GROUP_TILE", 32)  # force the looped path
+    x = torch.randn(5, 200) * 10
+    x[2, 150] = 1e4
+    assert_same_fp8(x, granularity, block_size=96)
+
+
+def _e4m3_edges():
+    """fp32 values around every E4M3 value and midpoint in [-448, 448], plus 448 (scale 1)."""
+    grid = torch.arange(127, dtype=torch.uint8).view(torch.float8_e4m3fn).double()
+    mids = (grid[1:] + grid[:-1]) / 2
+    pts = torch.cat([grid, mids, torch.tensor([2.0**-10, 2.0**-11, 3 * 2.0**-11, 1e-30, 1e-40])]).float()
+    up = torch.nextafter(pts, torch.tensor(float("inf")))
+    down = torch.nextafter(pts, torch.tensor(0.0))
+    v = torch.cat([pts, up, down]).clamp(max=448)
+    v = torch.cat([v, -v, torch.tensor([448.0])])
+    return v.reshape(1, -1)
+
+
+@interpret
+def test_fp8_cast_rounding_every_e4m3_edge(poisoned):
+    # per_tensor with 448 present: scale = 448 / 448 = 1, so the cast sees the values themselves
+    x = _e4m3_edges()
+    _, scale = quantize_fp8(x, "per_tensor", backend="torch")
+    assert scale.item() == 1.0
+    assert_same_fp8(x, "per_tensor")
+    ref = quantize_fp8(x, "per_tensor", backend="torch")[0]
+    expect = x.numpy().astype(pytest.importorskip("ml_dtypes").float8_e4m3fn).view(np.uint8)
+    assert np.array_equal(ref.view(torch.uint8).numpy(), expect)
+
+
+# ----------------------------------------------------------------------------- bad input
+
+
+def test_triton_backend_needs_cuda_or_interpreter(monkeypatch):
+    monkeypatch.setenv("TRITON_INTERPRET", "0")
+    if torch.cuda.is_available():
+        pytest.skip("CUDA present")
+    with pytest.raises(ValueError, match="backend"):
+        quantize_mxfp4(torch.randn(2, 32), backend="triton")
+    with pytest.raises(ValueError, match="backend"):
+        quantize_fp8(torch.randn(2, 32), backend="triton")
+
+
+# ----------------------------------------------------------------------------- GPU
+
+
+def _bf16_bits_sweep(device):
+    """Every finite bf16 bit pattern, as 32-blocks (65280 values, shuffled)."""
+    b = torch.arange(65536, dtype=torch.int32).to(torch.int16).view(torch.bfloat16)
+    b = b[torch.isfinite(b)]
+    b = b[torch.randperm(b.numel(), generator=torch.Generator().manual_seed(4))]
+    return b[: b.numel() // 32 * 32].reshape(-1, 32 * 8).to(device)
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("mode", SCALE_MODES)
+def test_gpu_mxfp4_matches_reference(mode):
+    dev = "cuda"
+    for x in (
+        special_blocks(dev),
+        amax_bit_patterns().to(dev),
+        _bf16_bits_sweep(dev),
+        torch.randn(4096, 7168, device=dev, dtype=torch.bfloat16),
+        torch.randn(3, 257, 2880, device=dev) * 1e-3,
+    ):
+        assert_same_mx(x, mode, dev)
+    # the CUDA result equals the CPU reference too
+    x = torch.randn(64, 1024, device=dev)
+    a = quantize_mxfp4(x, mode, backend="triton")
+    b = quantize_mxfp4(x.cpu(), mode, backend="torch")
+    assert torch.equal(a[0].cpu(), b[0]) and torch.equal(a[1].cpu(), b[1])
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("granularity", GRANULARITIES)
+def test_gpu_fp8_matches_reference(granularity):
+    from moeprec.kernels.quantize import quantize_fp8_triton
+
+    dev = "cuda"
+    xs = [
+        torch.randn(4096, 7168, device=dev, dtype=torch.bfloat16),
+        torch.randn(33, 20000, device=dev),  # two-pass rows
+        _bf16_bits_sweep(dev).float(),
+        _e4m3_edges().to(dev),
+    ]
+    for x in xs:
+        assert_same_fp8(x, granularity)
+        ref = quantize_fp8(x, granularity, backend="torch")
+        for exact in (True, False):  # integer cast and hardware cast agree
+            got = quantize_fp8_triton(x, granularity, 128, exact_cast=exact)
+            assert fp8_equal(got[0], ref[0])
+        cpu = quantize_fp8(x.cpu(), granularity, backend="torch")
+        assert fp8_equal(ref[0], cpu[0]) and torch.equal(ref[1].cpu().nan_to_num(), cpu[1].nan_to_num())
+
+
+def test_threshold_constants_come_from_the_table():
+    from moeprec.formats.mxfp4 import E2M1_MIDPOINTS
+    from moeprec.kernels import quantize as kq
+
+    mids = [kq._MID0, kq._MID1, kq._MID2, kq._MID3, kq._MID4, kq._MID5, kq._MID6]
+    for (m, _), c in zip(E2M1_MIDPOINTS, mids):
+        assert struct.unpack("<f", struct.pack("<i", getattr(c, "value", c)))[0] == m
