@@ -62,6 +62,7 @@ class DispatchPlan:
     - `recv_counts [W, El]` (host): rows this rank receives from rank s for its local expert e.
     - `recv_tokens [W]` (host): the token count (before top-k fan-out) of each source rank.
     - `input_splits` / `output_splits`: per-rank row counts of the token all-to-all.
+    - `recv_counts_dev [W, El]`: the same counts, on the device (for device-side indexing).
     - `local_counts [El]` (device, int64): rows per local expert, all sources together.
     - `perm` (device): position i of the expert-major order takes received row `perm[i]`;
       `inv_perm` undoes it. Both None when the received order is already expert-major.
@@ -72,6 +73,7 @@ class DispatchPlan:
     recv_tokens: torch.Tensor
     input_splits: list[int]
     output_splits: list[int]
+    recv_counts_dev: torch.Tensor
     local_counts: torch.Tensor
     perm: torch.Tensor | None
     inv_perm: torch.Tensor | None
@@ -92,21 +94,27 @@ class DispatchPlan:
         """Expert-major outputs -> the received (source-major) order, ready to send back."""
         return y_local if self.inv_perm is None else y_local.index_select(0, self.inv_perm)
 
-    def recv_local_expert(self, device: torch.device) -> torch.Tensor:
-        """Local expert id of each received row, in received order (int64, on `device`)."""
-        W, El = self.recv_counts.shape
-        ids = torch.arange(El, dtype=torch.int64).repeat(W)
-        return ids.repeat_interleave(self.recv_counts.reshape(-1)).to(device)
+    def recv_local_expert(self) -> torch.Tensor:
+        """Local expert id of each received row, in received order (int64, on the device)."""
+        W, El = self.recv_counts_dev.shape
+        ids = torch.arange(El, device=self.recv_counts_dev.device).repeat(W)
+        return ids.repeat_interleave(self.recv_counts_dev.reshape(-1), output_size=self.num_recv)
 
 
 def plan_dispatch(
-    num_tokens_per_expert: torch.Tensor, num_tokens: int, group, world_size: int
+    num_tokens_per_expert: torch.Tensor,
+    group,
+    world_size: int,
+    *,
+    num_tokens: int = 0,
+    expert_major: bool = True,
 ) -> DispatchPlan:
     """Exchange counts with every rank of `group` and build the plan of the token all-to-all.
 
     `num_tokens_per_expert [E]` counts this rank's rows per global expert (rows sorted by expert);
-    `num_tokens` is this rank's token count before the top-k fan-out (sent along so receivers can
-    reproduce per-source decisions such as the activation dtype policy).
+    `num_tokens` is this rank's token count before the top-k fan-out, sent along so receivers can
+    reproduce per-source decisions (the activation-dtype policy). `expert_major=False` skips the
+    local reordering (for consumers that take rows in any order, such as fused_moe).
     """
     E = num_tokens_per_expert.shape[0]
     W = world_size
@@ -125,13 +133,13 @@ def plan_dispatch(
     recv_dev = recv[:, :El]
     local_counts = recv_dev.sum(0)
     perm = inv_perm = None
-    if W > 1 and El > 1:
+    if expert_major and W > 1 and El > 1:
         perm = _expert_major_perm(recv_dev, sum(output_splits))
         inv_perm = torch.empty_like(perm)
         inv_perm[perm] = torch.arange(perm.numel(), device=device)
     return DispatchPlan(
-        send_counts, recv_counts, recv_tokens, input_splits, output_splits, local_counts,
-        perm, inv_perm,
+        send_counts, recv_counts, recv_tokens, input_splits, output_splits, recv_dev,
+        local_counts, perm, inv_perm,
     )
 
 

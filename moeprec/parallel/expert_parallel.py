@@ -30,12 +30,14 @@ import torch
 import torch.distributed as dist
 import torch.nn as nn
 
-from moeprec.parallel._dispatch import all_to_all_rows, plan_dispatch
+from moeprec.parallel._dispatch import DispatchPlan, all_to_all_rows, plan_dispatch
+from moeprec.reorder import combine_expert_outputs, reorder_tokens
 
 __all__ = ["expert_parallel", "is_expert_parallel"]
 
-# Names on GroupedExperts and on a quantized MoE whose leading dimension is the expert index.
-_EXPERT_TENSORS = ("w1", "w2", "b1", "b2")
+# GroupedExperts tensors whose leading dimension is the expert index (parameters when training,
+# buffers after quantize_, scales included).
+_EXPERT_TENSORS = ("w1", "w2", "b1", "b2", "w1_scale", "w2_scale")
 
 
 def expert_parallel(moe: nn.Module, process_group: Any = None, *, count_group: Any = None) -> nn.Module:
@@ -72,8 +74,6 @@ def expert_parallel(moe: nn.Module, process_group: Any = None, *, count_group: A
 
     with torch.no_grad():
         _keep_experts(moe.experts, lo, hi, E)
-        for name in _quantized_tensor_names(moe):
-            _slice_attr(moe, name, lo, hi, E)
     moe.experts.num_experts = El
 
     ep = _EPState(group=group, count_group=group if count_group is None else count_group,
@@ -133,11 +133,6 @@ def _slice_attr(module: nn.Module, name: str, lo: int, hi: int, E: int) -> None:
         setattr(module, name, local)  # a registered buffer stays a buffer
 
 
-def _quantized_tensor_names(moe: nn.Module) -> list[str]:
-    """Expert tensors a quantized MoE holds for fused_moe (empty list when not quantized)."""
-    return []
-
-
 def _ep_subclass(cls: type, mixin: type) -> type:
     """`type(name, (mixin, cls))`, cached so every sharded instance of `cls` shares one class."""
     key = (cls, mixin)
@@ -165,7 +160,7 @@ class _ExpertParallelExperts:
                 f"num_tokens_per_expert: expected a [{ep.num_experts}] tensor (global counts of "
                 f"the expert-parallel layer), got {got}"
             )
-        plan = plan_dispatch(num_tokens_per_expert, x.shape[0], ep.group, ep.world_size)
+        plan = plan_dispatch(num_tokens_per_expert, ep.group, ep.world_size)
         n = plan.num_send
         if n > x.shape[0]:
             raise ValueError(
@@ -223,3 +218,63 @@ class _ExpertParallelMoE:
             "quantize_: expected to be called before expert_parallel (quantize the full layer, "
             "then shard it), got a call on an expert-parallel MoE"
         )
+
+    def _routed_experts_quantized(self, tokens: torch.Tensor, routed) -> torch.Tensor:
+        """Quantized inference: each (token, slot) row and its router weight go to the owner of
+        the expert, which runs `fused_moe` on its local experts (local ids) and sends the weighted
+        rows back; the k rows of a token are summed here in fp32."""
+        ep, e = self._ep, self.experts
+        if tokens.element_size() > 4:
+            raise TypeError(f"x: expected bf16, fp16 or fp32 for quantized experts, got {tokens.dtype}")
+        D = tokens.shape[1]
+        reordered = reorder_tokens(routed.top_scores, routed.selected_experts)
+        plan = plan_dispatch(
+            routed.num_tokens_per_expert, ep.group, ep.world_size,
+            num_tokens=tokens.shape[0], expert_major=False,
+        )
+        # One message per row: the token, then its fp32 router weight's bytes in the token's dtype
+        # (fused_moe applies the weight on the owner, on the input or the output as configured).
+        weights = reordered.scores.float().unsqueeze(-1).view(tokens.dtype)
+        send = torch.cat((tokens[reordered.token_indices], weights), dim=1)
+        recv = all_to_all_rows(send, plan.output_splits, plan.input_splits, ep.group)
+        y_recv = self._local_fused_moe(
+            recv[:, :D], recv[:, D:].contiguous().view(torch.float32), plan
+        )
+        y = all_to_all_rows(y_recv, plan.input_splits, plan.output_splits, ep.group)
+        # The weights are applied already: sum the k copies of each token (fp32), then round to
+        # the dtype fused_moe returns in the unsharded layer.
+        out = combine_expert_outputs(y, reordered, routed.top_scores, score_before_experts=True)
+        return out.to(tokens.dtype)
+
+    def _local_fused_moe(self, x: torch.Tensor, w: torch.Tensor, plan: DispatchPlan) -> torch.Tensor:
+        """fused_moe over the received rows with local expert ids, one call per run of source ranks
+        sharing an activation dtype: rows from rank s use the dtype the unsharded layer picks for
+        rank s's token count (`act_dtype="auto"` depends on it)."""
+        from moeprec.act_policy import resolve_act_dtype
+        from moeprec.fused_moe import fused_moe
+
+        e = self.experts
+        ids = plan.recv_local_expert().unsqueeze(-1)
+        y = x.new_empty(x.shape)
+        act = [
+            resolve_act_dtype(int(n), quant=e.quant, precision=self.precision,
+                              activation=e.activation, gate_mode=e.gate_mode, device=x.device)
+            for n in plan.recv_tokens.tolist()
+        ]
+        start, s, W = 0, 0, len(act)
+        while s < W:
+            run_end = s
+            while run_end + 1 < W and act[run_end + 1] == act[s]:
+                run_end += 1
+            stop = start + sum(plan.output_splits[s:run_end + 1])
+            if stop > start:
+                y[start:stop] = fused_moe(
+                    x[start:stop], e.w1, e.w2, w[start:stop], ids[start:stop],
+                    activation=e.activation, gate_mode=e.gate_mode, swiglu_alpha=e.swiglu_alpha,
+                    swiglu_limit=e.swiglu_limit, quant=e.quant, w1_scale=e.w1_scale,
+                    w2_scale=e.w2_scale, act_dtype=act[s], bias1=e.b1, bias2=e.b2,
+                    apply_router_weight_on_input=self.args.score_before_experts,
+                    precision=self.precision, check_topk_ids=False,
+                )
+            start, s = stop, run_end + 1
+        return y
