@@ -100,6 +100,8 @@ class MoE(nn.Module):
         routed = self.router.route(tokens, self.expert_bias)
         if self.training:
             self._record_routing(routed)
+        else:
+            self.aux_loss = None
         if self.quant == "none":
             out = self._routed_experts(tokens, routed)
         else:

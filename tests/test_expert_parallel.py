@@ -191,6 +191,43 @@ def _check_quantized(errs, rank, W, quant, bound=None, **kw):
     errs.close(f"{quant} output", got, want, atol=1e-2 * scale, rtol=1e-2)
 
 
+def _check_dp_x_ep(errs, rank, W):
+    """The docs' 2-D recipe: experts over the "ep" dim, counts over the world, expert grads summed
+    over "dp", the rest over the world, all divided by dp * ep: the single-process gradients of the
+    mean loss over every rank's tokens."""
+    if W != 4:
+        return
+    from torch.distributed.device_mesh import init_device_mesh
+
+    from moeprec.parallel import expert_parallel
+
+    dp, ep_size = 2, 2
+    mesh = init_device_mesh("cpu", (dp, ep_size), mesh_dim_names=("dp", "ep"))
+    ref = _make_moe(num_experts=4, top_k=2, num_shared_experts=1, load_balance_coeff=0.01)
+    ep = expert_parallel(copy.deepcopy(ref), mesh["ep"].get_group(), count_group=dist.group.WORLD)
+    xs = [_tokens(r, 2 + r, torch.float32)[0] for r in range(W)]
+    n = sum(x.shape[0] for x in xs)
+    (ref(torch.cat(xs)).pow(2).sum() / n).backward()
+    (ep(xs[rank]).pow(2).sum() * (W / n)).backward()  # local share of the global mean, times W
+    expert_params = {id(p) for p in ep.experts.parameters()}
+    for p in ep.parameters():
+        group = mesh["dp"].get_group() if id(p) in expert_params else dist.group.WORLD
+        dist.all_reduce(p.grad, group=group)
+        p.grad /= dp * ep_size
+    lo = mesh["ep"].get_local_rank() * 2
+    want = dict(ref.named_parameters())
+    for name, p in ep.named_parameters():
+        w = want[name].grad[lo:lo + 2] if name.startswith("experts.") else want[name].grad
+        errs.close(f"dp x ep grad {name}", p.grad, w, atol=1e-5, rtol=1e-5)
+    ep.train()
+    ep(xs[rank])
+    ep.update_expert_bias()  # counts over all 4 ranks: same bias everywhere
+    gathered = [torch.empty_like(ep.expert_bias) for _ in range(W)]
+    dist.all_gather(gathered, ep.expert_bias)
+    errs.check("dp x ep: expert_bias differs between ranks",
+               all(torch.equal(b, gathered[0]) for b in gathered))
+
+
 def _check_errors(errs, rank, W):
     from moeprec.parallel import expert_parallel
 
@@ -211,6 +248,10 @@ def _check_errors(errs, rank, W):
     errs.check("local w1 shape", tuple(ep.experts.w1.shape) == (2,) + tuple(ref.experts.w1.shape[1:]))
     errs.close("local w1 values", ep.experts.w1, ref.experts.w1[2 * rank:2 * rank + 2], atol=0, rtol=0)
     errs.check("isinstance(MoE) lost", isinstance(ep, type(ref)))
+    # a deep copy shares the process group and computes the same thing
+    x = _tokens(rank, 4, torch.float32)
+    with torch.no_grad():
+        errs.close("deepcopy output", copy.deepcopy(ep)(x), ep(x), atol=0, rtol=0)
 
 
 _CHECKS = {
@@ -222,7 +263,8 @@ _CHECKS = {
     "quantized_fp8_bias_score_first": lambda e, r, W: _check_quantized(
         e, r, W, "fp8", mlp_bias=True, score_before_experts=True),
     "quantized_mxfp4_mixed_act_dtype": lambda e, r, W: _check_quantized(e, r, W, "mxfp4", bound=4),
-    "errors": _check_errors,
+    "dp_x_ep_mesh": _check_dp_x_ep,
+    "module_properties_and_errors": _check_errors,
 }
 
 

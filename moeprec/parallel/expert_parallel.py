@@ -101,6 +101,12 @@ class _EPState:
         self.num_experts = num_experts
         self.num_local_experts = num_local_experts
 
+    def __deepcopy__(self, memo):
+        # process groups are handles, not data: a copied module keeps talking to the same group
+        return _EPState(group=self.group, count_group=self.count_group, world_size=self.world_size,
+                        rank=self.rank, num_experts=self.num_experts,
+                        num_local_experts=self.num_local_experts)
+
     @property
     def expert_offset(self) -> int:
         return self.rank * self.num_local_experts
