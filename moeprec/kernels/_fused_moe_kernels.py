@@ -168,8 +168,10 @@ def _quant_a(a, a_div, A_QUANT: tl.constexpr, INTERP: tl.constexpr):
     """fp8 activations from model-dtype ones and their per-row scale (the reference's rounding)."""
     if A_QUANT:
         q = tl.minimum(tl.maximum(a.to(tl.float32) / a_div[:, None], -448.0), 448.0)
-        return _to_fp8(q, INTERP)
-    return a
+        out = _to_fp8(q, INTERP)
+    else:
+        out = a
+    return out
 
 
 @triton.jit

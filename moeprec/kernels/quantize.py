@@ -1,41 +1,39 @@
 """Triton kernels for the MXFP4 and FP8 quantizers (private: call moeprec.formats with
 backend="triton").
 
-Bit-identical to the torch reference in moeprec/formats by construction: the MXFP4 path is
-integer arithmetic on float32 bit patterns (amax, scale exponent, E2M1 rounding by comparing bit
-patterns, which order like the non-negative floats they encode), so neither flush-to-zero of
-subnormals nor approximate division can change a byte. The FP8 path divides with div_rn
-(IEEE round-to-nearest, like torch) and clamps before the cast.
+Bit-identical to the torch reference in moeprec/formats by construction. MXFP4: amax and the
+scale exponent come from integer arithmetic on float32 bit patterns; |x| / 2^e is an exact
+integer shift of the exponent bits; the E2M1 rounding is one IEEE float addition (below), so
+neither flush-to-zero nor approximate division can change a byte. FP8: division with div_rn
+(IEEE round-to-nearest, like torch), clamped before the cast.
+
+The quantizers are memory-bound only if the per-element work stays small (about 20 simple ops
+per element at H100 bandwidth), which is why the E2M1 rounding is not a chain of comparisons.
 """
 
 from __future__ import annotations
-
-import struct
 
 import torch
 import triton
 import triton.language as tl
 
 from moeprec.formats._backend import triton_interpret
-from moeprec.formats.fp8 import FP8_AMAX_FLOOR, FP8_MAX, fp8_scale
+from moeprec.formats.fp8 import FP8_AMAX_FLOOR, FP8_MAX, fp8_scale, quantize_fp8_torch
 from moeprec.formats.mxfp4 import (
-    E2M1_MIDPOINTS,
+    E2M1_VALUES,
     E8M0_BIAS,
     E8M0_NAN,
     MAX_EXP,
     MIN_EXP,
     MX_BLOCK,
     SCALE_MODES,
+    quantize_mxfp4_torch,
 )
 
-
-def _f32_bits(v: float) -> int:
-    return struct.unpack("<i", struct.pack("<f", v))[0]
-
-
-# E2M1 midpoints as float32 bit patterns, and whether a tie counts as passed (ties to even).
-_MID0, _MID1, _MID2, _MID3, _MID4, _MID5, _MID6 = (tl.constexpr(_f32_bits(m)) for m, _ in E2M1_MIDPOINTS)
-_INC0, _INC1, _INC2, _INC3, _INC4, _INC5, _INC6 = (tl.constexpr(inc) for _, inc in E2M1_MIDPOINTS)
+# The E2M1 rounding below assumes the grid {0, .5, 1, 1.5, 2, 3, 4, 6}: 1 mantissa bit, binades
+# [1, 2), [2, 4), [4, 8) and a subnormal step of 0.5.
+assert E2M1_VALUES == (0.0, 0.5, 1.0, 1.5, 2.0, 3.0, 4.0, 6.0)
+_E2M1_MAX_CODE = tl.constexpr(len(E2M1_VALUES) - 1)
 _BIAS = tl.constexpr(E8M0_BIAS)
 _NAN_BYTE = tl.constexpr(E8M0_NAN)
 _MIN_EXP = tl.constexpr(MIN_EXP)
@@ -43,13 +41,23 @@ _MAX_EXP = tl.constexpr(MAX_EXP)
 _F8_MAX = tl.constexpr(FP8_MAX)
 _F8_FLOOR = tl.constexpr(FP8_AMAX_FLOOR)
 _SCALE_MODE_IDS = {m: i for i, m in enumerate(SCALE_MODES)}  # floor, rceil, ceil, even
+_MAX_GRID_DIM1 = 65535  # CUDA's limit on grid.y
 
 
 @triton.jit
-def _passed(vb, mid: tl.constexpr, inclusive: tl.constexpr):
-    if inclusive:
-        return (vb >= mid).to(tl.int32)
-    return (vb > mid).to(tl.int32)
+def _e2m1_code(vb):
+    """E2M1 magnitude code (0..7) of v >= 0 given as fp32 bits, round to nearest even, saturating.
+
+    The E2M1 step is s = 0.5 below 2 and half the binade above: s = 2^(max(Ev, 0) - 1). Adding
+    M = 1.5 * 2^23 * s to v rounds v to a multiple k*s in one IEEE addition (ties to even k,
+    which is the even code: k*s and the code share their last bit), and k lands in the low
+    mantissa bits of v + M. The code is then k + 2 * max(Ev, 0), capped at 7 (= 6.0).
+    """
+    mbits = tl.maximum(vb & 0x7F800000, 0x3F800000) + ((22 << 23) | 0x400000)
+    t = (vb.to(tl.float32, bitcast=True) + mbits.to(tl.float32, bitcast=True)).to(tl.int32, bitcast=True)
+    # (mbits >> 22) = 2 * (max(Ev, 0) + 149) + 1, and k = (t & 0x7FFFFF) - 0x400000
+    code = (t & 0x7FFFFF) + (mbits >> 22) - (0x400000 + 2 * 149 + 1)
+    return tl.minimum(code, _E2M1_MAX_CODE)
 
 
 @triton.jit
@@ -98,7 +106,7 @@ def _mxfp4_quant_kernel(
     x = tl.load(x_ptr + rows64[:, None] * stride_x + cols[None, :], mask=mask, other=0.0)
     bits = x.to(tl.float32).to(tl.int32, bitcast=True)
     ax = tl.reshape(bits & 0x7FFFFFFF, (BLOCK_R, NG, 32))
-    sign = tl.reshape((bits >> 28) & 8, (BLOCK_R, NG, 32))
+    sign = tl.reshape(bits >> 28, (BLOCK_R, NG, 32))  # bit 3 = the sign bit
 
     amax = tl.max(ax, axis=2)  # int order of |x| bits = float order; NaN > Inf > finite
     bad = amax >= 0x7F800000
@@ -106,27 +114,21 @@ def _mxfp4_quant_kernel(
     e = tl.minimum(tl.maximum(e, _MIN_EXP), _MAX_EXP)
     scale_byte = tl.where(bad, _NAN_BYTE, e + _BIAS)
 
-    # v = |x| / 2^e as fp32 bits. Normal x: shift the biased exponent (capped so the bits never
-    # overflow; anything that large saturates anyway); a result below the normal range is < 0.25
-    # and rounds to 0. Subnormal x (only a clamped e <= -23 can lift it into range): mantissa
-    # integer times a normal power of two, exact.
-    e3 = e[:, :, None]
-    fx = ax >> 23
-    fv = tl.minimum(fx - e3, 200)
-    v_norm = tl.where(fv >= 1, (fv << 23) | (ax & 0x7FFFFF), 0)
-    pow2 = ((-22 - tl.minimum(e3, -23)) << 23).to(tl.float32, bitcast=True)  # 2^(-149 - e), normal
-    v_sub = ((ax & 0x7FFFFF).to(tl.float32) * pow2).to(tl.int32, bitcast=True)
-    v_sub = tl.where(e3 <= -23, v_sub, 0)
-    vb = tl.where(fx == 0, v_sub, v_norm)
-
-    idx = _passed(vb, _MID0, _INC0)
-    idx += _passed(vb, _MID1, _INC1)
-    idx += _passed(vb, _MID2, _INC2)
-    idx += _passed(vb, _MID3, _INC3)
-    idx += _passed(vb, _MID4, _INC4)
-    idx += _passed(vb, _MID5, _INC5)
-    idx += _passed(vb, _MID6, _INC6)
-    codes = tl.where(bad[:, :, None], 0, idx | sign)
+    # v = |x| / 2^e as fp32 bits: subtract e from the exponent field. Exact for normal x (a
+    # result that falls out of the normal range is far below 0.25 either way and rounds to 0);
+    # NaN/Inf blocks and all-zero blocks shift everything to <= 0, i.e. zero codes.
+    eshift = tl.where(bad | (amax == 0), 0x7FFFFFFF, e << 23)[:, :, None]
+    vb = ax - eshift
+    # Zeros and subnormal x get a wrong shift (no implicit bit) but, while e >= -124, a value
+    # below 0.25 both ways. In a tile with a block clamped lower, take them exactly: mantissa
+    # integer times the normal power 2^(-149 - e).
+    tiny = (e < -124) & (amax > 0) & (amax < 0x7F800000)
+    if tl.max(tiny.to(tl.int32)) > 0:
+        e3 = tl.where(tiny, e, 0)[:, :, None]
+        pow2 = ((-22 - tl.minimum(e3, -23)) << 23).to(tl.float32, bitcast=True)
+        v_sub = ((ax & 0x7FFFFF).to(tl.float32) * pow2).to(tl.int32, bitcast=True)
+        vb = tl.where((ax < 0x800000) & (e3 < -124), v_sub, vb)
+    codes = _e2m1_code(tl.maximum(vb, 0)) | (sign & tl.where(bad, 0, 8)[:, :, None])
 
     lo, hi = tl.split(tl.reshape(codes, (BLOCK_R, BLOCK_K // 2, 2)))
     byte = (lo | (hi << 4)).to(tl.uint8)
@@ -263,8 +265,10 @@ def quantize_mxfp4_triton(x: torch.Tensor, scale_mode: str = "rceil") -> tuple[t
     r = x2.shape[0]
     packed = _empty((r, k // 2), torch.uint8, x.device)
     scales = _empty((r, k // MX_BLOCK), torch.uint8, x.device)
+    block_k = min(_MX_BLOCK_K, triton.next_power_of_2(max(k, MX_BLOCK)))
+    if triton.cdiv(k, block_k) > _MAX_GRID_DIM1:  # K beyond 16M: not worth a second kernel
+        return quantize_mxfp4_torch(x, scale_mode)
     if r and k:
-        block_k = min(_MX_BLOCK_K, triton.next_power_of_2(k))
         grid = (triton.cdiv(r, _MX_BLOCK_R), triton.cdiv(k, block_k))
         _mxfp4_quant_kernel[grid](
             x2, packed, scales, r, k, x2.stride(0), packed.stride(0), scales.stride(0),
@@ -301,6 +305,8 @@ def quantize_fp8_triton(
         return out.reshape(x.shape), scale.reshape([1] * x.dim())
     group = k if granularity in ("per_token", "per_channel") else block_size
     ngroups = triton.cdiv(k, group) if k else 0
+    if ngroups > _MAX_GRID_DIM1:  # tiny blocks on a huge row: not worth a second kernel
+        return quantize_fp8_torch(x, granularity, block_size)
     scale = _empty((r, ngroups), torch.float32, x.device)
     if r and k:
         block_g = min(triton.next_power_of_2(group), _FP8_MAX_GROUP_TILE)

@@ -1,0 +1,33 @@
+"""Small fused MoE calls on every kernel path, for `compute-sanitizer --tool memcheck`.
+
+Includes out-of-range and masked expert ids, M=1, sizes off the tile. Exit code 0 and the
+sanitizer's "0 errors" are the check; outputs are also compared with the torch reference.
+"""
+
+import torch
+
+from moeprec.fused_moe import fused_moe
+from tests.test_fused_moe_triton import assert_close, make_case  # noqa: E402
+
+
+def main() -> None:
+    for quant, act, H, I in (("none", "bf16", 80, 48), ("mxfp4", "bf16", 96, 64),  # noqa: E741
+                             ("mxfp4", "fp8", 64, 96), ("fp8", "fp8", 80, 48)):
+        for M in (1, 7):
+            E, k = 6, 3
+            x, w1, w2, tw, ti, kw = make_case(M, H, I, E, k, quant, bias=True, seed=M)
+            ti = ti.clone()
+            ti[0, 0] = E + 5
+            if M > 1:
+                ti[1, 2] = -3
+            mask = torch.ones(E, dtype=torch.bool, device="cuda")
+            mask[ti[-1, 1]] = False
+            args = dict(quant=quant, act_dtype=act, expert_mask=mask, check_topk_ids=False, **kw)
+            out = fused_moe(x, w1, w2, tw, ti, backend="triton", **args)
+            ref = fused_moe(x, w1, w2, tw, ti, backend="torch", **args)
+            assert_close(out, ref, 1e-2 if act == "bf16" else 2.0**-4)
+            print(quant, act, M, "ok", flush=True)
+
+
+if __name__ == "__main__":
+    main()
