@@ -13,6 +13,8 @@ agree. Timings (fwd+bwd of one MoE layer, max over ranks):
 - `exchange_only`: a step that does only the exchanges (count exchange with its host copy, and the
   4 token all-to-alls of the same sizes, with autograd);
 - `single_device`: the unsharded layer (all E experts) on the same T tokens, for reference.
+Then quantized inference (`--quant mxfp4|fp8`, default mxfp4; `none` skips it): the quantized
+layer, sharded, against the quantized unsharded one (forward output), and forward times.
 Rank 0 prints a table and writes DIR/bench_expert_parallel.json.
 
 NVLink multicast stays off (machine policy): the three variables below are set when unset and
@@ -57,6 +59,8 @@ def parse_args():
     p.add_argument("--warmup", type=int, default=None)
     p.add_argument("--iters", type=int, default=None)
     p.add_argument("--dtype", choices=("bf16", "fp32"), default=None, help="default bf16 (smoke on CPU: fp32)")
+    p.add_argument("--quant", choices=("mxfp4", "fp8", "none"), default="mxfp4",
+                   help="also check and time quantized inference (forward only) in this format")
     return p.parse_args()
 
 
@@ -94,13 +98,37 @@ def main():
     }
     timings["a2a_in_step_ms"] = timer.a2a_in_step(lambda: fwd_bwd(ep, x, g), warmup, iters)
     timings = {k: max_over_ranks(v, device) for k, v in timings.items()}
+    quant = None if a.quant == "none" else quantized_inference(ref, x, a.quant, timer, warmup, iters)
 
     if rank == 0:
-        report(a, shape, T, dtype_name, world, warmup, iters, checks, timings, device)
+        report(a, shape, T, dtype_name, world, warmup, iters, checks, timings, quant, device)
     dist.barrier()
     dist.destroy_process_group()
-    if not checks["ok"]:
+    if not checks["ok"] or (quant is not None and not quant["correctness"]["ok"]):
         raise SystemExit(1)
+
+
+def quantized_inference(ref, x, fmt, timer, warmup, iters):
+    """Quantize the full layer, shard it; compare forward outputs and time forward only."""
+    qref = copy.deepcopy(ref).quantize_(fmt).eval()
+    qep = expert_parallel(copy.deepcopy(qref))
+
+    def fwd(model):
+        with torch.no_grad():
+            return model(x)
+
+    err = max_over_ranks(relerr(fwd(qep), fwd(qref)), x.device)
+    tol = 2e-2  # each weighted row is rounded once more than in the single-device kernel
+    timings = {
+        "ep_fwd_ms": timer.step(lambda: fwd(qep), warmup, iters),
+        "single_device_fwd_ms": timer.step(lambda: fwd(qref), warmup, iters),
+        "a2a_in_fwd_ms": timer.a2a_in_step(lambda: fwd(qep), warmup, iters),
+    }
+    return {
+        "format": fmt,
+        "correctness": {"rel_l2_err": {"output": err}, "tolerance": tol, "ok": err <= tol},
+        "timings_ms": {k: max_over_ranks(v, x.device) for k, v in timings.items()},
+    }
 
 
 def build_layer(shape, dtype, device):
@@ -232,7 +260,7 @@ class Timer:
         return total / iters
 
 
-def report(a, shape, T, dtype_name, world, warmup, iters, checks, timings, device):
+def report(a, shape, T, dtype_name, world, warmup, iters, checks, timings, quant, device):
     elt = 2 if dtype_name == "bf16" else 4
     # per rank per step: T*k rows of D elements leave in the dispatch and come back in the combine,
     # forward and backward (a fraction (W-1)/W of them crosses to another rank on average)
@@ -257,6 +285,7 @@ def report(a, shape, T, dtype_name, world, warmup, iters, checks, timings, devic
         "exchange_only_algbw_GBps": (
             a2a_bytes / (timings["exchange_only_ms"] * 1e-3) / 1e9 if timings["exchange_only_ms"] > 0 else None
         ),
+        "quantized_inference": quant,
     }
     out = Path(a.out)
     out.mkdir(parents=True, exist_ok=True)
@@ -277,6 +306,16 @@ def report(a, shape, T, dtype_name, world, warmup, iters, checks, timings, devic
         ("unsharded layer, same T, 1 device", timings["single_device_step_ms"], ""),
     ]
     print(f"{'what':<36}{'ms':>10}  note")
+    if quant is not None:
+        q = quant["timings_ms"]
+        qerr = quant["correctness"]["rel_l2_err"]["output"]
+        rows += [
+            (f"{quant['format']} inference EP fwd", q["ep_fwd_ms"],
+             f"rel L2 err {qerr:.2e} vs unsharded ({'OK' if quant['correctness']['ok'] else 'FAILED'})"),
+            ("  token all-to-alls inside it", q["a2a_in_fwd_ms"],
+             f"{100 * q['a2a_in_fwd_ms'] / q['ep_fwd_ms']:.1f}% of fwd" if q["ep_fwd_ms"] > 0 else ""),
+            (f"{quant['format']} unsharded fwd, 1 device", q["single_device_fwd_ms"], ""),
+        ]
     for name, ms, note in rows:
         print(f"{name:<36}{ms:>10.3f}  {note}")
     print(f"a2a bytes per rank per step: {a2a_bytes / 2**20:.1f} MiB "
