@@ -162,7 +162,7 @@ def main(argv=None) -> int:
         t = row["triton"]
         torch_ms = f"{row['torch']['ms']:10.3f}" if "torch" in row else f"{'-':>10}"
         flag = ("match" if row["matches_torch"] else "MISMATCH") + ("" if row["meets_target"] else " <70%")
-        print(f"{row['name']:<16}{row["bytes"] / 1e6:>10.2f}{t['ms']:>11.3f}{t['gb_s']:>9.0f}"
+        print(f"{row['name']:<16}{row['bytes'] / 1e6:>10.2f}{t['ms']:>11.3f}{t['gb_s']:>9.0f}"
               f"{100 * t['fraction_of_copy']:>7.0f}%{torch_ms}  {flag}")
     print(f"wrote {path}")
     return 0 if all(r["matches_torch"] for r in res["results"]) else 1
