@@ -204,7 +204,7 @@ def _check_dp_x_ep(errs, rank, W):
     dp, ep_size = 2, 2
     mesh = init_device_mesh("cpu", (dp, ep_size), mesh_dim_names=("dp", "ep"))
     ref = _make_moe(num_experts=4, top_k=2, num_shared_experts=1, load_balance_coeff=0.01)
-    ep = expert_parallel(copy.deepcopy(ref), mesh["ep"].get_group(), count_group=dist.group.WORLD)
+    ep = expert_parallel(copy.deepcopy(ref), mesh["ep"], count_group=dist.group.WORLD)  # 1-D mesh ok
     xs = [_tokens(r, 2 + r, torch.float32)[0] for r in range(W)]
     n = sum(x.shape[0] for x in xs)
     (ref(torch.cat(xs)).pow(2).sum() / n).backward()
@@ -236,6 +236,11 @@ def _check_errors(errs, rank, W):
         errs.append("E not divisible by world size: no error")
     except ValueError as e:
         errs.check(f"E not divisible: message {e}", "num_experts" in str(e) and str(W) in str(e))
+    try:
+        expert_parallel(_make_moe(num_experts=2 * W, top_k=1), process_group="ep")
+        errs.append("a string as process_group: no error")
+    except TypeError as e:
+        errs.check(f"bad group: message {e}", "process_group" in str(e))
     ep = _ep_copy(_make_moe(num_experts=2 * W, top_k=1))
     try:
         expert_parallel(ep)

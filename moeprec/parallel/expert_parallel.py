@@ -24,6 +24,7 @@ Both classes are made by swapping `__class__` for a subclass that adds the distr
 
 from __future__ import annotations
 
+from itertools import groupby
 from typing import Any
 
 import torch
@@ -59,7 +60,8 @@ def expert_parallel(moe: nn.Module, process_group: Any = None, *, count_group: A
             "process_group: expected an initialised torch.distributed process group "
             "(call torch.distributed.init_process_group first), got no default group"
         )
-    group = process_group
+    group = _as_group("process_group", process_group)
+    count_group = group if count_group is None else _as_group("count_group", count_group)
     W = dist.get_world_size(group)
     rank = dist.get_rank(group)
     if rank < 0:
@@ -72,12 +74,18 @@ def expert_parallel(moe: nn.Module, process_group: Any = None, *, count_group: A
     El = E // W
     lo, hi = rank * El, (rank + 1) * El
 
+    names = [n for n in _EXPERT_TENSORS if getattr(moe.experts, n, None) is not None]
+    for name in names:  # all checked before any is replaced: an error leaves `moe` as it was
+        shape = tuple(getattr(moe.experts, name).shape)
+        if shape[0] != E:
+            raise ValueError(f"experts.{name}: expected a leading (expert) dimension of {E}, got shape {shape}")
     with torch.no_grad():
-        _keep_experts(moe.experts, lo, hi, E)
+        for name in names:
+            _keep_rows(moe.experts, name, lo, hi)
     moe.experts.num_experts = El
 
-    ep = _EPState(group=group, count_group=group if count_group is None else count_group,
-                  world_size=W, rank=rank, num_experts=E, num_local_experts=El)
+    ep = _EPState(group=group, count_group=count_group, world_size=W, rank=rank, num_experts=E,
+                  num_local_experts=El)
     object.__setattr__(moe.experts, "_ep", ep)
     object.__setattr__(moe, "_ep", ep)
     moe.experts.__class__ = _ep_subclass(type(moe.experts), _ExpertParallelExperts)
@@ -119,19 +127,24 @@ class _EPState:
 # ---------------------------------------------------------------------------------- sharding
 
 
-def _keep_experts(experts: nn.Module, lo: int, hi: int, E: int) -> None:
-    for name in _EXPERT_TENSORS:
-        if getattr(experts, name, None) is not None:
-            _slice_attr(experts, name, lo, hi, E)
+def _as_group(name: str, group: Any):
+    """A ProcessGroup, a 1-D DeviceMesh (its group) or None (the default group)."""
+    from torch.distributed.device_mesh import DeviceMesh
+
+    if group is None or isinstance(group, dist.ProcessGroup):
+        return group
+    if isinstance(group, DeviceMesh):
+        if group.ndim != 1:
+            raise ValueError(
+                f"{name}: expected a 1-D DeviceMesh (e.g. mesh['ep']), got one of {group.ndim} dims"
+            )
+        return group.get_group()
+    raise TypeError(f"{name}: expected a ProcessGroup, a 1-D DeviceMesh or None, got {type(group).__name__}")
 
 
-def _slice_attr(module: nn.Module, name: str, lo: int, hi: int, E: int) -> None:
+def _keep_rows(module: nn.Module, name: str, lo: int, hi: int) -> None:
     """Replace parameter/buffer `name` by its rows [lo, hi) (a copy: the rest is freed)."""
     t = getattr(module, name)
-    if t.shape[0] != E:
-        raise ValueError(
-            f"{name}: expected a leading (expert) dimension of {E}, got shape {tuple(t.shape)}"
-        )
     local = t.detach()[lo:hi].clone()
     if isinstance(t, nn.Parameter):
         setattr(module, name, nn.Parameter(local, requires_grad=t.requires_grad))
@@ -229,7 +242,7 @@ class _ExpertParallelMoE:
         """Quantized inference: each (token, slot) row and its router weight go to the owner of
         the expert, which runs `fused_moe` on its local experts (local ids) and sends the weighted
         rows back; the k rows of a token are summed here in fp32."""
-        ep, e = self._ep, self.experts
+        ep = self._ep
         if tokens.element_size() > 4:
             raise TypeError(f"x: expected bf16, fp16 or fp32 for quantized experts, got {tokens.dtype}")
         D = tokens.shape[1]
@@ -244,7 +257,7 @@ class _ExpertParallelMoE:
         send = torch.cat((tokens[reordered.token_indices], weights), dim=1)
         recv = all_to_all_rows(send, plan.output_splits, plan.input_splits, ep.group)
         y_recv = self._local_fused_moe(
-            recv[:, :D], recv[:, D:].contiguous().view(torch.float32), plan
+            recv[:, :D].contiguous(), recv[:, D:].contiguous().view(torch.float32), plan
         )
         y = all_to_all_rows(y_recv, plan.input_splits, plan.output_splits, ep.group)
         # The weights are applied already: sum the k copies of each token (fp32), then round to
@@ -267,20 +280,17 @@ class _ExpertParallelMoE:
                               activation=e.activation, gate_mode=e.gate_mode, device=x.device)
             for n in plan.recv_tokens.tolist()
         ]
-        start, s, W = 0, 0, len(act)
-        while s < W:
-            run_end = s
-            while run_end + 1 < W and act[run_end + 1] == act[s]:
-                run_end += 1
-            stop = start + sum(plan.output_splits[s:run_end + 1])
+        start = 0
+        for act_dtype, run in groupby(zip(act, plan.output_splits), key=lambda p: p[0]):
+            stop = start + sum(n for _, n in run)
             if stop > start:
                 y[start:stop] = fused_moe(
                     x[start:stop], e.w1, e.w2, w[start:stop], ids[start:stop],
                     activation=e.activation, gate_mode=e.gate_mode, swiglu_alpha=e.swiglu_alpha,
                     swiglu_limit=e.swiglu_limit, quant=e.quant, w1_scale=e.w1_scale,
-                    w2_scale=e.w2_scale, act_dtype=act[s], bias1=e.b1, bias2=e.b2,
+                    w2_scale=e.w2_scale, act_dtype=act_dtype, bias1=e.b1, bias2=e.b2,
                     apply_router_weight_on_input=self.args.score_before_experts,
                     precision=self.precision, check_topk_ids=False,
                 )
-            start, s = stop, run_end + 1
+            start = stop
         return y
