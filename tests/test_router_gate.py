@@ -217,6 +217,22 @@ def test_fast_plan_numerics_emulated_on_cpu(monkeypatch, splits):
 
 
 @pytest.mark.parametrize("splits", [1, 2, 3])
+@pytest.mark.parametrize("bias", [False, True])
+def test_fast_plan_shapes_and_dtypes_with_the_real_out_dtype_gemm_on_meta(monkeypatch, splits, bias):
+    """The fast plan's calls of torch.mm(out_dtype=) as written, checked by torch's meta kernels."""
+    monkeypatch.setattr(gate_mod, "_plan", lambda *a: "fast")
+    monkeypatch.setattr(gate_mod, "BACKWARD_GRAD_SPLITS", splits)
+    x = torch.empty(4, 7, D, device="meta", dtype=torch.bfloat16, requires_grad=True)
+    w = torch.empty(E, D, device="meta", dtype=torch.bfloat16, requires_grad=True)
+    b = torch.empty(E, device="meta", dtype=torch.float32, requires_grad=True) if bias else None
+    y = RouterGatingLinearFunction.apply(x, w, b, torch.float32)
+    assert y.dtype == torch.float32 and y.shape == (4, 7, E)
+    leaves = [t for t in (x, w, b) if t is not None]
+    for grad, leaf in zip(torch.autograd.grad(y, leaves, torch.empty_like(y)), leaves):
+        assert grad.dtype == leaf.dtype and grad.shape == leaf.shape
+
+
+@pytest.mark.parametrize("splits", [1, 2, 3])
 def test_split_to_bf16_pieces(splits):
     g = torch.randn(1000) * torch.logspace(-20, 20, 1000)
     pieces = gate_mod._split_to_bf16(g, splits)
@@ -313,3 +329,17 @@ def test_gpu_fast_path_equals_upcast_up_to_summation_order(dtype, shape, bias):
         # one rounding to the leaf's dtype, plus summation noise far below it
         ulp = want.abs() * (2.0**-8 if leaf.dtype == torch.bfloat16 else 2.0**-11)
         assert ((got.double() - want).abs() <= ulp + 1e-5 * want.abs().max() + 1e-30).all()
+
+
+@pytest.mark.gpu
+def test_gpu_compiled_fast_path_matches_eager():
+    torch._dynamo.reset()
+    x = torch.randn(256, 1024, device="cuda", dtype=torch.bfloat16, requires_grad=True)
+    w = (torch.randn(64, 1024, device="cuda") * 0.02).bfloat16().requires_grad_()
+    fn = lambda x, w: router_gating_linear(x, w, "fp32")  # noqa: E731
+    y = fn(x, w)
+    yc = torch.compile(fn, fullgraph=True)(x, w)
+    torch.testing.assert_close(yc, y, rtol=1e-5, atol=1e-5)
+    g = torch.randn_like(y)
+    for a, c in zip(torch.autograd.grad(y, [x, w], g), torch.autograd.grad(yc, [x, w], g)):
+        torch.testing.assert_close(c, a, rtol=1e-2, atol=1e-3)

@@ -60,6 +60,16 @@ except Exception:  # an older torch without the overload or the private query
 
 _FAST_DTYPES = (torch.bfloat16, torch.float16)
 
+# Device types torch.autocast accepts; others (meta, used for shape inference) have no autocast
+# to disable, and disabling the CPU one there is harmless.
+_AUTOCAST_DEVICES = ("cpu", "cuda", "xpu", "mps", "hpu", "mtia", "maia")
+
+
+def _no_autocast(device: torch.device) -> torch.autocast:
+    """A context with autocast off for `device`: the router GEMM's dtype is the caller's choice."""
+    kind = device.type if device.type in _AUTOCAST_DEVICES else "cpu"
+    return torch.autocast(device_type=kind, enabled=False)
+
 
 def _plan(x: torch.Tensor, weight: torch.Tensor, router_dtype: torch.dtype) -> str:
     """"fast" or "upcast": the one place the gate GEMM implementation is chosen."""
@@ -109,7 +119,7 @@ class RouterGatingLinearFunction(torch.autograd.Function):
         need_x, need_w = ctx.needs_input_grad[0], ctx.needs_input_grad[1]
         # Only what backward reads, and only the originals: grad_x needs weight, grad_w needs x.
         ctx.save_for_backward(x if need_w else None, weight if need_x else None)
-        with torch.autocast(device_type=x.device.type, enabled=False):
+        with _no_autocast(x.device):
             if plan == "fast":
                 y = _mm_f32(x.reshape(-1, x.shape[-1]), weight.t())
                 y = y.view(*x.shape[:-1], weight.shape[0])
@@ -125,7 +135,7 @@ class RouterGatingLinearFunction(torch.autograd.Function):
         rd = ctx.router_dtype
         need_x, need_w, need_b = ctx.needs_input_grad[:3]
         grad_x = grad_w = grad_b = None
-        with torch.autocast(device_type=grad_out.device.type, enabled=False):
+        with _no_autocast(grad_out.device):
             g = grad_out.to(rd).reshape(-1, grad_out.shape[-1])
             if ctx.plan == "fast" and ctx.x_dtype == torch.bfloat16:
                 grad_x, grad_w = _fast_backward(g, x, weight, need_x, need_w)
