@@ -53,25 +53,18 @@ def _cases():
 
 
 def _time_ms(fn, device: torch.device, iters: int) -> float:
-    """Median milliseconds of fn() over `iters` timed calls (after warm-up)."""
-    for _ in range(3):
-        fn()
-    times = []
+    """Median milliseconds of fn() (after warm-up)."""
     if device.type == "cuda":
-        torch.cuda.synchronize()
-        for _ in range(iters):
-            start, stop = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
-            start.record()
-            fn()
-            stop.record()
-            stop.synchronize()
-            times.append(start.elapsed_time(stop))
-    else:
-        for _ in range(iters):
-            t0 = time.perf_counter()
-            fn()
-            times.append((time.perf_counter() - t0) * 1e3)
-    return statistics.median(times)
+        import triton.testing
+
+        return float(triton.testing.do_bench(fn, warmup=25, rep=max(iters, 20), return_mode="median"))
+    fn()
+    samples = []
+    for _ in range(iters):
+        t0 = time.perf_counter()
+        fn()
+        samples.append((time.perf_counter() - t0) * 1e3)
+    return statistics.median(samples)
 
 
 def _same(a, b) -> bool:
@@ -128,7 +121,7 @@ def main(argv=None) -> int:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--out", required=True, help="folder for bench_quant.json")
     ap.add_argument("--smoke", action="store_true", help="tiny CPU run (kernels interpreted)")
-    ap.add_argument("--iters", type=int, default=None)
+    ap.add_argument("--iters", type=int, default=None, help="CPU: timed calls; GPU: ms of repetitions")
     ap.add_argument("--no-torch", action="store_true", help="skip timing the torch reference")
     args = ap.parse_args(argv)
 
@@ -137,7 +130,7 @@ def main(argv=None) -> int:
     else:
         if not torch.cuda.is_available():
             ap.error("needs a CUDA device (use --smoke for a CPU check)")
-        device, shape, iters = torch.device("cuda"), FULL_SHAPE, args.iters or 50
+        device, shape, iters = torch.device("cuda"), FULL_SHAPE, args.iters or 100  # rep in ms
     res = run(shape, device, iters, with_torch=not args.no_torch)
     report = {
         "benchmark": "quant",
