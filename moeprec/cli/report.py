@@ -36,6 +36,7 @@ from typing import Any
 import torch
 
 from moeprec.act_policy import ENV_BOUND, ENV_FORCE_BF16, device_default_bound, select_act_dtype
+from moeprec.cli.demo import _device  # the same --device parsing as `moeprec demo`
 
 
 @dataclass(frozen=True)
@@ -355,15 +356,6 @@ def plot_report(res: dict[str, Any], path: str) -> None:
     fig.tight_layout()
     fig.savefig(path, dpi=120)
     plt.close(fig)
-
-
-def _device(name: str) -> torch.device:
-    if name == "auto":
-        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
-    device = torch.device(name)
-    if device.type == "cuda" and not torch.cuda.is_available():
-        raise ValueError(f"--device: expected cpu or auto on this machine (no CUDA), got {name!r}")
-    return device
 
 
 def collect(args: argparse.Namespace) -> dict[str, Any]:
