@@ -29,6 +29,7 @@ from __future__ import annotations
 
 import copy
 import datetime
+import hashlib
 import json
 import math
 import platform
@@ -314,6 +315,16 @@ def compute_params(model: MoELM) -> dict[str, torch.Tensor]:
     return {n: p.to(dtype) for n, p in model.named_parameters()}
 
 
+def state_digest(state: dict[str, torch.Tensor]) -> str:
+    """sha256 of a state dict's names, dtypes, shapes and bytes (same digest = same weights)."""
+    h = hashlib.sha256()
+    for name in sorted(state):
+        t = state[name].detach().cpu()
+        h.update(f"{name}:{t.dtype}:{tuple(t.shape)}".encode())
+        h.update(t.contiguous().reshape(-1).view(torch.uint8).numpy().tobytes())
+    return h.hexdigest()
+
+
 def lm_loss(model: MoELM, tokens: torch.Tensor, targets: torch.Tensor) -> torch.Tensor:
     """Next-byte cross-entropy, the forward running on the compute copies of the parameters."""
     logits = functional_call(model, compute_params(model), (tokens,))
@@ -424,6 +435,7 @@ def train_run(
     """Train one model from init_state; returns per-step losses, routing stats and timings."""
     torch.manual_seed(cfg.seed)
     model = build_model(cfg, router_dtype, init_state).to(device).train()
+    init_digest = state_digest(model.state_dict())
     decay = [p for p in model.parameters() if p.dim() >= 2]
     no_decay = [p for p in model.parameters() if p.dim() < 2]
     opt = torch.optim.AdamW(
@@ -472,6 +484,7 @@ def train_run(
     val_loss = evaluate(model, val_tokens, cfg, device)
     return {
         "router_dtype": "fp32" if router_dtype is torch.float32 else None,
+        "init_state_sha256": init_digest,
         "loss": losses,
         "val_loss": val_loss,
         "routing": logged,
@@ -549,6 +562,8 @@ def _run_demo(cfg: TrainDemoConfig, device: torch.device,
         "load_balancing": f"aux-loss-free expert bias, load_balance_coeff={cfg.load_balance_coeff}",
         "runs": runs,
         "comparison": {
+            "same_initial_weights": runs["bf16"]["init_state_sha256"]
+            == runs["fp32"]["init_state_sha256"],
             "initial_loss_diff": lb[0] - lf[0],
             "final_loss_bf16_minus_fp32": sum(lb[-tail:]) / tail - sum(lf[-tail:]) / tail,
             "mean_abs_loss_diff": sum(abs(a - b) for a, b in zip(lb, lf)) / len(lb),
