@@ -335,7 +335,10 @@ _WORLDS: dict[int, dict] = {}
 @pytest.fixture(scope="module", params=[2, 4], ids=lambda w: f"world{w}")
 def world(request):
     if request.param not in _WORLDS:
-        _WORLDS[request.param] = _launch(request.param)
+        try:
+            _WORLDS[request.param] = _launch(request.param)
+        except mp.ProcessException:  # e.g. the free port was taken before rank 0 bound it
+            _WORLDS[request.param] = _launch(request.param)
     return request.param, _WORLDS[request.param]
 
 
