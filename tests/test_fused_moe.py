@@ -11,9 +11,9 @@ import pytest
 import torch
 
 import moeprec
-from moeprec import fused_moe, quantize_mxfp4
+from moeprec import quantize_mxfp4
 from moeprec.activations import convert_gate_up_order
-from moeprec.fused_moe import fused_moe_torch
+from moeprec.fused_moe import fused_moe, fused_moe_torch
 from tests._metrics import assert_close_aiter
 
 M, H, I, E, K = 7, 64, 32, 4, 2
