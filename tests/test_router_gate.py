@@ -216,6 +216,22 @@ def test_fast_plan_numerics_emulated_on_cpu(monkeypatch, splits):
             assert same < 0.95  # rounding g first: visibly not the upcast path
 
 
+@pytest.mark.parametrize("splits", [2, 3])
+def test_fast_plan_emulated_compiles_fullgraph(monkeypatch, splits):
+    monkeypatch.setattr(gate_mod, "_plan", lambda *a: "fast")
+    monkeypatch.setattr(gate_mod, "_mm_f32", lambda a, b: a.float() @ b.float())
+    monkeypatch.setattr(gate_mod, "BACKWARD_GRAD_SPLITS", splits)
+    torch._dynamo.reset()
+    x, w, b = _inputs((17,), torch.bfloat16, True)
+    fn = lambda x, w, b: router_gating_linear(x, w, "fp32", bias=b)  # noqa: E731
+    y = fn(x, w, b)
+    yc = torch.compile(fn, fullgraph=True, backend="aot_eager")(x, w, b)
+    assert torch.equal(y, yc)
+    g = torch.randn_like(y)
+    for a, c in zip(_grads(y, [x, w, b], g), _grads(yc, [x, w, b], g)):
+        assert torch.equal(a, c)
+
+
 @pytest.mark.parametrize("splits", [1, 2, 3])
 @pytest.mark.parametrize("bias", [False, True])
 def test_fast_plan_shapes_and_dtypes_with_the_real_out_dtype_gemm_on_meta(monkeypatch, splits, bias):
@@ -235,9 +251,9 @@ def test_fast_plan_shapes_and_dtypes_with_the_real_out_dtype_gemm_on_meta(monkey
 @pytest.mark.parametrize("splits", [1, 2, 3])
 def test_split_to_bf16_pieces(splits):
     g = torch.randn(1000) * torch.logspace(-20, 20, 1000)
-    pieces = gate_mod._split_to_bf16(g, splits)
-    assert len(pieces) == splits and all(p.dtype == torch.bfloat16 for p in pieces)
-    total = sum(p.double() for p in pieces)
+    gs = gate_mod._split_to_bf16(g.view(10, 100), splits)
+    assert gs.shape == (10, 100 * splits) and gs.dtype == torch.bfloat16
+    total = gs.double().view(10, splits, 100).sum(1).flatten()
     err = (total - g.double()).abs()
     bound = {1: 2.0**-8, 2: 2.0**-16, 3: 0.0}[splits]
     assert (err <= bound * g.double().abs()).all()

@@ -90,15 +90,19 @@ def _mm_f32(a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
     return torch.mm(a, b, out_dtype=torch.float32)
 
 
-def _split_to_bf16(g: torch.Tensor, pieces: int) -> list[torch.Tensor]:
-    """fp32 g -> bf16 pieces whose fp32 sum approximates g (exactly for 3 pieces)."""
-    out = []
+def _split_to_bf16(g: torch.Tensor, pieces: int) -> torch.Tensor:
+    """fp32 g [T, E] -> bf16 [T, pieces * E] = [g_1 | g_2 | ...], sum of the g_i ~= g.
+
+    g_1 = bf16(g), g_2 = bf16(g - g_1), g_3 = bf16(g - g_1 - g_2): each difference is exact in
+    fp32, so 3 pieces hold g exactly. Written straight into one buffer (no concatenation).
+    """
+    t, e = g.shape
+    out = torch.empty((t, pieces * e), dtype=torch.bfloat16, device=g.device)
+    out[:, :e].copy_(g)  # round to nearest even
     rest = g
-    for i in range(pieces):
-        piece = rest.to(torch.bfloat16)
-        out.append(piece)
-        if i + 1 < pieces:
-            rest = rest - piece.float()  # exact in fp32: the rounding error of `piece`
+    for i in range(1, pieces):
+        rest = rest - out[:, (i - 1) * e : i * e]  # fp32 - bf16 computed in fp32: exact
+        out[:, i * e : (i + 1) * e].copy_(rest)
     return out
 
 
@@ -158,8 +162,7 @@ def _fast_backward(g, x, weight, need_x, need_w):
     The fast plan requires x.dtype == weight.dtype, so grad_x is produced in weight.dtype.
     """
     n = BACKWARD_GRAD_SPLITS
-    pieces = _split_to_bf16(g, n)
-    gs = torch.cat(pieces, dim=1) if n > 1 else pieces[0]  # [T, n*E]
+    gs = _split_to_bf16(g, n)  # [T, n*E]
     grad_x = grad_w = None
     if need_x:
         # [g_1 | g_2 | ...] @ [W; W; ...]: one GEMM whose fp32 accumulator sums the pieces. Its
