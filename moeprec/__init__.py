@@ -38,10 +38,15 @@ _EXPORTS: dict[str, str] = {
     "MoEArgs": "moeprec.args",
 }
 
+# subpackages reachable as attributes (moeprec.parallel.expert_parallel) without an explicit import
+_SUBPACKAGES = ("formats", "integrations", "parallel", "routing")
+
 __all__ = sorted(_EXPORTS) + ["__version__"]
 
 
 def __getattr__(name: str) -> Any:
+    if name in _SUBPACKAGES:
+        return importlib.import_module(f"moeprec.{name}")
     module = _EXPORTS.get(name)
     if module is None:
         raise AttributeError(f"module 'moeprec' has no attribute {name!r}")
