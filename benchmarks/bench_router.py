@@ -47,15 +47,22 @@ def backward_splits(n: int):
         gate_mod.BACKWARD_GRAD_SPLITS = old
 
 
-def _variants():
+def _ours(x, w):
+    return router_gating_linear(x, w, "fp32")
+
+
+def _variants(compiled: bool):
     """name -> (forward fn(x, w), backward splits or None)."""
-    return {
+    out = {
         "bf16": (lambda x, w: F.linear(x, w), None),
         "upcast": (lambda x, w: F.linear(x.float(), w.float()), None),
-        "ours": (lambda x, w: router_gating_linear(x, w, "fp32"), 2),
-        "ours_s1": (lambda x, w: router_gating_linear(x, w, "fp32"), 1),
-        "ours_s3": (lambda x, w: router_gating_linear(x, w, "fp32"), 3),
+        "ours": (_ours, 2),
+        "ours_s1": (_ours, 1),
+        "ours_s3": (_ours, 3),
     }
+    if compiled:  # inductor fuses the small elementwise ops around the GEMMs
+        out["ours_compiled"] = (torch.compile(_ours, fullgraph=True, dynamic=False), 2)
+    return out
 
 
 def _time_ms(fn, leaves, device, warmup, rep) -> float:
@@ -65,6 +72,7 @@ def _time_ms(fn, leaves, device, warmup, rep) -> float:
             t.grad = None
         fn()
 
+    call()  # first call outside timing (torch.compile compiles here)
     if device.type == "cuda":
         try:
             import triton.testing
@@ -100,7 +108,7 @@ def _topk_sets(logits: torch.Tensor, k: int) -> torch.Tensor:
     return logits.float().topk(k, dim=-1).indices.sort(dim=-1).values
 
 
-def bench_shape(t, d, e, device, warmup, rep, seed=0):
+def bench_shape(t, d, e, device, warmup, rep, compiled=False, seed=0):
     gen = torch.Generator(device="cpu").manual_seed(seed)
     # unit-variance activations, std-0.02 gate weights: logits of std 0.02 * sqrt(D)
     x0 = torch.randn(t, d, generator=gen).to(device=device, dtype=torch.bfloat16)
@@ -112,7 +120,7 @@ def bench_shape(t, d, e, device, warmup, rep, seed=0):
 
     row = {"T": t, "D": d, "E": e, "plan": plan, "time_ms": {}, "grads": {}}
     outputs = {}
-    for name, (fwd, splits) in _variants().items():
+    for name, (fwd, splits) in _variants(compiled).items():
         g = g32.to(torch.bfloat16) if name == "bf16" else g32
 
         def fn(fwd=fwd, g=g):
@@ -160,6 +168,8 @@ def markdown(rows) -> str:
         "|---|---|---|---|---|---|---|---|---|---|---|---|---|---|\n"
     )
     lines = []
+    compiled = [f"| {r['T']} | {r['D']} | {r['E']} | {r['time_ms']['ours_compiled'] * 1e3:.0f} |"
+                for r in rows if "ours_compiled" in r["time_ms"]]
     for r in rows:
         tm = r["time_ms"]
         eq = "/".join(f"{r['grads'][n]['grad_x_equal_frac']:.3f}" for n in ("ours_s1", "ours", "ours_s3"))
@@ -169,7 +179,10 @@ def markdown(rows) -> str:
             f"{tm['ours_s3'] * 1e3:.0f} | {r['ours_vs_bf16']:.2f}x | {r['upcast_vs_ours']:.2f}x | "
             f"{r['topk_agreement_vs_upcast']['ours'] * 100:.4f}% | {r['bf16_flip_rate'] * 100:.2f}% | {eq} |"
         )
-    return head + "\n".join(lines)
+    table = head + "\n".join(lines)
+    if compiled:
+        table += "\n\n| T | D | E | ours compiled us |\n|---|---|---|---|\n" + "\n".join(compiled)
+    return table
 
 
 def main(argv=None) -> int:
@@ -179,6 +192,7 @@ def main(argv=None) -> int:
     p.add_argument("--device", default=None, help="default: cuda when available, else cpu")
     p.add_argument("--warmup", type=int, default=25, help="warm-up (ms for do_bench)")
     p.add_argument("--rep", type=int, default=100, help="repetitions (ms for do_bench)")
+    p.add_argument("--compiled", action="store_true", help="also time torch.compile(ours)")
     args = p.parse_args(argv)
 
     device = torch.device(args.device or ("cuda" if torch.cuda.is_available() else "cpu"))
@@ -186,7 +200,7 @@ def main(argv=None) -> int:
     rows = []
     for i, (t, d, e) in enumerate(shapes):
         print(f"[{i + 1}/{len(shapes)}] T={t} D={d} E={e} ...", flush=True)
-        rows.append(bench_shape(t, d, e, device, args.warmup, args.rep))
+        rows.append(bench_shape(t, d, e, device, args.warmup, args.rep, args.compiled))
     meta = {
         "device": torch.cuda.get_device_name(device) if device.type == "cuda" else platform.processor() or "cpu",
         "torch": torch.__version__,
