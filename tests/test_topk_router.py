@@ -246,3 +246,21 @@ def test_bad_route_inputs(x, bias, exc, words):
         _router().route(x, bias)
     for word in words:
         assert word in str(info.value)
+
+
+def test_demo_router_precision_section(capsys):
+    import argparse
+
+    from moeprec.cli import demo
+
+    parser = argparse.ArgumentParser()
+    demo.add_arguments(parser)
+    args = parser.parse_args(["--device", "cpu", "--tokens", "256"])
+    ctx = demo.DemoContext(device=torch.device("cpu"), seed=0)
+    demo.router_precision(args, ctx)
+    out = capsys.readouterr().out
+    for label in ("bf16 (None)", "fp32", "fp64", "top-k set flips vs fp64"):
+        assert label in out
+    flips = ctx.results["router_flip_rate"]
+    assert flips["fp64"] == 0.0 and flips["fp32"] <= 1 / 256  # summation order only
+    assert demo.router_precision in demo.SECTIONS
