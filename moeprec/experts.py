@@ -27,7 +27,7 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
-from moeprec._validation import check_choice, check_positive_int, check_tensor
+from moeprec._validation import check_choice, check_floating, check_positive_int, check_tensor
 from moeprec.activations import ACTIVATIONS, GATE_MODES, SWIGLU_ALPHA, SWIGLU_LIMIT, gated_activation
 
 __all__ = ["GroupedExperts", "grouped_experts_loop", "grouped_mm", "native_grouped_mm_supported"]
@@ -273,6 +273,7 @@ class GroupedExperts(nn.Module):
     def forward(
         self, x: torch.Tensor, num_tokens_per_expert: torch.Tensor | None = None
     ) -> torch.Tensor:
+        check_floating("x", x)
         check_tensor("x", x, shape=(None, self.dim))
         if self.quant != "none":
             raise RuntimeError(

@@ -86,6 +86,18 @@ class MoE(nn.Module):
         )
         self.aux_loss: torch.Tensor | None = None
 
+    # Balancing state stays fp32 whatever `.to(dtype)` / `.bfloat16()` does to the model: the
+    # bias update needs fp32 resolution and counts above 256 are not exact in bf16.
+    _FP32_BUFFERS = ("expert_bias", "tokens_per_expert")
+
+    def _apply(self, fn, recurse=True):
+        super()._apply(fn, recurse)
+        for name in self._FP32_BUFFERS:
+            buf = self._buffers.get(name)
+            if buf is not None and buf.dtype != torch.float32:
+                self._buffers[name] = buf.float()
+        return self
+
     @property
     def quant(self) -> str:
         """"none" (trainable GroupedExperts) or the expert weights' format after quantize_."""

@@ -183,6 +183,8 @@ def test_bad_input():
         m(torch.randn(5, 16))
     with pytest.raises(TypeError, match="x"):
         m([[1.0] * 16], torch.tensor([1, 0, 0, 0]))
+    with pytest.raises(TypeError, match="x"):
+        m(torch.ones(1, 16, dtype=torch.int64), torch.tensor([1, 0, 0, 0]))
     with pytest.raises(ValueError, match="activation"):
         GroupedExperts(16, 8, 4, activation="gelu")
     with pytest.raises(ValueError, match="gate_mode"):

@@ -327,6 +327,26 @@ def test_reorder_and_combine_helpers():
     assert combine_expert_outputs(out.bfloat16(), r, scores).dtype == torch.float32
 
 
+def test_balancing_buffers_stay_fp32_under_dtype_casts():
+    m = _moe(load_balance_coeff=1e-3).to(torch.bfloat16)
+    assert m.experts.w1.dtype == torch.bfloat16
+    assert m.expert_bias.dtype == torch.float32 and m.tokens_per_expert.dtype == torch.float32
+    m(torch.randn(300, DIM, dtype=torch.bfloat16))
+    assert m.tokens_per_expert.sum() == 600  # exact beyond bf16's 256
+    m.update_expert_bias()
+
+
+def test_nan_token_stays_in_its_row():
+    m = _moe(num_shared_experts=1)
+    x = torch.randn(9, DIM)
+    ref = m(x)
+    x[4, 3] = float("nan")
+    out = m(x)
+    assert torch.isnan(out[4]).all()
+    keep = torch.arange(9) != 4
+    torch.testing.assert_close(out[keep], ref[keep])
+
+
 def test_shared_experts_shape():
     m = _moe(num_shared_experts=3)
     assert isinstance(m.shared_experts, GroupedExperts)
@@ -369,8 +389,6 @@ def test_gpu_compiled_moe_matches_eager_without_host_sync():
     m = MoE(MoEArgs(num_experts=8, top_k=2, num_shared_experts=1, load_balance_coeff=1e-3,
                     aux_loss_coeff=0.01), 256, 128, precision=PrecisionConfig()).cuda().bfloat16()
     m.init_weights(0.05)
-    m.expert_bias = m.expert_bias.float()
-    m.tokens_per_expert = m.tokens_per_expert.float()
     f = torch.compile(m, fullgraph=True)
     x = torch.randn(4, 64, 256, device="cuda", dtype=torch.bfloat16, requires_grad=True)
     out = f(x)

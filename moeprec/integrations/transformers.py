@@ -145,7 +145,4 @@ def moe_from_hf(
     args, dim, hidden = moe_args_from_hf(config, router_dtype=router_dtype)
     ref = next(hf_block.parameters())
     moe = MoE(args, dim, hidden, precision=precision).to(device=ref.device, dtype=ref.dtype)
-    if moe.expert_bias is not None:  # .to(dtype) must not touch the fp32 balancing buffer
-        moe.expert_bias = moe.expert_bias.float()
-    moe.tokens_per_expert = moe.tokens_per_expert.float()
     return load_hf_moe_block(moe, hf_block, family=hf_family(config))
