@@ -160,8 +160,10 @@ def _fwd_bwd(layer: nn.Module, x: torch.Tensor, g: torch.Tensor) -> torch.Tensor
 def measure(layer: nn.Module, x: torch.Tensor, g: torch.Tensor, warmup: int, iters: int) -> dict:
     """Median forward and forward+backward times (ms) and the peak memory of one fwd+bwd."""
     device = x.device
-    for _ in range(warmup):
+    for _ in range(max(1, warmup)):  # also compiles both graphs (training and no_grad)
         _fwd_bwd(layer, x, g)
+        with torch.no_grad():
+            layer(x)
     _sync(device)
 
     def timed(fn) -> float:

@@ -104,7 +104,7 @@ CONFIGS: dict[str, TrainDemoConfig] = {
     # One GPU, a few minutes: 4 layers, 64 experts top-8, 16K tokens per step.
     "gpu": TrainDemoConfig(
         name="gpu", n_layers=4, dim=512, n_heads=8, num_experts=64, top_k=8,
-        moe_hidden_dim=192, seq_len=512, batch_size=32, steps=600, lr=2e-3, warmup_steps=30,
+        moe_hidden_dim=192, seq_len=512, batch_size=32, steps=600, lr=1.5e-3, warmup_steps=30,
         log_every=10, eval_batches=8, corpus_chars=4_000_000,
     ),
 }
@@ -419,10 +419,6 @@ def _sync(device: torch.device) -> None:
         torch.cuda.synchronize(device)
 
 
-def _finite(values: list[float]) -> bool:
-    return all(math.isfinite(v) for v in values)
-
-
 def train_run(
     cfg: TrainDemoConfig,
     router_dtype: torch.dtype | None,
@@ -475,9 +471,10 @@ def train_run(
             for key in ("max_over_mean", "cv", "idle_frac"):
                 logged[key].append([r[key] for r in recs])
             if progress is not None:
+                ms = (time.perf_counter() - t0) * 1e3 / (step + 1)
                 progress(f"step {step + 1:>5}/{cfg.steps}  loss {losses[-1]:.4f}  "
                          f"flip {logged['flip_rate'][-1]:.4f}  "
-                         f"max/mean {max(logged['max_over_mean'][-1]):.2f}")
+                         f"max/mean {max(logged['max_over_mean'][-1]):.2f}  {ms:.0f} ms/step")
     _sync(device)
     elapsed = time.perf_counter() - t0
     probe.remove()
