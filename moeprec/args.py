@@ -156,14 +156,18 @@ def _has(cfg: Any, name: str) -> bool:
 
 
 def hf_family(cfg: Any) -> str:
-    """One of HF_FAMILIES, from `model_type`, else from the fields the config holds."""
+    """One of HF_FAMILIES: the config's `model_type`, or when it has none, what its fields imply."""
     if not isinstance(cfg, Mapping) and not hasattr(cfg, "to_dict"):
         raise TypeError(
             f"cfg: expected a transformers config or a dict, got {type(cfg).__name__}"
         )
-    model_type = _get(cfg, "model_type", default=None)
+    model_type = _get(cfg, "model_type", default=None) or None
     if model_type in HF_FAMILIES:
         return model_type
+    if model_type is not None:
+        # A family we do not know may route differently under the same field names
+        # (DeepSeek-V2 scores groups by their max): refuse rather than guess.
+        raise ValueError(f"cfg: expected model_type in {HF_FAMILIES} (or none), got {model_type!r}")
     if _has(cfg, "n_routed_experts"):
         return "deepseek_v3"
     if _has(cfg, "swiglu_limit"):

@@ -134,6 +134,8 @@ def test_deepseek_single_group_is_no_grouping():
     [
         ([1, 2], TypeError, ["cfg", "list"]),
         (dict(model_type="llama", hidden_size=8), ValueError, ["cfg", "llama"]),
+        (dict(model_type="deepseek_v2", n_routed_experts=64, num_experts_per_tok=6), ValueError, ["cfg", "deepseek_v2"]),
+        (dict(hidden_size=8), ValueError, ["cfg", "None"]),
         (dict(model_type="mixtral", num_local_experts=8), ValueError, ["cfg", "num_experts_per_tok"]),
     ],
 )
