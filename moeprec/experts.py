@@ -205,12 +205,23 @@ def grouped_mm(a: torch.Tensor, b: torch.Tensor, offs: torch.Tensor) -> torch.Te
 # ----------------------------------------------------------------------------------------------
 
 
+def _check_counts(counts: torch.Tensor, num_rows: int) -> None:
+    if bool((counts < 0).any()):
+        raise ValueError(f"num_tokens_per_expert: expected non-negative counts, got {counts.tolist()}")
+    total = int(counts.sum())
+    if total > num_rows:
+        raise ValueError(
+            f"num_tokens_per_expert: expected counts summing to at most x's {num_rows} rows, got {total}"
+        )
+
+
 class GroupedExperts(nn.Module):
     """E gated MLPs applied to tokens grouped by expert (the training path of MoE).
 
     forward(x [T, D] grouped by expert, num_tokens_per_expert [E]) -> [T, D], in the parameters'
     dtype (x is cast to it). With a single expert `num_tokens_per_expert` may be None (dense MLP:
     how MoE runs its shared experts). Rows of x past `sum(num_tokens_per_expert)` give zeros.
+    Counts that are negative or sum past T raise on CPU; on GPU (no sync) they are clamped.
     """
 
     def __init__(
@@ -293,7 +304,13 @@ class GroupedExperts(nn.Module):
             raise TypeError(
                 f"num_tokens_per_expert: expected an integer tensor, got {num_tokens_per_expert.dtype}"
             )
-        offs = torch.cumsum(num_tokens_per_expert.to(device=x.device), 0).to(torch.int32)
+        counts = num_tokens_per_expert
+        if counts.device.type == "cpu" and not torch.compiler.is_compiling():
+            _check_counts(counts, x.shape[0])  # free on the host; on a GPU it would sync
+        # Clamped on device so that no count can make a GEMM read past x: negative counts act
+        # as 0 and rows past the end of x are dropped.
+        offs = torch.cumsum(counts.to(device=x.device).clamp(min=0), 0).clamp(max=x.shape[0])
+        offs = offs.to(torch.int32)
         h = grouped_mm(x, self.w1.transpose(-2, -1), offs)
         # expert of each row, from the offsets on device (no host sync); rows past the last
         # offset get expert E (out of range): they take expert E-1's bias and are zeroed at the end.

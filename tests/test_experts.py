@@ -126,6 +126,16 @@ def test_rows_past_the_counts_give_zeros():
     assert out[6:].abs().max() == 0 and out[:6].abs().min() > 0
 
 
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_unchecked_counts_are_clamped_in_bounds(dtype):
+    """Under compile (as on GPU) counts are not checked: they are clamped, never read past x."""
+    m = _experts("silu", "separated", bias=True, dtype=dtype)
+    f = torch.compile(m, fullgraph=True, backend="aot_eager")
+    x = torch.randn(10, 16, dtype=dtype)
+    torch.testing.assert_close(f(x, torch.tensor([5, 5, 5, 5])), m(x, torch.tensor([5, 5, 0, 0])))
+    torch.testing.assert_close(f(x, torch.tensor([4, -3, 2, 1])), m(x, torch.tensor([4, 0, 2, 1])))
+
+
 def test_single_expert_dense_path_matches_grouped():
     m = _experts("swiglu_oai", "interleaved", bias=True, num_experts=1)
     x = torch.randn(7, 16)
@@ -181,6 +191,10 @@ def test_bad_input():
         m(torch.randn(5, 16), torch.tensor([5.0, 0, 0, 0]))
     with pytest.raises(ValueError, match="num_tokens_per_expert"):
         m(torch.randn(5, 16))
+    with pytest.raises(ValueError, match="num_tokens_per_expert.*summing"):
+        m(torch.randn(5, 16), torch.tensor([3, 3, 0, 0]))
+    with pytest.raises(ValueError, match="num_tokens_per_expert.*non-negative"):
+        m(torch.randn(5, 16), torch.tensor([3, -1, 3, 0]))
     with pytest.raises(TypeError, match="x"):
         m([[1.0] * 16], torch.tensor([1, 0, 0, 0]))
     with pytest.raises(TypeError, match="x"):
