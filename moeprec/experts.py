@@ -348,9 +348,47 @@ class GroupedExperts(nn.Module):
 
             (w1, s1), (w2, s2) = quantize_fp8(self.w1, "per_channel"), quantize_fp8(self.w2, "per_channel")
             s1, s2 = s1.squeeze(-1), s2.squeeze(-1)  # [E, N, 1] -> [E, N], fused_moe's layout
-        tensors = {"w1": w1, "w2": w2, "w1_scale": s1, "w2_scale": s2}
+        b1, b2 = (self.b1, self.b2) if self.has_bias else (None, None)
+        return self.load_quantized_(quant, w1, s1, w2, s2, b1, b2)
+
+    @torch.no_grad()
+    def load_quantized_(
+        self,
+        quant: str,
+        w1: torch.Tensor,
+        w1_scale: torch.Tensor,
+        w2: torch.Tensor,
+        w2_scale: torch.Tensor,
+        b1: torch.Tensor | None = None,
+        b2: torch.Tensor | None = None,
+    ) -> GroupedExperts:
+        """Take already quantized weights in `fused_moe`'s layout (e.g. a gpt-oss MXFP4 checkpoint
+        read by `moeprec.integrations.gpt_oss`), in place of the dense ones. Inference only."""
+        check_choice("quant", quant, ("mxfp4", "fp8"))
+        if self.quant != "none":
+            raise RuntimeError(f"GroupedExperts: already quantized ({self.quant!r})")
+        E, two_i, D, I = self.num_experts, 2 * self.hidden_dim, self.dim, self.hidden_dim
+        if quant == "mxfp4":
+            u8 = (torch.uint8,)
+            check_tensor("w1", w1, shape=(E, two_i, D // 2), dtypes=u8)
+            check_tensor("w1_scale", w1_scale, shape=(E, two_i, D // 32), dtypes=u8)
+            check_tensor("w2", w2, shape=(E, D, I // 2), dtypes=u8)
+            check_tensor("w2_scale", w2_scale, shape=(E, D, I // 32), dtypes=u8)
+        else:
+            f8, f32 = (torch.float8_e4m3fn,), (torch.float32,)
+            check_tensor("w1", w1, shape=(E, two_i, D), dtypes=f8)
+            check_tensor("w1_scale", w1_scale, shape=(E, two_i), dtypes=f32)
+            check_tensor("w2", w2, shape=(E, D, I), dtypes=f8)
+            check_tensor("w2_scale", w2_scale, shape=(E, D), dtypes=f32)
+        tensors = {"w1": w1, "w2": w2, "w1_scale": w1_scale, "w2_scale": w2_scale}
         if self.has_bias:
-            tensors.update(b1=self.b1.float(), b2=self.b2.float())
+            check_floating("b1", b1)
+            check_floating("b2", b2)
+            check_tensor("b1", b1, shape=(E, two_i))
+            check_tensor("b2", b2, shape=(E, D))
+            tensors.update(b1=b1.float(), b2=b2.float())
+        elif b1 is not None or b2 is not None:
+            raise ValueError("b1: expected None for experts built with bias=False, got a tensor")
         for name, t in tensors.items():
             if name in self._parameters:
                 del self._parameters[name]

@@ -402,3 +402,29 @@ def test_gpu_compiled_moe_matches_eager_without_host_sync():
     ref = m(x)
     assert_close_aiter(out.float(), ref.float(), rtol=2e-2, atol=2e-2)
     assert m.router.route(x.reshape(-1, 256)).logits.dtype == torch.float32
+
+
+def test_load_quantized_experts_from_gpt_oss_tensors():
+    """gpt-oss MXFP4 tensors (interleaved rows, bf16 biases) -> load_quantized_ -> same layer."""
+    from moeprec.integrations.gpt_oss import MXFP4Experts, from_gpt_oss, to_gpt_oss
+
+    cfg = dict(mlp_bias=True, activation="swiglu_oai", gate_mode="interleaved")
+    m = _moe(dim=64, hidden=32, std=0.1, **cfg).eval()
+    with torch.no_grad():  # biases exact in bf16, as a gpt-oss checkpoint stores them
+        m.experts.b1.copy_(m.experts.b1.bfloat16())
+        m.experts.b2.copy_(m.experts.b2.bfloat16())
+    fresh = copy.deepcopy(m)
+    m.quantize_("mxfp4")
+    e = m.experts
+    tensors = to_gpt_oss(MXFP4Experts(e.w1, e.w1_scale, e.w2, e.w2_scale, e.b1, e.b2, "interleaved"), layer=3)
+    loaded = from_gpt_oss(tensors, layer=3)
+    fresh.experts.load_quantized_("mxfp4", loaded.w1, loaded.w1_scale, loaded.w2, loaded.w2_scale,
+                                  loaded.bias1, loaded.bias2)
+    assert fresh.quant == "mxfp4"
+    x = torch.randn(10, 64)
+    torch.testing.assert_close(fresh(x), m(x))
+    with pytest.raises(ValueError, match="w1"):
+        GroupedExperts(64, 32, 4, bias=True).load_quantized_(
+            "mxfp4", loaded.w1[:, :, :-1], loaded.w1_scale, loaded.w2, loaded.w2_scale, loaded.bias1, loaded.bias2)
+    with pytest.raises(RuntimeError, match="already quantized"):
+        fresh.experts.load_quantized_("mxfp4", loaded.w1, loaded.w1_scale, loaded.w2, loaded.w2_scale)
