@@ -25,7 +25,7 @@ import platform
 import statistics
 import sys
 import time
-from dataclasses import asdict, dataclass
+from dataclasses import asdict, replace
 from pathlib import Path
 from typing import Any
 
@@ -34,30 +34,19 @@ import torch.nn as nn
 import torch.nn.functional as F
 
 from moeprec.activations import gated_activation
+from moeprec.cli.report import PRESETS, Shape
 
 TARGET_TFLOPS = 450.0
 TARGET_SPEEDUP = 1.1
 
 
-@dataclass(frozen=True)
-class Shape:
-    name: str
-    dim: int
-    hidden: int
-    experts: int
-    top_k: int
-    activation: str = "silu"
-    gate_mode: str = "separated"
-    bias: bool = False
-
-
-SHAPES = {
-    "qwen3-30b-a3b": Shape("qwen3-30b-a3b", 2048, 768, 128, 8),
-    "gpt-oss-20b": Shape("gpt-oss-20b", 2880, 2880, 32, 4, "swiglu_oai", "interleaved", True),
-}
-SMOKE_SHAPES = {
-    "qwen3-30b-a3b": Shape("qwen3-30b-a3b(smoke)", 64, 32, 8, 4),
-    "gpt-oss-20b": Shape("gpt-oss-20b(smoke)", 64, 64, 4, 2, "swiglu_oai", "interleaved", True),
+# Model shapes come from `moeprec report`'s presets (hidden D, intermediate I, experts E, top_k).
+BENCH_SHAPES = ("qwen3-30b-a3b", "gpt-oss-20b")
+SHAPES: dict[str, Shape] = {n: PRESETS[n] for n in BENCH_SHAPES}
+SMOKE_SHAPES: dict[str, Shape] = {
+    "qwen3-30b-a3b": replace(PRESETS["qwen3-30b-a3b"], hidden=64, intermediate=32, experts=8,
+                             top_k=4),
+    "gpt-oss-20b": replace(PRESETS["gpt-oss-20b"], hidden=64, intermediate=64, experts=4, top_k=2),
 }
 
 
@@ -77,12 +66,12 @@ class TitanStyleMoE(nn.Module):
         super().__init__()
         kw = {"device": device, "dtype": dtype}
         self.s = s
-        self.gate = nn.Parameter(torch.empty(s.experts, s.dim, **kw))
-        self.w1 = nn.Parameter(torch.empty(s.experts, 2 * s.hidden, s.dim, **kw))
-        self.w2 = nn.Parameter(torch.empty(s.experts, s.dim, s.hidden, **kw))
+        self.gate = nn.Parameter(torch.empty(s.experts, s.hidden, **kw))
+        self.w1 = nn.Parameter(torch.empty(s.experts, 2 * s.intermediate, s.hidden, **kw))
+        self.w2 = nn.Parameter(torch.empty(s.experts, s.hidden, s.intermediate, **kw))
         if s.bias:
-            self.b1 = nn.Parameter(torch.empty(s.experts, 2 * s.hidden, **kw))
-            self.b2 = nn.Parameter(torch.empty(s.experts, s.dim, **kw))
+            self.b1 = nn.Parameter(torch.empty(s.experts, 2 * s.intermediate, **kw))
+            self.b2 = nn.Parameter(torch.empty(s.experts, s.hidden, **kw))
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         s = self.s
@@ -109,7 +98,7 @@ class TitanStyleMoE(nn.Module):
 
         unsorted = torch.empty_like(y)
         unsorted[order] = y
-        out = torch.bmm(top_scores.unsqueeze(1), unsorted.view(t, s.top_k, s.dim).float())
+        out = torch.bmm(top_scores.unsqueeze(1), unsorted.view(t, s.top_k, s.hidden).float())
         return out.squeeze(1).to(x.dtype)
 
 
@@ -123,7 +112,7 @@ def build_layers(s: Shape, device: torch.device, dtype: torch.dtype) -> tuple[nn
         router_dtype=torch.float32, activation=s.activation, gate_mode=s.gate_mode,
         mlp_bias=s.bias,
     )
-    ours = MoE(args, s.dim, s.hidden).to(device=device, dtype=dtype)
+    ours = MoE(args, s.hidden, s.intermediate).to(device=device, dtype=dtype)
     ours.init_weights(0.02)
     peer = TitanStyleMoE(s, device, dtype)
     with torch.no_grad():
@@ -198,13 +187,14 @@ def measure(layer: nn.Module, x: torch.Tensor, g: torch.Tensor, warmup: int, ite
     return {"fwd_ms": fwd_ms, "fwd_bwd_ms": fwd_bwd_ms, "peak_mib": peak_mib}
 
 
-def bench_case(s: Shape, tokens: int, device: torch.device, args: argparse.Namespace) -> list[dict]:
+def bench_case(name: str, s: Shape, tokens: int, device: torch.device,
+               args: argparse.Namespace) -> list[dict]:
     dtype = torch.bfloat16
     torch.manual_seed(0)
     ours, peer = build_layers(s, device, dtype)
-    x = torch.randn(tokens, s.dim, device=device, dtype=dtype, requires_grad=True)
-    g = torch.randn(tokens, s.dim, device=device, dtype=dtype)
-    flops = 18 * tokens * s.top_k * s.dim * s.hidden
+    x = torch.randn(tokens, s.hidden, device=device, dtype=dtype, requires_grad=True)
+    g = torch.randn(tokens, s.hidden, device=device, dtype=dtype)
+    flops = 18 * tokens * s.top_k * s.hidden * s.intermediate
 
     # Same weights, same inputs: the two layers must agree before their speeds are compared.
     with torch.no_grad():
@@ -215,7 +205,7 @@ def bench_case(s: Shape, tokens: int, device: torch.device, args: argparse.Names
     modes = ["eager"] + ([] if args.no_compile else ["compiled"])
     for impl, layer in (("moeprec", ours), ("titan-style", peer)):
         for mode in modes:
-            row: dict[str, Any] = {"shape": s.name, "tokens": tokens, "impl": impl, "mode": mode,
+            row: dict[str, Any] = {"shape": name, "tokens": tokens, "impl": impl, "mode": mode,
                                    "rel_diff_vs_peer": agree}
             try:
                 if mode == "eager":
@@ -317,7 +307,8 @@ def main(argv: list[str] | None = None) -> int:
     rows = []
     for name in names:
         for t in tokens:
-            rows.extend(bench_case(table[name], t, device, args))
+            rows.extend(bench_case(name + ("(smoke)" if args.smoke else ""), table[name], t,
+                                  device, args))
     summary = summarize(rows)
     print("\nmoeprec vs torchtitan-style (speedup = peer time / moeprec time, fwd+bwd):")
     for s in summary:

@@ -37,6 +37,7 @@ def demo():
     return cfg, run_demo(cfg, device="cpu", keep_states=True)
 
 
+@pytest.mark.slow
 def test_demo_loss_decreases(demo):
     _, result = demo
     for label, run in result["runs"].items():
@@ -49,6 +50,7 @@ def test_demo_loss_decreases(demo):
         assert run["val_loss"] < first - 1.5, (label, run["val_loss"])
 
 
+@pytest.mark.slow
 def test_demo_runs_start_from_identical_weights(demo):
     cfg, result = demo
     runs = result["runs"]
@@ -65,6 +67,7 @@ def test_demo_runs_start_from_identical_weights(demo):
                            result["_states"]["fp32"]["blocks.0.moe.router.gate.weight"])
 
 
+@pytest.mark.slow
 def test_demo_json_fields_finite(demo, tmp_path):
     cfg, result = demo
     path = write_json(result, tmp_path / "out.json")
@@ -96,6 +99,7 @@ def test_demo_json_fields_finite(demo, tmp_path):
     assert all(math.isfinite(v) for v in data["comparison"].values() if not isinstance(v, bool))
 
 
+@pytest.mark.slow
 def test_demo_plot(demo, tmp_path):
     pytest.importorskip("matplotlib")
     _, result = demo
@@ -200,3 +204,32 @@ def test_cli_writes_json_and_plot(tmp_path):
     except ImportError:
         return
     assert (tmp_path / "train_demo_short.png").exists()
+
+
+def test_bench_train_smoke(tmp_path):
+    """benchmarks/bench_train.py runs on tiny shapes, and its two layers agree on the same weights."""
+    import importlib.util
+    from pathlib import Path
+
+    path = Path(__file__).resolve().parents[1] / "benchmarks" / "bench_train.py"
+    spec = importlib.util.spec_from_file_location("bench_train", path)
+    bench = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(bench)
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)  # tiny GEMMs: more threads only spin
+    try:
+        rc = bench.main(["--smoke", "--device", "cpu", "--no-compile", "--tokens", "48",
+                         "--warmup", "0", "--iters", "1", "--out", str(tmp_path)])
+    finally:
+        torch.set_num_threads(threads)
+    assert rc == 0
+    data = json.loads((tmp_path / "bench_train_smoke.json").read_text())
+    rows = data["rows"]
+    assert {(r["shape"], r["impl"]) for r in rows} == {
+        (f"{s}(smoke)", impl) for s in ("qwen3-30b-a3b", "gpt-oss-20b")
+        for impl in ("moeprec", "titan-style")}
+    for r in rows:
+        assert "error" not in r, r
+        assert r["rel_diff_vs_peer"] < 2e-2, r  # bf16 outputs of the same math
+        assert r["fwd_bwd_ms"] > 0 and r["tflops"] > 0
+    assert len(data["summary"]) == 2
