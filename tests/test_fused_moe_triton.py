@@ -221,3 +221,18 @@ def test_gpu_cuda_graph_decode():
     graph.replay()
     torch.cuda.synchronize()
     assert_close(out, fused_moe(x, w1, w2, tw, ti, backend="torch"))
+
+
+@pytest.mark.parametrize("fuse_quant", [True, False])
+def test_fp8_quantization_placement(fuse_quant):
+    # z quantized inside stage 2 (row amax gathered by stage 1) or by a row kernel in between
+    m = _kernel_module()
+    M, H, I, E, k = 5, 64, 48, 4, 2  # noqa: E741
+    x, w1, w2, tw, ti, kw = make_case(M, H, I, E, k, "fp8", seed=8)
+    ref = fused_moe(x, w1, w2, tw, ti, backend="torch", quant="fp8", act_dtype="fp8", **kw)
+    from moeprec.kernels.tuning import default_config, fix_config
+
+    cfg = fix_config(default_config("fp8", M, E, H, I, k), "fp8")
+    cfg["fuse_quant"] = fuse_quant
+    out = m.fused_moe_triton_impl(x, w1, w2, tw, ti, quant="fp8", act_dtype="fp8", config=cfg, **kw)
+    assert_close(out, ref, _tol("fp8"))

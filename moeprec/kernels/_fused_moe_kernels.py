@@ -208,6 +208,19 @@ def _tile_dot(a_base, a_rows_ok, a_div, k0, K, stride_ak, w_lo, w_hi,
 
 
 @triton.jit
+def _mx_dot(a, acc, b_base, bs_base, rows, row_mask, k0, K, stride_bn, stride_bk, stride_bsn,
+            stride_bsk, A_FMT: tl.constexpr, BLOCK_K: tl.constexpr):
+    """acc + a @ MXFP4 tile (rows `rows`, K block k0) with tl.dot_scaled (GPU only)."""
+    kp = k0 // 2 + tl.arange(0, BLOCK_K // 2)
+    ks = k0 // 32 + tl.arange(0, BLOCK_K // 32)
+    packed = tl.load(b_base + rows[None, :] * stride_bn + kp[:, None] * stride_bk,
+                     mask=(kp[:, None] < K // 2) & row_mask[None, :], other=0)
+    scale = tl.load(bs_base + rows[:, None] * stride_bsn + ks[None, :] * stride_bsk,
+                    mask=row_mask[:, None] & (ks[None, :] < K // 32), other=127)
+    return tl.dot_scaled(a, None, A_FMT, packed, scale, "e2m1", acc)
+
+
+@triton.jit
 def _moe_gemm_kernel(
     a_ptr, a_scale_ptr, b_ptr, bs_ptr, bias_ptr, c_ptr, c_scale_ptr,
     sorted_ids_ptr, expert_ids_ptr, topk_w_ptr,
@@ -228,6 +241,8 @@ def _moe_gemm_kernel(
     QUANT_OUT: tl.constexpr,     # stage 1: also atomic-max each z row's |amax| into c_scale
     COMPUTE_DTYPE: tl.constexpr,
     INTERP: tl.constexpr,
+    DOT_SCALED: tl.constexpr,    # MXFP4 via tl.dot_scaled (GPU); else the explicit decode below
+    A_FMT: tl.constexpr,         # dot_scaled's name of the activation format
     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, GROUP_M: tl.constexpr,
 ):
     pid = tl.program_id(0)
@@ -277,25 +292,37 @@ def _moe_gemm_kernel(
     else:
         a_sc = tl.full([BLOCK_M], 1.0, tl.float32)
     for k0 in range(0, K, BLOCK_K):
-        g_lo, g_hi, g_cs = _load_b_tile(b_base, bs_base, rows_g, n_ok, k0, K, stride_bn, stride_bk,
-                                        stride_bsn, stride_bsk, B_FMT, A_FP8, BLOCK_K, BLOCK_N,
-                                        COMPUTE_DTYPE, INTERP)
-        part = _tile_dot(a_base, row_ok, a_sc, k0, K, stride_ak, g_lo, g_hi, B_FMT, A_UPCAST,
-                         A_QUANT, BLOCK_K, INTERP)
-        if PER_ITER:
-            acc += part * g_cs[None, :]
+        if DOT_SCALED:
+            # MXFP4 through the compiler's scaled dot: pipelined loads, decode in registers
+            kk = k0 + tl.arange(0, BLOCK_K)
+            a = tl.load(a_base + kk[None, :] * stride_ak,
+                        mask=row_ok[:, None] & (kk[None, :] < K), other=0.0)
+            a = _quant_a(a, a_sc, A_QUANT, INTERP)
+            acc = _mx_dot(a, acc, b_base, bs_base, rows_g, n_ok, k0, K, stride_bn, stride_bk,
+                          stride_bsn, stride_bsk, A_FMT, BLOCK_K)
+            if STAGE1:
+                acc_u = _mx_dot(a, acc_u, b_base, bs_base, rows_u, n_ok, k0, K, stride_bn,
+                                stride_bk, stride_bsn, stride_bsk, A_FMT, BLOCK_K)
         else:
-            acc += part
-        if STAGE1:
-            u_lo, u_hi, u_cs = _load_b_tile(b_base, bs_base, rows_u, n_ok, k0, K, stride_bn,
+            g_lo, g_hi, g_cs = _load_b_tile(b_base, bs_base, rows_g, n_ok, k0, K, stride_bn,
                                             stride_bk, stride_bsn, stride_bsk, B_FMT, A_FP8,
                                             BLOCK_K, BLOCK_N, COMPUTE_DTYPE, INTERP)
-            part_u = _tile_dot(a_base, row_ok, a_sc, k0, K, stride_ak, u_lo, u_hi, B_FMT, A_UPCAST,
-                               A_QUANT, BLOCK_K, INTERP)
+            part = _tile_dot(a_base, row_ok, a_sc, k0, K, stride_ak, g_lo, g_hi, B_FMT,
+                             A_UPCAST, A_QUANT, BLOCK_K, INTERP)
             if PER_ITER:
-                acc_u += part_u * u_cs[None, :]
+                acc += part * g_cs[None, :]
             else:
-                acc_u += part_u
+                acc += part
+            if STAGE1:
+                u_lo, u_hi, u_cs = _load_b_tile(b_base, bs_base, rows_u, n_ok, k0, K, stride_bn,
+                                                stride_bk, stride_bsn, stride_bsk, B_FMT, A_FP8,
+                                                BLOCK_K, BLOCK_N, COMPUTE_DTYPE, INTERP)
+                part_u = _tile_dot(a_base, row_ok, a_sc, k0, K, stride_ak, u_lo, u_hi, B_FMT,
+                                   A_UPCAST, A_QUANT, BLOCK_K, INTERP)
+                if PER_ITER:
+                    acc_u += part_u * u_cs[None, :]
+                else:
+                    acc_u += part_u
 
     # scales that are constant over K
     if A_FP8:

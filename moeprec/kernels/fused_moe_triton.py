@@ -95,6 +95,11 @@ def _launch_gemm(*, a, a_scale, b, b_scale, bias, c, c_scale, sorted_ids, expert
                  a_quant, act, mul_weight, atomic_out, quant_out, compute_dtype, alpha,
                  limit, block_m, st):
     num_pid_m = expert_ids.numel()
+    # MXFP4 through tl.dot_scaled on the GPU for 16-bit models (the interpreter and fp32 models
+    # take the explicit decode); the config may turn it off
+    dot_scaled = (b_fmt == 1 and not _interpret() and a.dtype != torch.float32
+                  and st.get("dot_scaled", True))
+    a_fmt = "e4m3" if a_fp8 else ("fp16" if a.dtype == torch.float16 else "bf16")
     grid = (num_pid_m * triton.cdiv(N, st["BLOCK_N"]),)
     dummy = sorted_ids
     a_scale_t = a_scale if a_scale is not None else dummy
@@ -115,6 +120,7 @@ def _launch_gemm(*, a, a_scale, b, b_scale, bias, c, c_scale, sorted_ids, expert
         STAGE1=stage1, B_FMT=b_fmt, A_FP8=a_fp8, A_QUANT=a_quant, ACT=act,
         HAS_BIAS=bias is not None, MUL_WEIGHT=mul_weight, ATOMIC_OUT=atomic_out,
         QUANT_OUT=quant_out, COMPUTE_DTYPE=compute_dtype, INTERP=_interpret(),
+        DOT_SCALED=dot_scaled, A_FMT=a_fmt,
         BLOCK_M=block_m, BLOCK_N=st["BLOCK_N"], BLOCK_K=st["BLOCK_K"], GROUP_M=st["GROUP_M"],
         num_warps=st["num_warps"], num_stages=st["num_stages"],
     )
@@ -165,20 +171,26 @@ def fused_moe_triton_impl(
     s1, s2 = cfg["s1"], cfg["s2"]
     inter = (torch.full((S, I), float("nan"), dtype=out_dtype, device=dev) if _POISON_INTERMEDIATE
              else torch.empty(S, I, dtype=out_dtype, device=dev))
-    # fp8: stage 1 gathers each z row's amax here (atomic max from 0); stage 2 quantizes with it
-    inter_amax = torch.zeros(S, dtype=torch.float32, device=dev) if a_fp8 else None
+    # fp8 z, per-token scales as the reference: either stage 1 gathers each z row's amax
+    # (atomic max from 0) and stage 2 quantizes as it loads (one pass, but A is no longer a plain
+    # pipelined copy), or a row-quantize kernel runs between the stages (extra pass over z)
+    fuse_quant = a_fp8 and bool(cfg.get("fuse_quant", True))
+    inter_amax = torch.zeros(S, dtype=torch.float32, device=dev) if fuse_quant else None
     _launch_gemm(
         a=x, a_scale=x_scale, b=w1, b_scale=w1_scale, bias=bias1, c=inter, c_scale=inter_amax,
         sorted_ids=sorted_ids, expert_ids=expert_ids, topk_w=topk_w, N=I, Kdim=H, num_slots=S,
         top_k=k, gu_stride=gu_stride, up_off=up_off, stage1=True, b_fmt=b_fmt, a_fp8=a_fp8,
         a_quant=False, act=act, mul_weight=apply_router_weight_on_input, atomic_out=False,
-        quant_out=a_fp8, compute_dtype=compute_dtype, alpha=swiglu_alpha, limit=swiglu_limit,
+        quant_out=fuse_quant, compute_dtype=compute_dtype, alpha=swiglu_alpha, limit=swiglu_limit,
         block_m=bm, st=s1,
     )
+    inter_scale = inter_amax
     if act_dtype == "fp4":
         from moeprec.formats.mxfp4 import fake_quantize_mxfp4
 
         inter = fake_quantize_mxfp4(inter.float(), scale_mode="rceil").to(out_dtype)
+    elif a_fp8 and not fuse_quant:
+        inter, inter_scale = _quant_fp8_rows(inter)
 
     atomic = bool(cfg.get("atomic", True))
     if atomic:
@@ -186,10 +198,10 @@ def fused_moe_triton_impl(
     else:  # rows of masked slots are never written: start from zeros
         out32 = torch.zeros(S, H, dtype=torch.float32, device=dev)
     _launch_gemm(
-        a=inter, a_scale=inter_amax, b=w2, b_scale=w2_scale, bias=bias2, c=out32, c_scale=None,
+        a=inter, a_scale=inter_scale, b=w2, b_scale=w2_scale, bias=bias2, c=out32, c_scale=None,
         sorted_ids=sorted_ids, expert_ids=expert_ids, topk_w=topk_w, N=H, Kdim=I, num_slots=S,
         top_k=k, gu_stride=1, up_off=0, stage1=False, b_fmt=b_fmt, a_fp8=a_fp8,
-        a_quant=a_fp8, act=act,
+        a_quant=fuse_quant, act=act,
         mul_weight=not apply_router_weight_on_input, atomic_out=atomic, quant_out=False,
         compute_dtype=compute_dtype, alpha=swiglu_alpha, limit=swiglu_limit, block_m=bm, st=s2,
     )

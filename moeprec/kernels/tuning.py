@@ -5,8 +5,9 @@ with spaces and slashes turned into underscores), written by `moeprec tune`:
 
     {"<path>": {"E=128,H=2048,I=768,k=8": {"<M>": <config>, ...}, ...}, ...}
 
-A config is {"BLOCK_M": int, "atomic": bool, "s1": {...}, "s2": {...}}, each stage holding
-BLOCK_N, BLOCK_K, GROUP_M, num_warps, num_stages. BLOCK_M is shared because both stages walk the
+A config is {"BLOCK_M": int, "atomic": bool, "fuse_quant": bool, "s1": {...}, "s2": {...}},
+each stage holding BLOCK_N, BLOCK_K, GROUP_M, num_warps, num_stages (and optionally
+"dot_scaled": false to use the explicit MXFP4 decode on the GPU). BLOCK_M is shared because both stages walk the
 same block layout. Lookup takes the exact shape key and the nearest tuned M (in log scale);
 anything missing falls back to `default_config`.
 """
@@ -62,12 +63,16 @@ def default_config(path: str, M: int, E: int, H: int, I: int, top_k: int) -> dic
         bk = 128 if fp8_act else 64
         cfg = {"BLOCK_M": 128, "s1": _stage(128, bk, 8, 8, 3), "s2": _stage(128, bk, 8, 8, 4)}
     cfg["atomic"] = True
+    # fp8: quantize z inside stage 2 for small batches (saves a launch), in a separate pass for
+    # large ones (keeps stage 2's A operand a pipelined copy)
+    cfg["fuse_quant"] = per_expert <= 24
     return cfg
 
 
 def fix_config(cfg: dict[str, Any], path: str) -> dict[str, Any]:
     """Make a config legal for the kernels (any file or tuner output goes through here)."""
     cfg = {"BLOCK_M": int(cfg["BLOCK_M"]), "atomic": bool(cfg.get("atomic", True)),
+           "fuse_quant": bool(cfg.get("fuse_quant", True)),
            "s1": dict(cfg["s1"]), "s2": dict(cfg["s2"])}
     for st in ("s1", "s2"):
         s = cfg[st]
@@ -79,14 +84,6 @@ def fix_config(cfg: dict[str, Any], path: str) -> dict[str, Any]:
             s["BLOCK_K"] = max(s["BLOCK_K"], 64)
         if path in ("fp8", "w4a8"):
             s["BLOCK_K"] = max(s["BLOCK_K"], 32)
-    if path in ("fp8", "w4a8"):
-        # stage 2 reads one activation scale per 1 x BLOCK_N(stage 1) block: its K blocks must
-        # not straddle two of them
-        bn1 = cfg["s1"]["BLOCK_N"]
-        cfg["s2"]["BLOCK_K"] = min(cfg["s2"]["BLOCK_K"], bn1)
-        if path == "w4a8":
-            cfg["s1"]["BLOCK_N"] = max(bn1, 64)
-            cfg["s2"]["BLOCK_K"] = max(min(cfg["s2"]["BLOCK_K"], cfg["s1"]["BLOCK_N"]), 64)
     return cfg
 
 

@@ -1,0 +1,152 @@
+"""`moeprec tune`: search launch configurations of the fused MoE kernels on this GPU.
+
+For each (shape, path, M) it times candidate configurations (coordinate search: BLOCK_M, then
+stage 1's tile with stage 2 fixed, then stage 2's, then the fp8 quantization placement) and
+merges the fastest into `moeprec/configs/fused_moe_<device>.json` (or --out), the file
+`tuning.get_config` reads. Points are visited in the given order until --budget-s runs out;
+what was found so far is always written.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import time
+from typing import Any
+
+from moeprec.cli.bench import PATHS, SHAPES, _as_graphs, _median_ms, make_inputs, make_weights
+
+# bench path name -> kernel path name (tuning.PATHS)
+KERNEL_PATH = {"bf16": "bf16", "mxfp4-w4a16": "w4a16", "mxfp4-fp8": "w4a8", "fp8": "fp8"}
+
+
+def add_arguments(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--shapes", default=",".join(SHAPES))
+    p.add_argument("--paths", default=",".join(PATHS))
+    p.add_argument("--M", default="1,4,16,64,256,1024,4096,16384")
+    p.add_argument("--out", default=None, help="JSON to merge into (default: the packaged file)")
+    p.add_argument("--reps", type=int, default=8)
+    p.add_argument("--budget-s", type=float, default=600.0, help="stop after this many seconds")
+    p.add_argument("--log", default=None, help="append every timing (JSON lines) here")
+
+
+def _stage_candidates(bm: int) -> list[dict[str, int]]:
+    if bm <= 32:
+        shapes = [(32, 128, 4, 4), (64, 128, 4, 4), (32, 256, 4, 3), (64, 256, 4, 3), (128, 128, 4, 3)]
+        g = 1
+    elif bm == 64:
+        shapes = [(64, 64, 4, 4), (128, 64, 4, 4), (128, 64, 8, 3), (64, 128, 4, 3), (128, 128, 8, 3)]
+        g = 4
+    else:
+        shapes = [(128, 64, 8, 3), (128, 64, 8, 4), (64, 64, 4, 4), (128, 128, 8, 3), (256, 64, 8, 3)]
+        g = 8
+    return [{"BLOCK_N": n, "BLOCK_K": k, "GROUP_M": g, "num_warps": w, "num_stages": s}
+            for n, k, w, s in shapes]
+
+
+def _block_m_candidates(M: int, E: int, k: int) -> list[int]:
+    per_expert = M * k / E
+    if per_expert <= 4:
+        return [16]
+    if per_expert <= 24:
+        return [16, 32]
+    if per_expert <= 96:
+        return [32, 64]
+    return [64, 128]
+
+
+def tune_point(shape: str, path: str, M: int, weights: dict, reps: int, log) -> dict[str, Any]:
+    import torch
+
+    from moeprec.kernels.fused_moe_triton import fused_moe_triton_impl
+    from moeprec.kernels.tuning import default_config, fix_config
+
+    H, I, E, k = SHAPES[shape]  # noqa: E741
+    quant, act = PATHS[path]
+    kpath = KERNEL_PATH[path]
+    inputs = make_inputs(M, H, E, k, 2, seed=7)
+    wkw = {n: t for n, t in weights.items() if n not in ("w1", "w2")}
+    graphed = M <= 256
+
+    def timed(cfg):
+        cfg = fix_config(cfg, kpath)
+        fns = [lambda a=a: fused_moe_triton_impl(a[0], weights["w1"], weights["w2"], a[1], a[2],
+                                                 quant=quant, act_dtype=act, config=cfg, **wkw)
+               for a in inputs]
+        try:
+            ms = _median_ms(_as_graphs(fns) if graphed else fns, reps)
+        except Exception as exc:  # noqa: BLE001 (a config the compiler rejects is just slow)
+            ms = float("inf")
+            print(f"  config failed: {type(exc).__name__}: {str(exc)[:120]}", flush=True)
+        if log:
+            log.write(json.dumps({"shape": shape, "path": path, "M": M, "ms": ms, "cfg": cfg}) + "\n")
+        return ms, cfg
+
+    base = default_config(kpath, M, E, H, I, k)
+    best_ms, best = timed(base)
+    default_ms = best_ms
+    for bm in _block_m_candidates(M, E, k):
+        cands = _stage_candidates(bm)
+        cur = dict(best, BLOCK_M=bm)
+        if bm != best["BLOCK_M"]:
+            cur["s1"], cur["s2"] = cands[0], cands[0]
+        cur_ms, cur = timed(cur)
+        for st in ("s1", "s2"):
+            for c in cands:
+                ms, cfg = timed(dict(cur, **{st: c}))
+                if ms < cur_ms:
+                    cur_ms, cur = ms, cfg
+        if cur_ms < best_ms:
+            best_ms, best = cur_ms, cur
+    if act == "fp8":
+        ms, cfg = timed(dict(best, fuse_quant=not best.get("fuse_quant", True)))
+        if ms < best_ms:
+            best_ms, best = ms, cfg
+    torch.cuda.synchronize()
+    return {"config": best, "ms": best_ms, "default_ms": default_ms}
+
+
+def run(args: argparse.Namespace) -> int:
+    import torch
+
+    from moeprec.kernels.tuning import device_file_name, shape_key
+
+    device = torch.cuda.get_device_name()
+    out = args.out or os.path.join(os.path.dirname(__file__), "..", "configs", device_file_name(device))
+    table: dict[str, Any] = {}
+    if os.path.exists(out):
+        with open(out) as f:
+            table = json.load(f)
+    table["_comment"] = ("fused_moe launch configurations for " + device + ", written by "
+                         "`moeprec tune` (path -> shape -> M -> config); see moeprec/kernels/tuning.py")
+    log = open(args.log, "a") if args.log else None
+    t0 = time.time()
+    shapes = [s for s in args.shapes.split(",") if s]
+    paths = [p for p in args.paths.split(",") if p]
+    ms_list = [int(m) for m in args.M.split(",") if m]
+    done = 0
+    for shape in shapes:
+        H, I, E, k = SHAPES[shape]  # noqa: E741
+        for path in paths:
+            if time.time() - t0 > args.budget_s:
+                break
+            weights = make_weights(path, H, I, E)
+            for M in ms_list:
+                if time.time() - t0 > args.budget_s:
+                    print(f"budget spent: stopping before {shape} {path} M={M}", flush=True)
+                    break
+                r = tune_point(shape, path, M, weights, args.reps, log)
+                done += 1
+                entry = table.setdefault(KERNEL_PATH[path], {}).setdefault(shape_key(E, H, I, k), {})
+                entry[str(M)] = r["config"]
+                print(f"{shape:<14}{path:<12}M={M:<6} default {r['default_ms'] * 1e3:9.1f} us -> "
+                      f"tuned {r['ms'] * 1e3:9.1f} us  ({time.time() - t0:.0f}s)", flush=True)
+                with open(out, "w") as f:  # after every point: a cut-off run keeps its results
+                    json.dump(table, f, indent=1, sort_keys=True)
+            del weights
+            torch.cuda.empty_cache()
+    if log:
+        log.close()
+    print(f"tuned {done} points -> {out}")
+    return 0
