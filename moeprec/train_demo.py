@@ -511,12 +511,15 @@ def run_demo(
     progress: Callable[[str], None] | None = None,
     keep_states: bool = False,
     cpu_threads: int | None = 1,
+    control: bool = False,
 ) -> dict[str, Any]:
     """Train the bf16-router and fp32-router models from identical weights on identical batches.
 
     Returns the JSON-ready result (config, per-step losses, flip rates, load stats, timings,
     device, date). With keep_states, the initial and final state dicts are kept under
-    "_states" (not JSON; for tests). On CPU, torch runs with `cpu_threads` threads for the
+    "_states" (not JSON; for tests). With control, a third run repeats the bf16 one
+    ("bf16_repeat"): its distance to the first is the run-to-run noise floor (zero on CPU,
+    non-zero on GPUs whose atomics make training non-deterministic). On CPU, torch runs with `cpu_threads` threads for the
     duration (None: unchanged): the demo's GEMMs are tiny, and extra threads mostly spin-wait
     (measured: 1 thread was ~20x faster than 2 on a busy 2-core machine).
     """
@@ -526,20 +529,22 @@ def run_demo(
         check_positive_int("cpu_threads", cpu_threads)
         torch.set_num_threads(cpu_threads)
     try:
-        return _run_demo(cfg, device, progress, keep_states)
+        return _run_demo(cfg, device, progress, keep_states, control)
     finally:
         torch.set_num_threads(saved_threads)
 
 
 def _run_demo(cfg: TrainDemoConfig, device: torch.device,
-              progress: Callable[[str], None] | None, keep_states: bool) -> dict[str, Any]:
+              progress: Callable[[str], None] | None, keep_states: bool,
+              control: bool) -> dict[str, Any]:
     corpus = synthetic_corpus(cfg.corpus_chars, seed=cfg.seed)
     split = int(0.9 * len(corpus))
     train_tokens, val_tokens = encode(corpus[:split]), encode(corpus[split:])
     init_state = {k: v.clone() for k, v in build_model(cfg, None).state_dict().items()}
     runs: dict[str, dict[str, Any]] = {}
     states: dict[str, Any] = {"init": init_state}
-    for label, router_dtype in ROUTER_RUNS.items():
+    plan = dict(ROUTER_RUNS, **({"bf16_repeat": None} if control else {}))
+    for label, router_dtype in plan.items():
         if progress is not None:
             progress(f"-- run '{label}' (router_dtype={'fp32' if router_dtype else None})")
         run = train_run(cfg, router_dtype, copy.deepcopy(init_state), train_tokens, val_tokens,
@@ -569,6 +574,12 @@ def _run_demo(cfg: TrainDemoConfig, device: torch.device,
             "mean_flip_rate_fp32_run": _mean(runs["fp32"]["routing"]["flip_rate"]),
         },
     }
+    if control:
+        lr = runs["bf16_repeat"]["loss"]
+        result["comparison"]["control_mean_abs_loss_diff"] = (
+            sum(abs(a - b) for a, b in zip(lb, lr)) / len(lb))
+        result["comparison"]["control_val_loss_diff"] = (
+            runs["bf16"]["val_loss"] - runs["bf16_repeat"]["val_loss"])
     if keep_states:
         result["_states"] = states
     return result
@@ -615,14 +626,18 @@ def write_plot(result: dict[str, Any], path: str | Path) -> Path | None:
                      label=f"{label} run", lw=1)
         worst = [max(v) for v in run["routing"]["max_over_mean"]]
         axes[2].plot(run["routing"]["step"], worst, label=f"{label} run", lw=1)
-    diff = [a - b for a, b in zip(runs["bf16"]["loss"], runs["fp32"]["loss"])]
-    window = max(1, len(diff) // 20)
-    smooth = [sum(diff[max(0, i - window + 1): i + 1]) / len(diff[max(0, i - window + 1): i + 1])
-              for i in range(len(diff))]
-    axes[3].plot(diff, lw=0.6, alpha=0.4, label="per step")
-    axes[3].plot(smooth, lw=1.2, label=f"mean of {window} steps")
+    window = max(1, len(runs["bf16"]["loss"]) // 20)
+    pairs = [("fp32", "bf16 - fp32 router")]
+    if "bf16_repeat" in runs:
+        pairs.append(("bf16_repeat", "bf16 - bf16 repeated (noise)"))
+    for other, label in pairs:
+        diff = [a - b for a, b in zip(runs["bf16"]["loss"], runs[other]["loss"])]
+        smooth = [sum(diff[max(0, i - window + 1): i + 1]) / min(i + 1, window)
+                  for i in range(len(diff))]
+        line = axes[3].plot(diff, lw=0.5, alpha=0.35)[0]
+        axes[3].plot(smooth, lw=1.2, color=line.get_color(), label=f"{label}, mean of {window}")
     axes[3].axhline(0.0, color="k", lw=0.6)
-    axes[3].set(title="loss(bf16 router) - loss(fp32 router)", xlabel="step")
+    axes[3].set(title="loss difference per step", xlabel="step")
     axes[0].set(title="training loss (nats/byte)", xlabel="step")
     axes[1].set(title="routing flip rate: bf16 vs fp32 gate", xlabel="step",
                 ylabel="fraction of tokens")

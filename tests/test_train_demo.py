@@ -195,10 +195,15 @@ def test_config_errors():
 def test_cli_writes_json_and_plot(tmp_path):
     from moeprec.cli import main
 
-    rc = main(["train-demo", "--steps", "3", "--out", str(tmp_path), "--plot", "--quiet"])
+    rc = main(["train-demo", "--steps", "3", "--out", str(tmp_path), "--plot", "--quiet",
+               "--control"])
     assert rc == 0
     data = json.loads((tmp_path / "train_demo_short.json").read_text())
     assert data["config"]["steps"] == 3 and len(data["runs"]["fp32"]["loss"]) == 3
+    # on CPU a repeated run is bit-identical: the bf16/fp32 difference is the router's alone
+    assert data["runs"]["bf16_repeat"]["loss"] == data["runs"]["bf16"]["loss"]
+    assert data["comparison"]["control_mean_abs_loss_diff"] == 0.0
+    assert main(["train-demo", "--steps", "0", "--out", str(tmp_path)]) == 2
     try:
         import matplotlib  # noqa: F401
     except ImportError:

@@ -24,6 +24,8 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--threads", type=int, default=1,
                         help="CPU threads (default 1: the short config's GEMMs are tiny)")
     parser.add_argument("--plot", action="store_true", help="also write a PNG (needs matplotlib)")
+    parser.add_argument("--control", action="store_true",
+                        help="a third run repeating the bf16 one: the run-to-run noise floor")
     parser.add_argument("--quiet", action="store_true", help="no per-step progress lines")
 
 
@@ -37,13 +39,18 @@ def run(args: argparse.Namespace) -> int:
         print(f"moeprec train-demo: --device {device} asked for, but CUDA is not available",
               file=sys.stderr)
         return 2
-    cfg = get_config(args.config, steps=args.steps, seed=args.seed)
+    try:
+        cfg = get_config(args.config, steps=args.steps, seed=args.seed)
+    except (TypeError, ValueError) as exc:
+        print(f"moeprec train-demo: {exc}", file=sys.stderr)
+        return 2
     print(f"train-demo '{cfg.name}' on {device}: {cfg.n_layers} layers, dim {cfg.dim}, "
           f"{cfg.num_experts} experts top-{cfg.top_k}, {cfg.batch_size}x{cfg.seq_len} tokens/step, "
           f"{cfg.steps} steps, routers bf16 and fp32 from the same weights", flush=True)
     t0 = time.perf_counter()
     progress = None if args.quiet else (lambda line: print(line, flush=True))
-    result = run_demo(cfg, device=device, progress=progress, cpu_threads=args.threads)
+    result = run_demo(cfg, device=device, progress=progress, cpu_threads=args.threads,
+                      control=args.control)
     out = Path(args.out)
     json_path = write_json(result, out / f"train_demo_{cfg.name}.json")
     print(_summary(result))
@@ -57,15 +64,18 @@ def run(args: argparse.Namespace) -> int:
 
 
 def _summary(result: dict) -> str:
-    rows = ["", f"{'router':<8}{'first loss':>12}{'last loss':>12}{'val loss':>10}"
+    rows = ["", f"{'router':<12}{'first loss':>12}{'last loss':>12}{'val loss':>10}"
                 f"{'flip rate':>11}{'max/mean':>10}{'time s':>9}"]
     for label, r in result["runs"].items():
         routing = r["routing"]
         flips = routing["flip_rate"]
         worst = max(routing["max_over_mean"][-1])
-        rows.append(f"{label:<8}{r['loss'][0]:>12.4f}{r['loss'][-1]:>12.4f}{r['val_loss']:>10.4f}"
+        rows.append(f"{label:<12}{r['loss'][0]:>12.4f}{r['loss'][-1]:>12.4f}{r['val_loss']:>10.4f}"
                     f"{sum(flips) / len(flips):>11.4f}{worst:>10.2f}{r['time_s']:>9.1f}")
     c = result["comparison"]
+    if "control_mean_abs_loss_diff" in c:
+        rows.append(f"noise floor (bf16 run repeated): mean |loss diff| per step "
+                    f"{c['control_mean_abs_loss_diff']:.4f}")
     rows.append(f"val loss bf16 - fp32: {c['val_loss_bf16_minus_fp32']:+.4f}; mean |loss diff| "
                 f"per step: {c['mean_abs_loss_diff']:.4f}")
     rows.append("flip rate: fraction of tokens whose top-k expert set differs between a bf16 and "
