@@ -314,7 +314,8 @@ class GroupedExperts(nn.Module):
         h = grouped_mm(x, self.w1.transpose(-2, -1), offs)
         # expert of each row, from the offsets on device (no host sync); rows past the last
         # offset get expert E (out of range): they take expert E-1's bias and are zeroed at the end.
-        row_expert = torch.searchsorted(offs, torch.arange(x.shape[0], device=x.device), right=True)
+        rows = torch.arange(x.shape[0], device=x.device, dtype=torch.int32)
+        row_expert = torch.searchsorted(offs, rows, right=True)
         if self.has_bias:
             h = h + self.b1[row_expert.clamp(max=self.num_experts - 1)]
         z = gated_activation(h, self.activation, self.gate_mode, self.swiglu_alpha, self.swiglu_limit)
