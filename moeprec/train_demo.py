@@ -462,6 +462,9 @@ def train_run(
             for moe in model.moe_layers():
                 moe.update_expert_bias()
         losses.append(loss.item())
+        if step == 0:  # steady-state throughput leaves out the first step (allocator, kernels)
+            _sync(device)
+            t1 = time.perf_counter()
         if log_now:
             recs = probe.pop()
             logged["step"].append(step)
@@ -476,7 +479,13 @@ def train_run(
                          f"flip {logged['flip_rate'][-1]:.4f}  "
                          f"max/mean {max(logged['max_over_mean'][-1]):.2f}  {ms:.0f} ms/step")
     _sync(device)
-    elapsed = time.perf_counter() - t0
+    t_end = time.perf_counter()
+    elapsed = t_end - t0
+    tokens_per_step = cfg.batch_size * cfg.seq_len
+    if cfg.steps > 1:
+        steady = (cfg.steps - 1) * tokens_per_step / (t_end - t1)
+    else:
+        steady = tokens_per_step / elapsed
     probe.remove()
     val_loss = evaluate(model, val_tokens, cfg, device)
     return {
@@ -486,7 +495,7 @@ def train_run(
         "val_loss": val_loss,
         "routing": logged,
         "time_s": elapsed,
-        "tokens_per_s": cfg.steps * cfg.batch_size * cfg.seq_len / elapsed,
+        "tokens_per_s": steady,
         "final_state": {k: v.detach().cpu() for k, v in model.state_dict().items()},
     }
 
