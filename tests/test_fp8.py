@@ -161,3 +161,30 @@ def test_bad_input():
         dequantize_fp8(xq, scale.double(), block_size=32)
     with pytest.raises(TypeError, match="x_fp8"):
         dequantize_fp8(x, scale, block_size=32)
+
+
+hypothesis = pytest.importorskip("hypothesis")
+from hypothesis import given, settings  # noqa: E402
+from hypothesis import strategies as st  # noqa: E402
+from hypothesis.extra.numpy import arrays  # noqa: E402
+
+
+@settings(max_examples=60, deadline=None)
+@given(
+    arrays(np.float32, (3, 80), elements=st.floats(-(2.0**60), 2.0**60, allow_nan=False, width=32)),
+    st.sampled_from(GRANULARITIES),
+    st.sampled_from([16, 32, 128]),
+)
+def test_property_error_bound(a, granularity, block_size):
+    x = torch.from_numpy(a.copy())
+    xq, scale = q(x, granularity, block_size)
+    y = dequantize_fp8(xq, scale, block_size).double()
+    ref = torch.from_numpy(reference_scale(x, granularity, block_size))
+    if granularity == "block":
+        full = ref.repeat_interleave(block_size, -1)[:, :80]
+    else:
+        full = ref.expand(3, 80)
+    # E4M3: 3 mantissa bits (relative step 2^-3, error <= half of it), subnormal step 2^-9
+    bound = x.double().abs() * 2.0**-4 + full.double() * 2.0**-10 * 1.0001
+    assert ((y - x.double()).abs() <= bound).all()
+    assert (xq.float().abs() <= 448).all()

@@ -201,6 +201,14 @@ def _e4m3_edges():
 
 
 @interpret
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16, torch.float64])
+def test_fp8_input_dtypes_and_strides(dtype, poisoned):
+    x = (torch.randn(160, 6) * 5).to(dtype).T  # non-contiguous
+    for g in GRANULARITIES:
+        assert_same_fp8(x, g, block_size=64)
+
+
+@interpret
 def test_fp8_cast_rounding_every_e4m3_edge(poisoned):
     # per_tensor with 448 present: scale = 448 / 448 = 1, so the cast sees the values themselves
     x = _e4m3_edges()
