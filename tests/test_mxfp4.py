@@ -299,6 +299,12 @@ def test_chunked_quantize_equals_one_shot(monkeypatch):
     )
 
 
+def test_parameter_input():
+    w = torch.nn.Parameter(torch.randn(4, 64))
+    packed, scales = q(w)
+    assert not packed.requires_grad and torch.equal(packed, q(w.detach())[0])
+
+
 def test_empty_inputs():
     packed, scales = q(torch.zeros(0, 64))
     assert packed.shape == (0, 32) and scales.shape == (0, 2)

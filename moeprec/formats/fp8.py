@@ -44,6 +44,7 @@ def _check_input(x: torch.Tensor, granularity: str, block_size: int) -> None:
         raise ValueError("x: expected at least 1 dim (scales run along rows of the last dim), got a scalar")
 
 
+@torch.no_grad()  # weights are often Parameters: never build a graph through the codec
 def quantize_fp8_torch(
     x: torch.Tensor, granularity: str = "per_token", block_size: int = 128
 ) -> tuple[torch.Tensor, torch.Tensor]:

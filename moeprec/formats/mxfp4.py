@@ -118,6 +118,7 @@ def _check_last_dim(x: torch.Tensor) -> int:
     return k
 
 
+@torch.no_grad()  # weights are often Parameters: never build a graph through the codec
 def quantize_mxfp4_torch(x: torch.Tensor, scale_mode: str = "rceil") -> tuple[torch.Tensor, torch.Tensor]:
     """Pure-torch reference of quantize_mxfp4 (any device; chunked, bounded memory)."""
     check_floating("x", x)
