@@ -19,6 +19,7 @@ quantizer works within one token's row, so a NaN in one token never reaches anot
 from __future__ import annotations
 
 import importlib.util
+import inspect
 import math
 import sys
 import types
@@ -323,40 +324,23 @@ def fused_moe(
     )
 
 
-def fused_moe_torch(
-    hidden_states: torch.Tensor,
-    w1: torch.Tensor,
-    w2: torch.Tensor,
-    topk_weights: torch.Tensor,
-    topk_ids: torch.Tensor,
-    *,
-    activation: str = "silu",
-    gate_mode: str = "separated",
-    swiglu_alpha: float = SWIGLU_ALPHA,
-    swiglu_limit: float = SWIGLU_LIMIT,
-    quant: str = "none",
-    w1_scale: torch.Tensor | None = None,
-    w2_scale: torch.Tensor | None = None,
-    act_dtype: str = "auto",
-    bias1: torch.Tensor | None = None,
-    bias2: torch.Tensor | None = None,
-    expert_mask: torch.Tensor | None = None,
-    apply_router_weight_on_input: bool = False,
-    precision: Any = None,
-    check_topk_ids: bool = True,
-) -> torch.Tensor:
-    """The pure-torch reference of `fused_moe`: same arguments and math, any device.
+def fused_moe_torch(*args: Any, **kwargs: Any) -> torch.Tensor:
+    """The pure-torch reference of `fused_moe`: same arguments (no `backend`) and math, any device.
 
     Processes one expert at a time: only that expert's weights are ever dequantized (to fp32),
     so a 128-expert MXFP4 layer needs little memory beyond its packed weights.
     """
-    return fused_moe(
-        hidden_states, w1, w2, topk_weights, topk_ids, activation=activation,
-        gate_mode=gate_mode, swiglu_alpha=swiglu_alpha, swiglu_limit=swiglu_limit, quant=quant,
-        w1_scale=w1_scale, w2_scale=w2_scale, act_dtype=act_dtype, bias1=bias1, bias2=bias2,
-        expert_mask=expert_mask, apply_router_weight_on_input=apply_router_weight_on_input,
-        backend="torch", precision=precision, check_topk_ids=check_topk_ids,
-    )
+    if "backend" in kwargs:
+        raise TypeError("fused_moe_torch: unexpected argument 'backend' (it always runs 'torch')")
+    return fused_moe(*args, backend="torch", **kwargs)
+
+
+# Same signature as fused_moe minus `backend`, for help() and inspect.
+_sig = inspect.signature(fused_moe)
+fused_moe_torch.__signature__ = _sig.replace(  # type: ignore[attr-defined]
+    parameters=[p for name, p in _sig.parameters.items() if name != "backend"]
+)
+del _sig
 
 
 class _CallableModule(types.ModuleType):

@@ -441,3 +441,9 @@ def test_torch_backend_on_cuda_matches_cpu(quant):
     cuda = {k: (v.cuda() if isinstance(v, torch.Tensor) else v) for k, v in dict(wkw, **kw).items()}
     gpu = fused_moe_torch(x.cuda(), topk_weights=tw.cuda(), topk_ids=ids.cuda(), **cuda)
     assert_close_aiter(gpu.cpu(), cpu.float())
+
+
+def test_reference_has_no_backend_argument():
+    x, _, _, wkw, tw, ids, _, _ = make_case("none")
+    with pytest.raises(TypeError, match="backend"):
+        fused_moe_torch(x, topk_weights=tw, topk_ids=ids, backend="triton", **wkw)
