@@ -106,6 +106,22 @@ def test_native_grouped_mm_matches_loop_bf16_and_takes_expanded_grad():
     assert gw[1].abs().max() == 0
 
 
+@pytest.mark.parametrize("counts", [[0, 0, 0, 0], [0, 0, 1, 0], [3, 0, 13, 0]])
+def test_bf16_edge_counts_forward_backward(counts):
+    """bf16 takes the native grouped GEMM where torch has it: empty, single-row and idle experts."""
+    m = _experts("silu", "separated", bias=True, dtype=torch.bfloat16)
+    counts = torch.tensor(counts)
+    x = torch.randn(int(counts.sum()), 16, dtype=torch.bfloat16, requires_grad=True)
+    out = m(x, counts)
+    out.sum().backward()
+    w = {n: p.detach().float() for n, p in m.named_parameters()}
+    ref = grouped_experts_loop(x.detach().float(), counts, w["w1"], w["w2"], w["b1"], w["b2"])
+    torch.testing.assert_close(out.float(), ref, rtol=2e-2, atol=2e-2)
+    idle = counts == 0
+    assert m.w1.grad[idle].abs().sum() == 0 and m.b1.grad[idle].abs().sum() == 0
+    assert torch.isfinite(m.w1.grad).all()
+
+
 def test_bf16_module_close_to_fp32():
     m = _experts("silu", "separated", bias=False)
     counts = torch.tensor([3, 9, 0, 4])
