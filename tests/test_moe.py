@@ -428,3 +428,17 @@ def test_load_quantized_experts_from_gpt_oss_tensors():
             "mxfp4", loaded.w1[:, :, :-1], loaded.w1_scale, loaded.w2, loaded.w2_scale, loaded.bias1, loaded.bias2)
     with pytest.raises(RuntimeError, match="already quantized"):
         fresh.experts.load_quantized_("mxfp4", loaded.w1, loaded.w1_scale, loaded.w2, loaded.w2_scale)
+
+
+@pytest.mark.parametrize("cfg", [dict(), dict(score_before_experts=True),
+                                 dict(mlp_bias=True, activation="swiglu_oai", gate_mode="interleaved")])
+def test_same_layout_and_math_as_fused_moe(cfg):
+    """The trainable path and fused_moe (quant="none", torch backend) agree on the same weights."""
+    m = _moe(**cfg)
+    x = torch.randn(11, DIM)
+    top, sel, _ = m.router(x)
+    e = m.experts
+    want = moeprec.fused_moe.fused_moe(
+        x, e.w1, e.w2, top, sel, activation=e.activation, gate_mode=e.gate_mode, bias1=e.b1, bias2=e.b2,
+        apply_router_weight_on_input=m.args.score_before_experts, backend="torch")
+    torch.testing.assert_close(m(x), want, rtol=1e-5, atol=1e-5)
