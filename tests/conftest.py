@@ -8,6 +8,10 @@ import torch
 if not torch.cuda.is_available():
     os.environ.setdefault("TRITON_INTERPRET", "1")
 
+# The suite is thousands of tiny ops: OpenMP's thread start-up costs more than it saves on them,
+# and `make test` runs one pytest-xdist worker per core instead.
+torch.set_num_threads(1)
+
 
 def pytest_collection_modifyitems(config, items):
     if torch.cuda.is_available():
