@@ -269,12 +269,14 @@ def test_gpu_native_grouped_path_matches_loop_and_has_no_host_sync():
 def test_gpu_compile_and_empty(dtype):
     torch._dynamo.reset()
     m = GroupedExperts(128, 64, 4, device="cuda", dtype=dtype)
+    m.init_weights(0.1)
     counter = CompileCounterWithBackend("inductor")
     f = torch.compile(m, fullgraph=True, backend=counter)
     for counts in ([10, 0, 20, 2], [0, 0, 32, 0], [8, 8, 8, 8]):
         counts = torch.tensor(counts, device="cuda")
         x = torch.randn(32, 128, device="cuda", dtype=dtype)
-        torch.testing.assert_close(f(x, counts), m(x, counts), rtol=2e-2, atol=2e-2)
+        got, want = f(x, counts).float(), m(x, counts).float()
+        assert want.norm() > 0 and ((got - want).norm() / want.norm()).item() < 1e-2
     assert counter.frame_count == 1
     out = m(torch.randn(0, 128, device="cuda", dtype=dtype), torch.zeros(4, dtype=torch.int64, device="cuda"))
     assert out.shape == (0, 128)
