@@ -33,7 +33,6 @@ from moeprec.formats.mxfp4 import (
 # The E2M1 rounding below assumes the grid {0, .5, 1, 1.5, 2, 3, 4, 6}: 1 mantissa bit, binades
 # [1, 2), [2, 4), [4, 8) and a subnormal step of 0.5.
 assert E2M1_VALUES == (0.0, 0.5, 1.0, 1.5, 2.0, 3.0, 4.0, 6.0)
-_E2M1_MAX_CODE = tl.constexpr(len(E2M1_VALUES) - 1)
 _BIAS = tl.constexpr(E8M0_BIAS)
 _NAN_BYTE = tl.constexpr(E8M0_NAN)
 _MIN_EXP = tl.constexpr(MIN_EXP)
@@ -46,18 +45,17 @@ _MAX_GRID_DIM1 = 65535  # CUDA's limit on grid.y
 
 @triton.jit
 def _e2m1_code(vb):
-    """E2M1 magnitude code (0..7) of v >= 0 given as fp32 bits, round to nearest even, saturating.
+    """E2M1 magnitude code (0..7) of v in [0, 6] given as fp32 bits, round to nearest even.
 
-    The E2M1 step is s = 0.5 below 2 and half the binade above: s = 2^(max(Ev, 0) - 1). Adding
-    M = 1.5 * 2^23 * s to v rounds v to a multiple k*s in one IEEE addition (ties to even k,
-    which is the even code: k*s and the code share their last bit), and k lands in the low
-    mantissa bits of v + M. The code is then k + 2 * max(Ev, 0), capped at 7 (= 6.0).
+    The E2M1 step is s = 0.5 below 2 and half the binade above: s = 2^(j - 1), j = max(Ev, 0).
+    Adding M = (1.5 * 2^23 + 2j) * s to v rounds v to a multiple k*s in one IEEE addition (ties
+    to even k, and k has the parity of the code), and the low mantissa bits of v + M then hold
+    2j + k, which is the code (k in {0..4}; codes 2j + k with j = 0, 1, 2 cover 0..7).
     """
-    mbits = tl.maximum(vb & 0x7F800000, 0x3F800000) + ((22 << 23) | 0x400000)
+    ex = tl.maximum(vb, 0x3F800000) & 0x7F800000  # bits of 2^j
+    mbits = ex + ((22 << 23) | 0x400000) + ((ex >> 22) - 254)  # (ex >> 22) - 254 = 2j
     t = (vb.to(tl.float32, bitcast=True) + mbits.to(tl.float32, bitcast=True)).to(tl.int32, bitcast=True)
-    # (mbits >> 22) = 2 * (max(Ev, 0) + 149) + 1, and k = (t & 0x7FFFFF) - 0x400000
-    code = (t & 0x7FFFFF) + (mbits >> 22) - (0x400000 + 2 * 149 + 1)
-    return tl.minimum(code, _E2M1_MAX_CODE)
+    return t & 7
 
 
 @triton.jit
@@ -118,7 +116,7 @@ def _mxfp4_quant_kernel(
     # result that falls out of the normal range is far below 0.25 either way and rounds to 0);
     # NaN/Inf blocks and all-zero blocks shift everything to <= 0, i.e. zero codes.
     eshift = tl.where(bad | (amax == 0), 0x7FFFFFFF, e << 23)[:, :, None]
-    vb = ax - eshift
+    vb = tl.maximum(ax - eshift, 0)
     # Zeros and subnormal x get a wrong shift (no implicit bit) but, while e >= -124, a value
     # below 0.25 both ways. In a tile with a block clamped lower, take them exactly: mantissa
     # integer times the normal power 2^(-149 - e).
@@ -128,8 +126,8 @@ def _mxfp4_quant_kernel(
         pow2 = ((-22 - tl.minimum(e3, -23)) << 23).to(tl.float32, bitcast=True)
         v_sub = ((ax & 0x7FFFFF).to(tl.float32) * pow2).to(tl.int32, bitcast=True)
         vb = tl.where((ax < 0x800000) & (e3 < -124), v_sub, vb)
-    codes = _e2m1_code(tl.maximum(vb, 0)) | (sign & tl.where(bad, 0, 8)[:, :, None])
-
+    # saturate: v >= 6 takes the top code, 6.0. NaN/Inf blocks: zero codes, no signs.
+    codes = _e2m1_code(tl.minimum(vb, 0x40C00000)) | (sign & tl.where(bad, 0, 8)[:, :, None])
     lo, hi = tl.split(tl.reshape(codes, (BLOCK_R, BLOCK_K // 2, 2)))
     byte = (lo | (hi << 4)).to(tl.uint8)
     pcols = pid_k * (BLOCK_K // 2) + tl.arange(0, BLOCK_K // 2)
