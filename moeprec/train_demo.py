@@ -46,6 +46,9 @@ import torch.nn.functional as F
 from torch.func import functional_call
 
 from moeprec._validation import check_choice, check_positive_int
+from moeprec.args import MoEArgs
+from moeprec.moe import MoE
+from moeprec.routing.gate import router_gating_linear
 
 VOCAB_SIZE = 256  # bytes
 _DTYPES = {"bf16": torch.bfloat16, "fp32": torch.float32}
@@ -246,9 +249,6 @@ class Attention(nn.Module):
 class Block(nn.Module):
     def __init__(self, cfg: TrainDemoConfig, router_dtype: torch.dtype | None) -> None:
         super().__init__()
-        from moeprec.args import MoEArgs
-        from moeprec.moe import MoE
-
         self.attn_norm = RMSNorm(cfg.dim)
         self.attn = Attention(cfg.dim, cfg.n_heads)
         self.moe_norm = RMSNorm(cfg.dim)
@@ -277,8 +277,13 @@ class MoELM(nn.Module):
         self.register_buffer("rope_cos", cos, persistent=False)
         self.register_buffer("rope_sin", sin, persistent=False)
 
-    def init_weights(self, generator_seed: int) -> None:
-        torch.manual_seed(generator_seed)
+    def init_weights(self, seed: int) -> None:
+        """Seeded initialisation; the global RNG state is left as it was."""
+        with torch.random.fork_rng(devices=[]):
+            torch.manual_seed(seed)
+            self._init_weights()
+
+    def _init_weights(self) -> None:
         std = self.cfg.init_std
         nn.init.normal_(self.embed.weight, std=1.0)
         for blk in self.blocks:
@@ -347,8 +352,6 @@ def flip_rate(x: torch.Tensor, weight: torch.Tensor, top_k: int,
               expert_bias: torch.Tensor | None = None) -> tuple[float, torch.Tensor, torch.Tensor]:
     """Fraction of tokens of x [T, D] whose top-k set differs between a gate computed in x's dtype
     (bf16) and an fp32 gate, same input and weight. Returns (rate, ids_low, ids_fp32)."""
-    from moeprec.routing.gate import router_gating_linear
-
     ids_low = topk_sets(router_gating_linear(x, weight, None), top_k, expert_bias)
     ids_fp32 = topk_sets(router_gating_linear(x, weight, torch.float32), top_k, expert_bias)
     if x.shape[0] == 0:
@@ -429,7 +432,6 @@ def train_run(
     progress: Callable[[str], None] | None = None,
 ) -> dict[str, Any]:
     """Train one model from init_state; returns per-step losses, routing stats and timings."""
-    torch.manual_seed(cfg.seed)
     model = build_model(cfg, router_dtype, init_state).to(device).train()
     init_digest = state_digest(model.state_dict())
     decay = [p for p in model.parameters() if p.dim() >= 2]
