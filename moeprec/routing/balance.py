@@ -12,11 +12,12 @@ from moeprec._validation import check_floating, check_positive_int, check_tensor
 def count_tokens_per_expert(selected_experts: torch.Tensor, num_experts: int) -> torch.Tensor:
     """int64 [E]: how many of the T*k assignments went to each expert.
 
-    `bincount` in eager mode (any device, CPU included). Under torch.compile the same counts come
-    from a static-shape scatter-add, so no data-dependent output size reaches the graph.
+    `bincount` in eager mode on CPU. On accelerators and under torch.compile the same counts come
+    from a static-shape scatter-add: bincount sizes its output from the data, which costs a
+    host-device sync on CUDA and a data-dependent shape in a graph.
     """
     flat = selected_experts.reshape(-1).to(torch.int64)
-    if torch.compiler.is_compiling():
+    if flat.device.type != "cpu" or torch.compiler.is_compiling():
         counts = torch.zeros(num_experts, dtype=torch.int64, device=flat.device)
         return counts.scatter_add_(0, flat, torch.ones_like(flat))
     return torch.bincount(flat, minlength=num_experts)
