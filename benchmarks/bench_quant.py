@@ -8,6 +8,10 @@ also checked byte-for-byte against the torch reference on the same input.
 
   python benchmarks/bench_quant.py --out benchmarks/results/quant        # GPU
   python benchmarks/bench_quant.py --smoke --out /tmp/quant              # CPU, tiny, interpreter
+  python benchmarks/bench_quant.py --sweep --out benchmarks/results/quant   # + launch-parameter sweep
+
+--sweep also times alternative tile sizes / warp counts (moeprec.kernels.quantize.LAUNCH) for
+one MXFP4 mode and both FP8 cases, and reports the fastest: copy the winner into LAUNCH.
 """
 
 from __future__ import annotations
@@ -102,6 +106,40 @@ def run(shape, device: torch.device, iters: int, with_torch: bool) -> dict:
     return {"copy": {"ms": copy_ms, "gb_s": copy_gbs, "bytes": 2 * in_bytes}, "results": rows}
 
 
+# alternatives timed by --sweep (each a partial update of moeprec.kernels.quantize.LAUNCH)
+SWEEP_MX = [
+    {"mx_block_r": br, "mx_block_k": bk, "mx_warps": w}
+    for br, bk, w in ((16, 256, 4), (16, 256, 8), (8, 256, 4), (32, 256, 8), (8, 512, 8), (4, 1024, 8), (32, 128, 8))
+]
+SWEEP_FP8 = [{"fp8_tile": t, "fp8_warps": w} for t in (4096, 8192, 16384) for w in (4, 8, 16)]
+
+
+def sweep(shape, device: torch.device, iters: int) -> list[dict]:
+    """Time each launch alternative (bytes checked against the torch reference each time)."""
+    from moeprec.kernels import quantize as kq
+
+    r, k = shape
+    x = torch.randn(r, k, device=device, dtype=torch.bfloat16)
+    cases = _cases()
+    default = dict(kq.LAUNCH)
+    rows = []
+    try:
+        for name, options in (("mxfp4_rceil", SWEEP_MX), ("fp8_per_token", SWEEP_FP8), ("fp8_block", SWEEP_FP8)):
+            fn, out_bytes = cases[name]
+            moved = x.numel() * x.element_size() + out_bytes(r, k)
+            ref = fn(x, "torch")
+            for opt in options:
+                kq.LAUNCH.update(default)
+                kq.LAUNCH.update(opt)
+                ok = _same(fn(x, "triton"), ref)
+                ms = _time_ms(lambda: fn(x, "triton"), device, iters)
+                rows.append({"name": name, "launch": dict(opt), "ms": ms, "gb_s": moved / ms / 1e6, "matches_torch": ok})
+    finally:
+        kq.LAUNCH.clear()
+        kq.LAUNCH.update(default)
+    return rows
+
+
 def _device_info(device: torch.device) -> dict:
     info = {"device": str(device), "torch": torch.__version__, "python": platform.python_version()}
     try:
@@ -123,6 +161,7 @@ def main(argv=None) -> int:
     ap.add_argument("--smoke", action="store_true", help="tiny CPU run (kernels interpreted)")
     ap.add_argument("--iters", type=int, default=None, help="CPU: timed calls; GPU: ms of repetitions")
     ap.add_argument("--no-torch", action="store_true", help="skip timing the torch reference")
+    ap.add_argument("--sweep", action="store_true", help="also time alternative launch parameters")
     args = ap.parse_args(argv)
 
     if args.smoke:
@@ -132,6 +171,11 @@ def main(argv=None) -> int:
             ap.error("needs a CUDA device (use --smoke for a CPU check)")
         device, shape, iters = torch.device("cuda"), FULL_SHAPE, args.iters or 100  # rep in ms
     res = run(shape, device, iters, with_torch=not args.no_torch)
+    if args.sweep:
+        from moeprec.kernels.quantize import LAUNCH
+
+        res["launch_default"] = dict(LAUNCH)
+        res["sweep"] = sweep(shape, device, iters)
     report = {
         "benchmark": "quant",
         "shape": list(shape),
@@ -157,8 +201,18 @@ def main(argv=None) -> int:
         flag = ("match" if row["matches_torch"] else "MISMATCH") + ("" if row["meets_target"] else " <70%")
         print(f"{row['name']:<16}{row['bytes'] / 1e6:>10.2f}{t['ms']:>11.3f}{t['gb_s']:>9.0f}"
               f"{100 * t['fraction_of_copy']:>7.0f}%{torch_ms}  {flag}")
+    if args.sweep:
+        print(f"\nlaunch sweep (default {res['launch_default']}); copy {c['gb_s']:.0f} GB/s")
+        for name in dict.fromkeys(row["name"] for row in res["sweep"]):
+            rows = sorted((row for row in res["sweep"] if row["name"] == name), key=lambda row: row["ms"])
+            for i, row in enumerate(rows):
+                mark = "best" if i == 0 else ""
+                ok = "" if row["matches_torch"] else " MISMATCH"
+                print(f"  {name:<14} {str(row['launch']):<55} {row['ms']:8.3f} ms {row['gb_s']:7.0f} GB/s "
+                      f"{100 * row['gb_s'] / c['gb_s']:4.0f}% {mark}{ok}")
     print(f"wrote {path}")
-    return 0 if all(r["matches_torch"] for r in res["results"]) else 1
+    rows = res["results"] + res.get("sweep", [])
+    return 0 if all(r["matches_torch"] for r in rows) else 1
 
 
 if __name__ == "__main__":

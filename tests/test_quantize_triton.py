@@ -153,6 +153,16 @@ def test_mxfp4_every_bf16_value(poisoned):
         assert_same_mx(x, mode)
 
 
+@interpret
+@pytest.mark.parametrize("launch", [dict(mx_block_r=4, mx_block_k=64, mx_warps=2), dict(mx_block_r=1, mx_block_k=32)])
+def test_mxfp4_other_launch_parameters(launch, poisoned, monkeypatch):
+    for key, value in launch.items():
+        monkeypatch.setitem(poisoned.LAUNCH, key, value)
+    x = torch.randn(7, 160) * torch.exp2(torch.randint(-30, 30, (7, 1)).float())
+    assert_same_mx(x, "rceil")
+    assert_same_mx(special_blocks(), "floor")
+
+
 # ----------------------------------------------------------------------------- FP8
 
 
@@ -163,6 +173,15 @@ def test_fp8_shapes_random(granularity, shape, poisoned):
     x = torch.randn(shape) * torch.exp2(torch.randint(-10, 10, (*shape[:-1], 1)).float())
     assert_same_fp8(x, granularity, block_size=48)
     assert_same_fp8(x, granularity, block_size=64)
+
+
+@interpret
+def test_fp8_other_launch_parameters(poisoned, monkeypatch):
+    monkeypatch.setitem(poisoned.LAUNCH, "fp8_tile", 256)
+    monkeypatch.setitem(poisoned.LAUNCH, "fp8_warps", 2)
+    x = torch.randn(9, 300) * 3
+    for g in GRANULARITIES:
+        assert_same_fp8(x, g, block_size=64)
 
 
 @interpret
@@ -182,7 +201,7 @@ def test_fp8_specials(granularity, poisoned):
 @interpret
 @pytest.mark.parametrize("granularity", ["per_token", "block"])
 def test_fp8_two_pass_groups(granularity, poisoned, monkeypatch):
-    monkeypatch.setattr(poisoned, "_FP8_MAX_GROUP_TILE", 32)  # force the looped path
+    monkeypatch.setitem(poisoned.LAUNCH, "fp8_max_group", 32)  # force the looped path
     x = torch.randn(5, 200) * 10
     x[2, 150] = 1e4
     assert_same_fp8(x, granularity, block_size=96)

@@ -240,10 +240,17 @@ def _fp8_tensor_quant_kernel(x_ptr, out_ptr, scale_ptr, N, BLOCK: tl.constexpr, 
 
 # ----------------------------------------------------------------------------- launchers
 
-# Tile sizes: a few thousand elements per program keeps these memory-bound kernels streaming.
-_MX_BLOCK_R, _MX_BLOCK_K = 16, 256
-_FP8_TILE = 8192  # elements per program (rows x group columns)
-_FP8_MAX_GROUP_TILE = 8192  # widest group read in one pass
+# Launch parameters, in one place (benchmarks/bench_quant.py --sweep times alternatives).
+# A few thousand elements per program keep these memory-bound kernels streaming; 16 x 256 with
+# 8 warps is 16 elements and about 60 registers per thread on sm90 (half occupancy).
+LAUNCH = {
+    "mx_block_r": 16,
+    "mx_block_k": 256,
+    "mx_warps": 8,
+    "fp8_tile": 8192,  # elements per program (rows x group columns)
+    "fp8_max_group": 8192,  # widest group read in one pass; wider groups take two passes
+    "fp8_warps": 8,
+}
 
 
 def _empty(shape: tuple[int, ...], dtype: torch.dtype, device: torch.device) -> torch.Tensor:
@@ -263,14 +270,16 @@ def quantize_mxfp4_triton(x: torch.Tensor, scale_mode: str = "rceil") -> tuple[t
     r = x2.shape[0]
     packed = _empty((r, k // 2), torch.uint8, x.device)
     scales = _empty((r, k // MX_BLOCK), torch.uint8, x.device)
-    block_k = min(_MX_BLOCK_K, triton.next_power_of_2(max(k, MX_BLOCK)))
+    block_r = LAUNCH["mx_block_r"]
+    block_k = min(LAUNCH["mx_block_k"], triton.next_power_of_2(max(k, MX_BLOCK)))
     if triton.cdiv(k, block_k) > _MAX_GRID_DIM1:  # K beyond 16M: not worth a second kernel
         return quantize_mxfp4_torch(x, scale_mode)
     if r and k:
-        grid = (triton.cdiv(r, _MX_BLOCK_R), triton.cdiv(k, block_k))
+        grid = (triton.cdiv(r, block_r), triton.cdiv(k, block_k))
         _mxfp4_quant_kernel[grid](
             x2, packed, scales, r, k, x2.stride(0), packed.stride(0), scales.stride(0),
-            MODE=_SCALE_MODE_IDS[scale_mode], BLOCK_R=_MX_BLOCK_R, BLOCK_K=block_k, num_warps=4,
+            MODE=_SCALE_MODE_IDS[scale_mode], BLOCK_R=block_r, BLOCK_K=block_k,
+            num_warps=LAUNCH["mx_warps"],
         )
     lead = x.shape[:-1]
     return packed.reshape(*lead, k // 2), scales.reshape(*lead, k // MX_BLOCK)
@@ -297,8 +306,9 @@ def quantize_fp8_triton(
         scale = fp8_scale(amax).reshape(1)
         n = x2.numel()
         if n:
-            _fp8_tensor_quant_kernel[(triton.cdiv(n, _FP8_TILE),)](
-                x2, out_bytes, scale, n, BLOCK=_FP8_TILE, EXACT_CAST=exact_cast
+            tile = LAUNCH["fp8_tile"]
+            _fp8_tensor_quant_kernel[(triton.cdiv(n, tile),)](
+                x2, out_bytes, scale, n, BLOCK=tile, EXACT_CAST=exact_cast, num_warps=LAUNCH["fp8_warps"]
             )
         return out.reshape(x.shape), scale.reshape([1] * x.dim())
     group = k if granularity in ("per_token", "per_channel") else block_size
@@ -307,12 +317,12 @@ def quantize_fp8_triton(
         return quantize_fp8_torch(x, granularity, block_size)
     scale = _empty((r, ngroups), torch.float32, x.device)
     if r and k:
-        block_g = min(triton.next_power_of_2(group), _FP8_MAX_GROUP_TILE)
-        block_r = max(1, min(_FP8_TILE // block_g, triton.next_power_of_2(r)))
+        block_g = min(triton.next_power_of_2(group), LAUNCH["fp8_max_group"])
+        block_r = max(1, min(LAUNCH["fp8_tile"] // block_g, triton.next_power_of_2(r)))
         grid = (triton.cdiv(r, block_r), ngroups)
         _fp8_group_quant_kernel[grid](
             x2, out_bytes, scale, r, k, group, ngroups, x2.stride(0), out.stride(0), scale.stride(0),
             BLOCK_R=block_r, BLOCK_G=block_g, ONE_PASS=group <= block_g, EXACT_CAST=exact_cast,
-            num_warps=8 if block_g * block_r >= 4096 else 4,
+            num_warps=LAUNCH["fp8_warps"] if block_g * block_r >= 4096 else 4,
         )
     return out.reshape(x.shape), scale.reshape(*x.shape[:-1], ngroups)
