@@ -238,3 +238,17 @@ def test_bench_train_smoke(tmp_path):
         assert r["rel_diff_vs_peer"] < 2e-2, r  # bf16 outputs of the same math
         assert r["fwd_bwd_ms"] > 0 and r["tflops"] > 0
     assert len(data["summary"]) == 2
+
+
+@pytest.mark.gpu
+def test_demo_runs_on_cuda():
+    """The short configuration on the GPU: bf16 grouped GEMMs, the CUDA fp32 gate path."""
+    cfg = get_config("short", steps=40, log_every=5)
+    result = run_demo(cfg, device="cuda")
+    assert "cpu" not in result["device"]
+    for run in result["runs"].values():
+        loss = run["loss"]
+        assert all(math.isfinite(v) for v in loss)
+        assert sum(loss[-5:]) / 5 < sum(loss[:5]) / 5 - 1.0
+        assert all(0.0 <= v <= 1.0 for v in run["routing"]["flip_rate"])
+    assert result["comparison"]["same_initial_weights"]
