@@ -28,7 +28,9 @@ GRANULARITIES = ("per_token", "per_tensor", "per_channel", "block")
 
 def fp8_scale(amax: torch.Tensor) -> torch.Tensor:
     """float32 scale from a float32 amax (NaN propagates)."""
-    return amax.float().clamp(min=FP8_AMAX_FLOOR) / FP8_MAX
+    amax = amax.float().clamp(min=FP8_AMAX_FLOOR)
+    # a tensor divisor keeps IEEE division on CUDA (a Python scalar becomes a reciprocal multiply)
+    return amax / torch.full_like(amax, FP8_MAX)
 
 
 def fp8_cast(xf: torch.Tensor, scale: torch.Tensor) -> torch.Tensor:

@@ -80,7 +80,9 @@ def scale_exponent(amax: torch.Tensor, scale_mode: str = "rceil") -> torch.Tenso
     if scale_mode == "ceil":
         return _ceil_log2(amax) - 2
     if scale_mode == "rceil":
-        q = amax / E2M1_MAX  # fp32 division, subnormal results kept (may underflow to 0)
+        # IEEE fp32 division (subnormal results kept, may underflow to 0). Divide by a tensor:
+        # torch on CUDA turns division by a Python scalar into a multiply by its reciprocal.
+        q = amax / torch.full_like(amax, E2M1_MAX)
         e = _ceil_log2(q)
         return torch.where(q > 0, e, torch.full_like(e, MIN_EXP))
     # even: m in [0.5, 1) -> 4m in [2, 4); round half away to an integer in {2, 3, 4}.
