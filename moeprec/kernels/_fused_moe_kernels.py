@@ -4,10 +4,10 @@ Two kernels:
 - `_align_kernel`: one program groups the flat (token, slot) ids by expert into blocks of
   BLOCK_M rows (vLLM's moe_align_block_size layout, masked experts and out-of-range ids left out
   entirely). Small batches only: large ones take the torch sort path in the wrapper.
-- `_moe_gemm_kernel`: one grouped GEMM over those blocks. Stage 1 computes both the gate and the
-  up tile of its output columns and applies the gated activation in the epilogue (optionally
-  quantizing z to fp8 with one scale per 1 x BLOCK_N block); stage 2 multiplies by the routed
-  weight and adds its rows into the fp32 output with atomics (no [M, k, H] pass), or stores them.
+- `_moe_gemm_kernel`: one grouped GEMM over those blocks. Stage 1 multiplies by the gate and up
+  rows of its output columns as one weight tile and applies the gated activation in the epilogue
+  (optionally gathering each z row's amax for fp8); stage 2 multiplies by the routed weight and
+  adds its rows into the fp32 output with atomics (no [M, k, H] pass), or stores them.
 
 Weight formats (B_FMT): 0 = plain float (bf16/fp16/fp32), 1 = MXFP4 (packed nibbles + E8M0
 scales, decoded in registers), 2 = fp8 e4m3 with one fp32 scale per output channel.
@@ -175,10 +175,14 @@ def _quant_a(a, a_div, A_QUANT: tl.constexpr, INTERP: tl.constexpr):
 
 
 @triton.jit
-def _tile_dot(a_base, a_rows_ok, a_div, k0, K, stride_ak, w_lo, w_hi,
+def _tile_dot(acc, a_base, a_rows_ok, a_div, k0, K, stride_ak, w_lo, w_hi,
               B_FMT: tl.constexpr, A_UPCAST: tl.constexpr, A_QUANT: tl.constexpr,
               BLOCK_K: tl.constexpr, INTERP: tl.constexpr):
-    """A[:, k0:k0+BK] @ W for one K block, fp32 result. MXFP4 splits A into even/odd columns."""
+    """acc + A[:, k0:k0+BK] @ W for one K block (fp32). MXFP4 splits A into even/odd columns.
+
+    The accumulator goes into tl.dot itself: for fp8 operands a separate `acc += dot` keeps
+    the compiler from overlapping consecutive MMAs.
+    """
     if B_FMT == 1:
         HALF: tl.constexpr = BLOCK_K // 2
         kk = k0 + 2 * tl.arange(0, HALF)
@@ -188,11 +192,11 @@ def _tile_dot(a_base, a_rows_ok, a_div, k0, K, stride_ak, w_lo, w_hi,
         a_o = _quant_a(tl.load(a_base + (kk[None, :] + 1) * stride_ak, mask=m, other=0.0), a_div,
                        A_QUANT, INTERP)
         if INTERP:
-            part = tl.dot(a_e.to(tl.float32), w_lo.to(tl.float32))
-            part = tl.dot(a_o.to(tl.float32), w_hi.to(tl.float32), part)
+            acc = tl.dot(a_e.to(tl.float32), w_lo.to(tl.float32), acc)
+            acc = tl.dot(a_o.to(tl.float32), w_hi.to(tl.float32), acc)
         else:
-            part = tl.dot(a_e, w_lo)
-            part = tl.dot(a_o, w_hi, part)
+            acc = tl.dot(a_e, w_lo, acc)
+            acc = tl.dot(a_o, w_hi, acc)
     else:
         kk = k0 + tl.arange(0, BLOCK_K)
         a = tl.load(a_base + kk[None, :] * stride_ak, mask=a_rows_ok[:, None] & (kk[None, :] < K),
@@ -201,10 +205,10 @@ def _tile_dot(a_base, a_rows_ok, a_div, k0, K, stride_ak, w_lo, w_hi,
         if A_UPCAST:  # fp8 activations against plain weights: the dot runs in the weights' dtype
             a = a.to(w_lo.dtype)
         if INTERP:
-            part = tl.dot(a.to(tl.float32), w_lo.to(tl.float32))
+            acc = tl.dot(a.to(tl.float32), w_lo.to(tl.float32), acc)
         else:
-            part = tl.dot(a, w_lo)
-    return part
+            acc = tl.dot(a, w_lo, acc)
+    return acc
 
 
 @triton.jit
@@ -225,12 +229,12 @@ def _moe_gemm_kernel(
     a_ptr, a_scale_ptr, b_ptr, bs_ptr, bias_ptr, c_ptr, c_scale_ptr,
     sorted_ids_ptr, expert_ids_ptr, topk_w_ptr,
     N, K, num_slots, top_k, num_pid_m,
-    gu_stride, up_off,
     stride_am, stride_ak, stride_asm,
     stride_be, stride_bn, stride_bk, stride_bse, stride_bsn, stride_bsk,
     stride_biase, stride_cm, stride_cn, stride_csm,
     alpha, limit,
     STAGE1: tl.constexpr,        # gate/up GEMM + activation (else down GEMM + combine)
+    INTERLEAVED: tl.constexpr,   # stage 1 gate/up rows [g0, u0, g1, u1, ...] (else [g..., u...])
     B_FMT: tl.constexpr,         # 0 plain, 1 mxfp4, 2 fp8 per-channel
     A_FP8: tl.constexpr,         # the GEMM runs on fp8 activations, one scale per row
     A_QUANT: tl.constexpr,       # A holds model-dtype rows and a_scale their amax: quantize here
@@ -241,9 +245,10 @@ def _moe_gemm_kernel(
     QUANT_OUT: tl.constexpr,     # stage 1: also atomic-max each z row's |amax| into c_scale
     COMPUTE_DTYPE: tl.constexpr,
     INTERP: tl.constexpr,
-    DOT_SCALED: tl.constexpr,    # MXFP4 via tl.dot_scaled (GPU); else the explicit decode below
+    DOT_SCALED: tl.constexpr,    # MXFP4 via tl.dot_scaled (GPU); else the explicit decode
     A_FMT: tl.constexpr,         # dot_scaled's name of the activation format
     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, GROUP_M: tl.constexpr,
+    TILE_ROWS: tl.constexpr,     # weight rows per program: 2 * BLOCK_N in stage 1, else BLOCK_N
 ):
     pid = tl.program_id(0)
     num_pid_n = tl.cdiv(N, BLOCK_N)
@@ -270,20 +275,25 @@ def _moe_gemm_kernel(
         a_row = slot
     a_base = a_ptr + a_row[:, None] * stride_am
 
-    offs_n = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
-    n_ok = offs_n < N
+    # Weight rows of this program. Stage 1 takes the gate AND up rows of its BLOCK_N output
+    # columns as one tile, so each K step is a single dot (the compiler overlaps consecutive
+    # MMAs only when a loop holds one); the epilogue splits the accumulator again.
+    j = tl.arange(0, TILE_ROWS)
+    if STAGE1:
+        if INTERLEAVED:
+            col = pid_n * BLOCK_N + j // 2
+            rows = 2 * pid_n * BLOCK_N + j
+        else:
+            col = pid_n * BLOCK_N + j % BLOCK_N
+            rows = tl.where(j < BLOCK_N, col, col + N)
+    else:
+        col = pid_n * BLOCK_N + j
+        rows = col
+    rows_ok = col < N
     b_base = b_ptr + expert * stride_be
     bs_base = bs_ptr + expert * stride_bse
-    if STAGE1:
-        rows_g = offs_n * gu_stride
-        rows_u = offs_n * gu_stride + up_off
-    else:
-        rows_g = offs_n
-        rows_u = offs_n
 
-    acc = tl.zeros([BLOCK_M, BLOCK_N], dtype=tl.float32)
-    acc_u = tl.zeros([BLOCK_M, BLOCK_N], dtype=tl.float32)
-    PER_ITER: tl.constexpr = A_FP8 and B_FMT == 1
+    PER_ITER: tl.constexpr = A_FP8 and B_FMT == 1 and not DOT_SCALED
     A_UPCAST: tl.constexpr = A_FP8 and B_FMT == 0
     if A_FP8:
         a_sc = tl.load(a_scale_ptr + a_row * stride_asm, mask=row_ok, other=1.0)
@@ -291,6 +301,8 @@ def _moe_gemm_kernel(
             a_sc = tl.maximum(a_sc, 1e-12) / 448.0
     else:
         a_sc = tl.full([BLOCK_M], 1.0, tl.float32)
+
+    acc = tl.zeros([BLOCK_M, TILE_ROWS], dtype=tl.float32)
     for k0 in range(0, K, BLOCK_K):
         if DOT_SCALED:
             # MXFP4 through the compiler's scaled dot: pipelined loads, decode in registers
@@ -298,63 +310,48 @@ def _moe_gemm_kernel(
             a = tl.load(a_base + kk[None, :] * stride_ak,
                         mask=row_ok[:, None] & (kk[None, :] < K), other=0.0)
             a = _quant_a(a, a_sc, A_QUANT, INTERP)
-            acc = _mx_dot(a, acc, b_base, bs_base, rows_g, n_ok, k0, K, stride_bn, stride_bk,
+            acc = _mx_dot(a, acc, b_base, bs_base, rows, rows_ok, k0, K, stride_bn, stride_bk,
                           stride_bsn, stride_bsk, A_FMT, BLOCK_K)
-            if STAGE1:
-                acc_u = _mx_dot(a, acc_u, b_base, bs_base, rows_u, n_ok, k0, K, stride_bn,
-                                stride_bk, stride_bsn, stride_bsk, A_FMT, BLOCK_K)
         else:
-            g_lo, g_hi, g_cs = _load_b_tile(b_base, bs_base, rows_g, n_ok, k0, K, stride_bn,
+            w_lo, w_hi, w_cs = _load_b_tile(b_base, bs_base, rows, rows_ok, k0, K, stride_bn,
                                             stride_bk, stride_bsn, stride_bsk, B_FMT, A_FP8,
-                                            BLOCK_K, BLOCK_N, COMPUTE_DTYPE, INTERP)
-            part = _tile_dot(a_base, row_ok, a_sc, k0, K, stride_ak, g_lo, g_hi, B_FMT,
-                             A_UPCAST, A_QUANT, BLOCK_K, INTERP)
-            if PER_ITER:
-                acc += part * g_cs[None, :]
+                                            BLOCK_K, TILE_ROWS, COMPUTE_DTYPE, INTERP)
+            if PER_ITER:  # per-column power of two of this K block (exact fp8 MXFP4 weights)
+                part = _tile_dot(tl.zeros_like(acc), a_base, row_ok, a_sc, k0, K, stride_ak,
+                                 w_lo, w_hi, B_FMT, A_UPCAST, A_QUANT, BLOCK_K, INTERP)
+                acc += part * w_cs[None, :]
             else:
-                acc += part
-            if STAGE1:
-                u_lo, u_hi, u_cs = _load_b_tile(b_base, bs_base, rows_u, n_ok, k0, K, stride_bn,
-                                                stride_bk, stride_bsn, stride_bsk, B_FMT, A_FP8,
-                                                BLOCK_K, BLOCK_N, COMPUTE_DTYPE, INTERP)
-                part_u = _tile_dot(a_base, row_ok, a_sc, k0, K, stride_ak, u_lo, u_hi, B_FMT,
-                                   A_UPCAST, A_QUANT, BLOCK_K, INTERP)
-                if PER_ITER:
-                    acc_u += part_u * u_cs[None, :]
-                else:
-                    acc_u += part_u
+                acc = _tile_dot(acc, a_base, row_ok, a_sc, k0, K, stride_ak, w_lo, w_hi, B_FMT,
+                                A_UPCAST, A_QUANT, BLOCK_K, INTERP)
 
-    # scales that are constant over K
+    # epilogue, the same for both stages up to the split: scales, routed weight, bias
     if A_FP8:
         acc = acc * a_sc[:, None]
-        if STAGE1:
-            acc_u = acc_u * a_sc[:, None]
     if B_FMT == 2:
-        ws_g = tl.load(bs_ptr + expert * stride_bse + rows_g * stride_bsn, mask=n_ok, other=0.0)
-        acc = acc * ws_g[None, :]
-        if STAGE1:
-            ws_u = tl.load(bs_ptr + expert * stride_bse + rows_u * stride_bsn, mask=n_ok, other=0.0)
-            acc_u = acc_u * ws_u[None, :]
+        acc = acc * tl.load(bs_base + rows * stride_bsn, mask=rows_ok, other=0.0)[None, :]
     if MUL_WEIGHT:
         w = tl.load(topk_w_ptr + slot, mask=row_ok, other=0.0).to(tl.float32)
     if STAGE1:
         if MUL_WEIGHT:  # apply_router_weight_on_input: scale h before the bias
             acc = acc * w[:, None]
-            acc_u = acc_u * w[:, None]
         if HAS_BIAS:
-            acc += tl.load(bias_ptr + expert * stride_biase + rows_g, mask=n_ok, other=0.0)[None, :]
-            acc_u += tl.load(bias_ptr + expert * stride_biase + rows_u, mask=n_ok, other=0.0)[None, :]
-        if ACT == 0:
-            z = acc / (1.0 + tl.exp(-acc)) * acc_u
+            acc += tl.load(bias_ptr + expert * stride_biase + rows, mask=rows_ok, other=0.0)[None, :]
+        if INTERLEAVED:
+            g, u = tl.split(tl.reshape(acc, (BLOCK_M, BLOCK_N, 2)))
         else:
-            g = tl.minimum(acc, limit)
-            u = tl.minimum(tl.maximum(acc_u, -limit), limit)
+            g, u = tl.split(tl.permute(tl.reshape(acc, (BLOCK_M, 2, BLOCK_N)), (0, 2, 1)))
+        if ACT == 0:
+            z = g / (1.0 + tl.exp(-g)) * u
+        else:
+            g = tl.minimum(g, limit)
+            u = tl.minimum(tl.maximum(u, -limit), limit)
             z = g / (1.0 + tl.exp(-alpha * g)) * (u + 1.0)
+        offs_n = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
+        n_ok = offs_n < N
         z = tl.where(n_ok[None, :], z, 0.0)
         c_mask = row_ok[:, None] & n_ok[None, :]
-        c_ptrs = c_ptr + slot[:, None] * stride_cm + offs_n[None, :] * stride_cn
         zr = z.to(c_ptr.dtype.element_ty)
-        tl.store(c_ptrs, zr, mask=c_mask)
+        tl.store(c_ptr + slot[:, None] * stride_cm + offs_n[None, :] * stride_cn, zr, mask=c_mask)
         if QUANT_OUT:
             # per-token fp8 scale of the rounded z (the reference's): the row max over all
             # column tiles, gathered with atomics; stage 2 quantizes with it as it loads z
@@ -362,16 +359,16 @@ def _moe_gemm_kernel(
             tl.atomic_max(c_scale_ptr + slot * stride_csm, amax, mask=row_ok, sem="relaxed")
     else:
         if HAS_BIAS:
-            acc += tl.load(bias_ptr + expert * stride_biase + offs_n, mask=n_ok, other=0.0)[None, :]
+            acc += tl.load(bias_ptr + expert * stride_biase + rows, mask=rows_ok, other=0.0)[None, :]
         if MUL_WEIGHT:
             acc = acc * w[:, None]
-        c_mask = row_ok[:, None] & n_ok[None, :]
+        c_mask = row_ok[:, None] & rows_ok[None, :]
         if ATOMIC_OUT:
             tok = slot // top_k
-            tl.atomic_add(c_ptr + tok[:, None] * stride_cm + offs_n[None, :] * stride_cn, acc,
+            tl.atomic_add(c_ptr + tok[:, None] * stride_cm + col[None, :] * stride_cn, acc,
                           mask=c_mask, sem="relaxed")
         else:
-            tl.store(c_ptr + slot[:, None] * stride_cm + offs_n[None, :] * stride_cn,
+            tl.store(c_ptr + slot[:, None] * stride_cm + col[None, :] * stride_cn,
                      acc.to(c_ptr.dtype.element_ty), mask=c_mask)
 
 

@@ -91,7 +91,7 @@ def _compute_dtype(dtype: torch.dtype) -> Any:
 
 
 def _launch_gemm(*, a, a_scale, b, b_scale, bias, c, c_scale, sorted_ids, expert_ids, topk_w,
-                 N, Kdim, num_slots, top_k, gu_stride, up_off, stage1, b_fmt, a_fp8,
+                 N, Kdim, num_slots, top_k, interleaved, stage1, b_fmt, a_fp8,
                  a_quant, act, mul_weight, atomic_out, quant_out, compute_dtype, alpha,
                  limit, block_m, st):
     num_pid_m = expert_ids.numel()
@@ -112,16 +112,17 @@ def _launch_gemm(*, a, a_scale, b, b_scale, bias, c, c_scale, sorted_ids, expert
 
     K._moe_gemm_kernel[grid](
         a, a_scale_t, b, b_scale_t, bias_t, c, c_scale_t, sorted_ids, expert_ids, topk_w,
-        N, Kdim, num_slots, top_k, num_pid_m, gu_stride, up_off,
+        N, Kdim, num_slots, top_k, num_pid_m,
         a.stride(0), a.stride(1), s(a_scale, 0),
         b.stride(0), b.stride(1), b.stride(2), s(b_scale, 0), s(b_scale, 1), s(b_scale, 2),
         s(bias, 0), c.stride(0), c.stride(1), s(c_scale, 0),
         float(alpha), float(limit),
-        STAGE1=stage1, B_FMT=b_fmt, A_FP8=a_fp8, A_QUANT=a_quant, ACT=act,
+        STAGE1=stage1, INTERLEAVED=interleaved, B_FMT=b_fmt, A_FP8=a_fp8, A_QUANT=a_quant, ACT=act,
         HAS_BIAS=bias is not None, MUL_WEIGHT=mul_weight, ATOMIC_OUT=atomic_out,
         QUANT_OUT=quant_out, COMPUTE_DTYPE=compute_dtype, INTERP=_interpret(),
         DOT_SCALED=dot_scaled, A_FMT=a_fmt,
         BLOCK_M=block_m, BLOCK_N=st["BLOCK_N"], BLOCK_K=st["BLOCK_K"], GROUP_M=st["GROUP_M"],
+        TILE_ROWS=2 * st["BLOCK_N"] if stage1 else st["BLOCK_N"],
         num_warps=st["num_warps"], num_stages=st["num_stages"],
     )
 
@@ -151,7 +152,6 @@ def fused_moe_triton_impl(
     a_fp8 = act_dtype == "fp8"
     compute_dtype = _compute_dtype(out_dtype)
     act = 0 if activation == "silu" else 1
-    gu_stride, up_off = (1, I) if gate_mode == "separated" else (2, 1)
 
     sorted_ids, expert_ids = align_blocks(topk_ids, E, bm, expert_mask)
     topk_w = topk_weights.reshape(-1)
@@ -179,7 +179,7 @@ def fused_moe_triton_impl(
     _launch_gemm(
         a=x, a_scale=x_scale, b=w1, b_scale=w1_scale, bias=bias1, c=inter, c_scale=inter_amax,
         sorted_ids=sorted_ids, expert_ids=expert_ids, topk_w=topk_w, N=I, Kdim=H, num_slots=S,
-        top_k=k, gu_stride=gu_stride, up_off=up_off, stage1=True, b_fmt=b_fmt, a_fp8=a_fp8,
+        top_k=k, interleaved=gate_mode == "interleaved", stage1=True, b_fmt=b_fmt, a_fp8=a_fp8,
         a_quant=False, act=act, mul_weight=apply_router_weight_on_input, atomic_out=False,
         quant_out=fuse_quant, compute_dtype=compute_dtype, alpha=swiglu_alpha, limit=swiglu_limit,
         block_m=bm, st=s1,
@@ -200,7 +200,7 @@ def fused_moe_triton_impl(
     _launch_gemm(
         a=inter, a_scale=inter_scale, b=w2, b_scale=w2_scale, bias=bias2, c=out32, c_scale=None,
         sorted_ids=sorted_ids, expert_ids=expert_ids, topk_w=topk_w, N=H, Kdim=I, num_slots=S,
-        top_k=k, gu_stride=1, up_off=0, stage1=False, b_fmt=b_fmt, a_fp8=a_fp8,
+        top_k=k, interleaved=False, stage1=False, b_fmt=b_fmt, a_fp8=a_fp8,
         a_quant=fuse_quant, act=act,
         mul_weight=not apply_router_weight_on_input, atomic_out=atomic, quant_out=False,
         compute_dtype=compute_dtype, alpha=swiglu_alpha, limit=swiglu_limit, block_m=bm, st=s2,

@@ -84,6 +84,14 @@ def fix_config(cfg: dict[str, Any], path: str) -> dict[str, Any]:
             s["BLOCK_K"] = max(s["BLOCK_K"], 64)
         if path in ("fp8", "w4a8"):
             s["BLOCK_K"] = max(s["BLOCK_K"], 32)
+        # shared memory per pipeline stage: the A tile plus the weight tile (stage 1 loads the
+        # gate and up rows, 2 x BLOCK_N); drop stages until it fits the 227 KiB of an H100 SM
+        a_bytes = 1 if path in ("fp8", "w4a8") else 2
+        b_bytes = {"bf16": 2, "w4a16": 0.5, "w4a8": 0.5, "fp8": 1, "w8a16": 1}.get(path, 2)
+        rows = s["BLOCK_N"] * (2 if st == "s1" else 1)
+        per_stage = cfg["BLOCK_M"] * s["BLOCK_K"] * a_bytes + rows * s["BLOCK_K"] * b_bytes
+        while s["num_stages"] > 2 and s["num_stages"] * per_stage > 200 * 1024:
+            s["num_stages"] -= 1
     return cfg
 
 
