@@ -84,7 +84,8 @@ class TitanStyleMoE(nn.Module):
 
         flat = selected.reshape(-1)
         order = torch.argsort(flat, stable=True)
-        counts = torch.bincount(flat, minlength=s.experts)
+        # histc, as torchtitan: a fixed-size result, so no host sync and no graph break
+        counts = torch.histc(flat.float(), bins=s.experts, min=0, max=s.experts - 1)
         offs = torch.cumsum(counts, 0).to(torch.int32)
         xs = x[order // s.top_k]
 
