@@ -44,12 +44,17 @@ def e2m1_table(device: torch.device | str | None = None) -> torch.Tensor:
     return torch.cat([mags, -mags])
 
 
+def pow2_f64(k: torch.Tensor) -> torch.Tensor:
+    """2^k as float64, built from its bits (exact on every device; exp2 need not be), |k| <= 1022."""
+    return ((k.to(torch.int64) + 1023) << 52).view(torch.float64)
+
+
 def e8m0_table(device: torch.device | str | None = None) -> torch.Tensor:
     """fp32 [256]: the value 2^(b-127) of each E8M0 byte b, NaN for 0xFF (2^-127 is subnormal)."""
-    b = torch.arange(256, dtype=torch.float64, device=device)
-    vals = torch.exp2(b - E8M0_BIAS)
+    b = torch.arange(256, dtype=torch.int64, device=device)
+    vals = pow2_f64(b - E8M0_BIAS).float()  # exact: every 2^(b-127) is an fp32 value
     vals[E8M0_NAN] = float("nan")
-    return vals.float()
+    return vals
 
 
 def _ceil_log2(t: torch.Tensor) -> torch.Tensor:
@@ -102,7 +107,7 @@ def _quantize_blocks(xb: torch.Tensor, scale_mode: str) -> tuple[torch.Tensor, t
     scale_bytes = torch.where(bad, torch.full_like(e, E8M0_NAN), e + E8M0_BIAS).to(torch.uint8)
 
     # |x| / 2^e is exact in float64 for every fp32 x and e in [-127, 127].
-    v = xb.abs().double() * torch.exp2(-e.double()).unsqueeze(1)
+    v = xb.abs().double() * pow2_f64(-e).unsqueeze(1)
     idx = torch.zeros(xb.shape, dtype=torch.uint8, device=xb.device)
     for mid, inclusive in E2M1_MIDPOINTS:
         idx += (v >= mid) if inclusive else (v > mid)  # saturation: idx stops at 7
