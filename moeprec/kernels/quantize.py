@@ -66,11 +66,11 @@ def _scale_exponent_bits(amax, MODE: tl.constexpr):
     if MODE == 0:  # floor: floor(log2 a) - 2
         e = f - 127 - 2
     elif MODE == 1:  # rceil: ceil(log2(fp32(a / 6)))
-        # a = 1.m * 2^E: a / 6 rounds above 2^(E-2) exactly when m > 1.5 (its excess is at least
-        # 2/3 of a half step), so e = E - 2 + (m > 1.5) ...
+        # a = 1.m * 2^E: a / 6 rounds above 2^(E-2) exactly when m > 1.5 (one mantissa step
+        # above 1.5 puts a / 6 4/3 of a half step above 2^(E-2)), so e = E - 2 + (m > 1.5) ...
         e = f - 127 - 2 + (mant > 0x400000).to(tl.int32)
-        # ... except where 2^(E-2) = 2^-127 is subnormal: its grid is twice as coarse, and
-        # m = 1.5 + 2^-23 then rounds down to 2^-127.
+        # ... except where 2^(E-2) = 2^-127 is subnormal: its grid is twice as coarse, the same
+        # excess is 2/3 of a half step, and m = 1.5 + 2^-23 rounds down to 2^-127.
         e = tl.where((f == 2) & (mant == 0x400001), f - 129, e)
     elif MODE == 2:  # ceil: ceil(log2 a) - 2
         e = f - 127 - 2 + (mant != 0).to(tl.int32)
