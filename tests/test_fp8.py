@@ -132,6 +132,21 @@ def test_empty_and_one_row():
         xq, scale = q(torch.randn(1, 64), g)
         assert xq.shape == (1, 64)
     assert q(torch.randn(64), "per_token")[1].shape == (1,)
+    for g, want in (("per_token", (3, 1)), ("per_channel", (3, 1)), ("block", (3, 0)), ("per_tensor", (1, 1))):
+        xq, scale = q(torch.zeros(3, 0), g)
+        assert xq.shape == (3, 0) and scale.shape == want, g
+
+
+def test_chunked_rows_equal_one_shot(monkeypatch):
+    from moeprec.formats import fp8
+
+    x = torch.randn(2, 37, 100) * torch.exp2(torch.randint(-8, 8, (2, 37, 1)).float())
+    whole = {g: q(x, g, 32) for g in GRANULARITIES}
+    monkeypatch.setattr(fp8, "_CHUNK_ELEMS", 300)  # 3 rows per chunk, uneven tail
+    for g in GRANULARITIES:
+        a, sa = whole[g]
+        b, sb = q(x, g, 32)
+        assert torch.equal(a.view(torch.uint8), b.view(torch.uint8)) and torch.equal(sa, sb), g
 
 
 def test_bad_input():

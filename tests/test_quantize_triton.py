@@ -111,7 +111,7 @@ def test_mxfp4_scale_rule_in_every_binade(mode, poisoned):
 @interpret
 @pytest.mark.parametrize("mode", SCALE_MODES)
 @pytest.mark.parametrize(
-    "shape", [(1, 32), (17, 96), (2, 3, 288), (0, 64), (5, 512 + 64)], ids=lambda s: "x".join(map(str, s))
+    "shape", [(1, 32), (17, 96), (2, 3, 288), (0, 64), (3, 0), (5, 512 + 64)], ids=lambda s: "x".join(map(str, s))
 )
 def test_mxfp4_shapes_random(mode, shape, poisoned):
     x = torch.randn(shape) * torch.exp2(torch.randint(-40, 40, (*shape[:-1], 1)).float())

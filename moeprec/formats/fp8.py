@@ -14,6 +14,8 @@ overflow behaviour on the cast differs by version and device, so it is never rel
 
 from __future__ import annotations
 
+import math
+
 import torch
 
 from moeprec._validation import check_choice, check_floating, check_positive_int, check_tensor
@@ -46,33 +48,55 @@ def _check_input(x: torch.Tensor, granularity: str, block_size: int) -> None:
         raise ValueError("x: expected at least 1 dim (scales run along rows of the last dim), got a scalar")
 
 
+# Elements per chunk of rows: bounds the fp32 temporaries whatever the input size.
+_CHUNK_ELEMS = 1 << 22
+
+
+def _row_scales(xf: torch.Tensor, group: int) -> torch.Tensor:
+    """fp32 [R, ceil(K / group)] scales of xf [R, K], one per row segment of `group` columns."""
+    r, k = xf.shape
+    nb = -(-k // group)
+    if nb == 0:
+        return xf.new_zeros((r, 0))
+    # pad with zeros up to whole segments; zeros never raise an amax
+    padded = torch.nn.functional.pad(xf, (0, nb * group - k)).reshape(r, nb, group)
+    return fp8_scale(padded.abs().amax(dim=-1))
+
+
 @torch.no_grad()  # weights are often Parameters: never build a graph through the codec
 def quantize_fp8_torch(
     x: torch.Tensor, granularity: str = "per_token", block_size: int = 128
 ) -> tuple[torch.Tensor, torch.Tensor]:
-    """Pure-torch reference of quantize_fp8 (any device)."""
+    """Pure-torch reference of quantize_fp8 (any device; chunked over rows, bounded memory)."""
     _check_input(x, granularity, block_size)
-    xf = x.float()
-    if granularity == "per_tensor":
-        amax = xf.abs().amax() if xf.numel() else xf.new_zeros(())
-        scale = fp8_scale(amax).reshape([1] * x.dim())
-        return fp8_cast(xf, scale), scale
-    if granularity in ("per_token", "per_channel"):
-        if x.shape[-1] == 0:
-            scale = fp8_scale(xf.new_zeros((*x.shape[:-1], 1)))
-        else:
-            scale = fp8_scale(xf.abs().amax(dim=-1, keepdim=True))
-        return fp8_cast(xf, scale), scale
-    # block: pad the last dim with zeros up to whole blocks; zeros never raise an amax.
     k = x.shape[-1]
-    nb = -(-k // block_size)
-    padded = torch.nn.functional.pad(xf, (0, nb * block_size - k)).reshape(*x.shape[:-1], nb, block_size)
-    if nb == 0:
-        scale = xf.new_zeros((*x.shape[:-1], 0))
-    else:
-        scale = fp8_scale(padded.abs().amax(dim=-1))
-    q = fp8_cast(padded, scale.unsqueeze(-1)).reshape(*x.shape[:-1], nb * block_size)[..., :k]
-    return q.contiguous(), scale
+    x2 = x.reshape(math.prod(x.shape[:-1]), k)
+    r = x2.shape[0]
+    out = torch.empty((r, k), dtype=FP8_DTYPE, device=x.device)
+    step = max(1, _CHUNK_ELEMS // max(k, 1))
+    if granularity == "per_tensor":
+        if x2.numel():
+            lo, hi = x2.aminmax()  # no |x| temporary; NaN propagates
+            amax = torch.maximum(-lo.float(), hi.float())
+        else:
+            amax = torch.zeros((), device=x.device)
+        scale = fp8_scale(amax)
+        for start in range(0, r, step):
+            out[start : start + step] = fp8_cast(x2[start : start + step].float(), scale)
+        return out.reshape(x.shape), scale.reshape([1] * x.dim())
+    block = granularity == "block"
+    nb = -(-k // block_size) if block else 1
+    scales = torch.empty((r, nb), dtype=torch.float32, device=x.device)
+    for start in range(0, r, step):
+        xf = x2[start : start + step].float()
+        if block:
+            s = _row_scales(xf, block_size)
+            full = s.repeat_interleave(block_size, dim=-1)[:, :k]
+        else:  # one scale per row (an empty row gets the floor scale)
+            s = full = fp8_scale(xf.abs().amax(dim=-1, keepdim=True) if k else xf.new_zeros((xf.shape[0], 1)))
+        scales[start : start + step] = s
+        out[start : start + step] = fp8_cast(xf, full)
+    return out.reshape(x.shape), scales.reshape(*x.shape[:-1], nb)
 
 
 def quantize_fp8(

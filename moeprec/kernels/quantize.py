@@ -13,6 +13,8 @@ per element at H100 bandwidth), which is why the E2M1 rounding is not a chain of
 
 from __future__ import annotations
 
+import math
+
 import torch
 import triton
 import triton.language as tl
@@ -260,7 +262,7 @@ def _empty(shape: tuple[int, ...], dtype: torch.dtype, device: torch.device) -> 
 
 def _rows(x: torch.Tensor) -> torch.Tensor:
     """x as a contiguous [R, K] matrix (a view when x is contiguous)."""
-    return x.contiguous().reshape(-1, x.shape[-1])
+    return x.contiguous().reshape(math.prod(x.shape[:-1]), x.shape[-1])
 
 
 def quantize_mxfp4_triton(x: torch.Tensor, scale_mode: str = "rceil") -> tuple[torch.Tensor, torch.Tensor]:
