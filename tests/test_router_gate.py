@@ -364,3 +364,38 @@ def test_gpu_compiled_fast_path_matches_eager():
     g = torch.randn_like(y)
     for a, c in zip(torch.autograd.grad(y, [x, w], g), torch.autograd.grad(yc, [x, w], g)):
         torch.testing.assert_close(c, a, rtol=1e-2, atol=1e-3)
+
+
+# ------------------------------------------------------------------- direct Function calls
+
+
+@pytest.mark.parametrize(
+    "args, exc, words",
+    [
+        ((torch.randn(3, D), torch.randn(E, D + 1), None, torch.float32), ValueError, ["x", str(D + 1)]),
+        ((torch.ones(3, D, dtype=torch.int64), torch.randn(E, D), None, torch.float32), TypeError, ["x", "int64"]),
+        ((torch.randn(3, D), torch.randn(E, D), torch.randn(E + 1), torch.float32), ValueError, ["bias", str(E + 1)]),
+        ((torch.randn(3, D), torch.randn(E, D), None, torch.bfloat16), ValueError, ["router_dtype", "bfloat16"]),
+        ((torch.randn(3, D), torch.randn(E, D), None, None), ValueError, ["router_dtype", "None"]),
+        ((torch.randn(3, D), torch.randn(E, D, device="meta"), None, torch.float32), ValueError, ["weight", "meta"]),
+    ],
+)
+def test_function_apply_checks_its_arguments(args, exc, words):
+    # SPEC 6: the autograd Function is a public entry point too (it used to fail deep in
+    # F.linear with a RuntimeError, or silently run in the input dtype for router_dtype=None).
+    with pytest.raises(exc) as info:
+        RouterGatingLinearFunction.apply(*args)
+    for word in words:
+        assert word in str(info.value)
+
+
+def test_function_apply_takes_the_spellings_parse_router_dtype_takes():
+    x, w = torch.randn(2, 3, D, dtype=torch.bfloat16), torch.randn(E, D, dtype=torch.bfloat16)
+    y = RouterGatingLinearFunction.apply(x, w, None, "fp32")
+    assert y.dtype == torch.float32
+    torch.testing.assert_close(y, x.float() @ w.float().T, rtol=0, atol=0)
+
+
+def test_router_gating_linear_rejects_operands_on_other_devices():
+    with pytest.raises(ValueError, match="bias"):
+        router_gating_linear(torch.randn(3, D), torch.randn(E, D), None, bias=torch.randn(E, device="meta"))

@@ -111,7 +111,9 @@ class RouterGatingLinearFunction(torch.autograd.Function):
 
     @staticmethod
     def forward(ctx, x, weight, bias, router_dtype):
-        rd = router_dtype
+        # A public entry point (SPEC 6): checked here too, not only in router_gating_linear.
+        _check_gate_args(x, weight, bias)
+        rd = _function_router_dtype(router_dtype)
         plan = _plan(x, weight, rd)
         ctx.plan = plan
         ctx.router_dtype = rd
@@ -180,10 +182,22 @@ def _fast_backward(g, x, weight, need_x, need_w):
     return grad_x, grad_w
 
 
+def _function_router_dtype(router_dtype: Any) -> torch.dtype:
+    """The Function's GEMM dtype: fp32/fp64 (None, plain F.linear, is router_gating_linear's)."""
+    rd = parse_router_dtype(router_dtype)
+    if rd is None:
+        raise ValueError(
+            "router_dtype: expected torch.float32 or torch.float64 ('fp32'/'fp64') for "
+            "RouterGatingLinearFunction, got None (for the model dtype call "
+            "router_gating_linear(x, weight, None, bias): plain F.linear)"
+        )
+    return rd
+
+
 def _check_gate_args(x: Any, weight: Any, bias: Any) -> None:
     check_floating("x", x)
     check_floating("weight", weight)
-    check_tensor("weight", weight, ndim=2)
+    check_tensor("weight", weight, ndim=2, device=x.device)
     if x.dim() < 1:
         raise ValueError(f"x: expected a tensor of shape [..., {weight.shape[1]}], got a 0-D tensor")
     if x.shape[-1] != weight.shape[1]:
@@ -193,7 +207,7 @@ def _check_gate_args(x: Any, weight: Any, bias: Any) -> None:
         )
     if bias is not None:
         check_floating("bias", bias)
-        check_tensor("bias", bias, shape=(weight.shape[0],))
+        check_tensor("bias", bias, shape=(weight.shape[0],), device=x.device)
 
 
 def router_gating_linear(
