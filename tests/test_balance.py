@@ -90,3 +90,29 @@ def test_router_z_loss_hand_case():
 def test_router_z_loss_bad_input():
     with pytest.raises(TypeError, match="logits"):
         router_z_loss(torch.ones(2, 3, dtype=torch.int64))
+
+
+@pytest.mark.parametrize("bad", [-1, 4, 7])
+def test_switch_aux_loss_rejects_expert_ids_out_of_range(bad):
+    # SPEC 6: ids outside [0, E) used to fail inside bincount/broadcasting (RuntimeError) on CPU
+    # and would index out of bounds in the device scatter-add.
+    selected = torch.tensor([[0, 1], [2, bad]])
+    with pytest.raises(ValueError, match="selected_experts") as info:
+        switch_aux_loss(torch.rand(2, 4), selected, 4, 2)
+    assert str(bad) in str(info.value)
+
+
+def test_switch_aux_loss_rejects_float_expert_ids():
+    with pytest.raises(TypeError, match="selected_experts"):
+        switch_aux_loss(torch.rand(2, 4), torch.zeros(2, 2), 4, 2)
+
+
+def test_switch_aux_loss_bf16_scores_computed_in_fp32():
+    # f_i = 257 / 514 is not representable after counting in bf16 (257 -> 256)
+    t = 257
+    scores = torch.rand(t, 4).softmax(-1)
+    selected = torch.tensor([[0, 1]] * t)
+    want = switch_aux_loss(scores.bfloat16().float(), selected, 4, 2)
+    got = switch_aux_loss(scores.bfloat16(), selected, 4, 2)
+    assert got.dtype == torch.float32
+    torch.testing.assert_close(got, want, rtol=1e-6, atol=0)

@@ -8,6 +8,8 @@ import torch
 
 from moeprec._validation import check_floating, check_positive_int, check_tensor
 
+_INDEX_DTYPES = (torch.int8, torch.int16, torch.int32, torch.int64, torch.uint8)
+
 
 def count_tokens_per_expert(selected_experts: torch.Tensor, num_experts: int) -> torch.Tensor:
     """int64 [E]: how many of the T*k assignments went to each expert.
@@ -49,6 +51,8 @@ def switch_aux_loss(
     """E * sum_i f_i * P_i: f_i = share of the T*k assignments to expert i, P_i = mean score of i.
 
     Minimal (= 1 for softmax scores) when both are uniform; gradients flow through P only.
+    Computed in at least fp32 (counts above 256 are not exact in bf16). Ids outside [0, E) raise
+    on CPU; on accelerators and under torch.compile (no host sync) they count for no expert.
     """
     check_positive_int("num_experts", num_experts)
     check_positive_int("top_k", top_k)
@@ -58,12 +62,24 @@ def switch_aux_loss(
         raise ValueError(
             f"scores: expected shape [T, {num_experts}] (num_experts), got {tuple(scores.shape)}"
         )
-    check_tensor("selected_experts", selected_experts, shape=(scores.shape[0], top_k))
+    check_tensor("selected_experts", selected_experts, shape=(scores.shape[0], top_k),
+                 dtypes=_INDEX_DTYPES, device=scores.device)
+    acc = torch.promote_types(scores.dtype, torch.float32)
     if scores.shape[0] == 0:
-        return scores.new_zeros(())
-    counts = count_tokens_per_expert(selected_experts, num_experts)
-    f = counts.to(scores.dtype) / (scores.shape[0] * top_k)
-    p = scores.mean(dim=0)
+        return scores.new_zeros((), dtype=acc)
+    ids = selected_experts.reshape(-1).to(torch.int64)
+    valid = (ids >= 0) & (ids < num_experts)
+    if ids.device.type == "cpu" and not torch.compiler.is_compiling():
+        if not bool(valid.all()):
+            raise ValueError(
+                f"selected_experts: expected expert ids in [0, {num_experts}), "
+                f"got {int(ids[~valid][0])}"
+            )
+    # Static-shape count that never indexes past [E): invalid ids add 0 at a clamped slot.
+    counts = torch.zeros(num_experts, dtype=torch.int64, device=ids.device)
+    counts.scatter_add_(0, ids.clamp(0, num_experts - 1), valid.to(torch.int64))
+    f = counts.to(acc) / (scores.shape[0] * top_k)
+    p = scores.to(acc).mean(dim=0)
     return num_experts * (f * p).sum()
 
 
