@@ -10,7 +10,8 @@ Resolution order (first that applies wins):
 1. an explicit `act_dtype` argument of `fused_moe` (not "auto");
 2. force-bf16: env `MOEPREC_FORCE_BF16_ACT` truthy, or `PrecisionConfig.force_bf16_act`
    (every quantized path, mxfp4 and fp8; with quant "none" the answer is bf16 anyway);
-3. `PrecisionConfig.act_dtype` when not "auto";
+3. `PrecisionConfig.act_dtype` when not "auto", on quantized paths (mxfp4, fp8) only: the config
+   is the policy of quantized experts, so unquantized weights (quant "none") keep bf16;
 4. per quant: "none" -> bf16, "fp8" -> fp8, "mxfp4" -> bf16 below the bound, else the device's
    fast path. The bound is env `MOEPREC_BF16_FP8_BOUND` if set, else
    `PrecisionConfig.bf16_fp8_bound` if set, else the per-device default.
@@ -166,11 +167,14 @@ def resolve_act_dtype(
     if env_force or cfg_force:
         return "bf16"
 
-    # (3) a configured act dtype, then the per-quant rules
-    if cfg_act != "auto":
-        return cfg_act
+    # (3) the per-quant rules, with a configured act dtype for quantized experts. SPEC 1.2's order
+    # does not list PrecisionConfig.act_dtype: it sits below force-bf16 (the env flag is the
+    # deployment's kill switch) and applies to quantized weights only (SPEC 4: the config "sets
+    # the act-dtype policy used once the experts are quantized").
     if quant == "none":
         return "bf16"
+    if cfg_act != "auto":
+        return cfg_act
     if quant == "fp8":
         return "fp8"
 

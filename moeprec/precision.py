@@ -42,7 +42,8 @@ class PrecisionConfig:
     """Router dtype (training stability) and activation-dtype policy (quantized inference).
 
     moe_router_dtype: None (router GEMM in the model dtype), "fp32" or "fp64" (or torch dtypes).
-    act_dtype: "auto" (the policy of `select_act_dtype`) or a fixed "bf16" | "fp8" | "fp4".
+    act_dtype: "auto" (the policy of `select_act_dtype`) or a fixed "bf16" | "fp8" | "fp4" for
+        quantized experts (unquantized ones stay bf16); below force-bf16, above the bound.
     bf16_fp8_bound: token count below which quantized paths keep bf16 activations (None: device
         default; env MOEPREC_BF16_FP8_BOUND still overrides it).
     force_bf16_act: bf16 activations for every token count on every quantized path.

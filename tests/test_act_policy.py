@@ -140,7 +140,12 @@ def test_explicit_act_dtype_wins_over_everything(monkeypatch):
 def test_config_act_dtype_below_force_above_policy(monkeypatch):
     cfg = SimpleNamespace(act_dtype="fp4", bf16_fp8_bound=None, force_bf16_act=False)
     assert resolve_act_dtype(1, quant="mxfp4", precision=cfg) == "fp4"
-    assert resolve_act_dtype(1, quant="none", precision=cfg) == "fp4"
+    assert resolve_act_dtype(10**6, quant="fp8", precision=cfg) == "fp4"
+    # The config's act dtype is the policy of QUANTIZED experts (SPEC 4: "the act-dtype policy
+    # used once the experts are quantized"); unquantized weights keep SPEC 1.2's quant="none"
+    # -> "bf16" (only an explicit act_dtype argument quantizes their activations).
+    assert resolve_act_dtype(1, quant="none", precision=cfg) == "bf16"
+    assert resolve_act_dtype(1, quant="none", act_dtype="fp4", precision=cfg) == "fp4"
     monkeypatch.setenv(ENV_FORCE_BF16, "yes")
     assert resolve_act_dtype(1, quant="mxfp4", precision=cfg) == "bf16"
 
