@@ -7,9 +7,14 @@ that prints its own part. A later feature adds its part by appending a function 
 from __future__ import annotations
 
 import argparse
+import contextlib
+import copy
+import dataclasses
+import os
 import statistics
+import sys
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -23,6 +28,7 @@ class DemoContext:
     device: torch.device
     seed: int
     results: dict[str, Any] = field(default_factory=dict)
+    t0: float = field(default_factory=time.perf_counter)
 
     def generator(self) -> torch.Generator:
         return torch.Generator(device="cpu").manual_seed(self.seed)
@@ -32,6 +38,10 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--device", default="auto", help="cpu, cuda, cuda:N or auto (GPU when present)")
     parser.add_argument("--tokens", type=int, default=4096, help="tokens to route (default 4096)")
     parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument("--layer", choices=sorted(LAYERS), default="qwen3-30b-a3b",
+                        help="routing of the MoE layer section (default qwen3-30b-a3b)")
+    parser.add_argument("--quick", action="store_true",
+                        help="tiny layer dims and token counts (smoke runs, tests)")
 
 
 def _timed(fn: Callable[[], Any], device: torch.device, repeats: int = 3) -> tuple[Any, float]:
@@ -102,8 +112,389 @@ def router_precision(args: argparse.Namespace, ctx: DemoContext) -> None:
     print()
 
 
+# ------------------------------------------------------------------------- MoE layer end to end
+
+
+@dataclass(frozen=True)
+class LayerPreset:
+    """An HF-style config of a real model, with the dims shrunk so that the CPU demo is quick."""
+
+    title: str
+    hf_config: dict[str, Any]
+    scale: str  # how the dims relate to the real model's, for the heading
+    quick_dims: tuple[int, int]  # (hidden_size, expert intermediate size) under --quick
+
+
+# Routing (experts, top-k, score function, aux loss) is the real model's; only the widths are
+# cut, to multiples of 32 so the experts can be quantized to MXFP4.
+LAYERS: dict[str, LayerPreset] = {
+    "qwen3-30b-a3b": LayerPreset(
+        "Qwen3-30B-A3B-like",
+        dict(model_type="qwen3_moe", hidden_size=256, moe_intermediate_size=96, num_experts=128,
+             num_experts_per_tok=8, norm_topk_prob=True, router_aux_loss_coef=0.001,
+             output_router_logits=True),
+        "1/8 of 2048 / 768",
+        (64, 32),
+    ),
+    "gpt-oss-20b": LayerPreset(
+        "gpt-oss-20b-like",
+        dict(model_type="gpt_oss", hidden_size=288, intermediate_size=288, num_local_experts=32,
+             num_experts_per_tok=4, router_aux_loss_coef=0.9, output_router_logits=True,
+             swiglu_limit=7.0),
+        "1/10 of 2880 / 2880",
+        (64, 64),
+    ),
+}
+
+_ACTS = ("bf16", "fp8", "fp4")
+
+
+def _progress(ctx: DemoContext, msg: str) -> None:
+    """A progress line on stderr (the tables go to stdout)."""
+    print(f"[demo {time.perf_counter() - ctx.t0:5.1f}s] {msg}", file=sys.stderr, flush=True)
+
+
+@contextlib.contextmanager
+def _env(values: dict[str, str | None]) -> Iterator[None]:
+    """Set (or unset, for None) env vars for the duration of a block, then restore them."""
+    saved = {k: os.environ.get(k) for k in values}
+    try:
+        for k, v in values.items():
+            if v is None:
+                os.environ.pop(k, None)
+            else:
+                os.environ[k] = v
+        yield
+    finally:
+        for k, v in saved.items():
+            if v is None:
+                os.environ.pop(k, None)
+            else:
+                os.environ[k] = v
+
+
+@contextlib.contextmanager
+def _one_cpu_thread(device: torch.device) -> Iterator[None]:
+    """Run a block on one CPU thread (no-op on GPU), then restore the thread count.
+
+    The CPU reference of a 128-expert layer is thousands of small ops: OpenMP's fork/join costs
+    more than it saves on them, and on a busy machine 2 threads ran the layer section 4x slower
+    than 1 (measured).
+    """
+    if device.type != "cpu":
+        yield
+        return
+    saved = torch.get_num_threads()
+    torch.set_num_threads(1)
+    try:
+        yield
+    finally:
+        torch.set_num_threads(saved)
+
+
+def _rel_l2(out: torch.Tensor, ref: torch.Tensor) -> float:
+    from moeprec.cli.report import error_metrics  # the same metric as `moeprec report`
+
+    return error_metrics(out, ref)["rel_l2"]
+
+
+def _same_sets(a: torch.Tensor, b: torch.Tensor) -> float:
+    """Fraction of tokens whose top-k expert SETS agree."""
+    return (a.sort(dim=-1).values == b.sort(dim=-1).values).all(dim=-1).float().mean().item()
+
+
+def _build_layers(args: argparse.Namespace, ctx: DemoContext):
+    """(preset, MoEArgs, dims, fp32 reference MoE, bf16 MoE): same weights, bf16-representable."""
+    from moeprec import MoE, MoEArgs, PrecisionConfig
+    from moeprec.args import hf_moe_dims
+
+    preset = LAYERS[args.layer]
+    cfg = dict(preset.hf_config)
+    if args.quick:
+        dim, hidden = preset.quick_dims
+        cfg["hidden_size"] = dim
+        cfg["moe_intermediate_size" if "moe_intermediate_size" in cfg else "intermediate_size"] = hidden
+    moe_args = MoEArgs.from_hf_config(cfg)
+    dim, hidden = hf_moe_dims(cfg)
+    precision = PrecisionConfig(moe_router_dtype="fp32")
+    # init_weights draws from the global RNG: fork it so the demo neither depends on nor
+    # disturbs the caller's random state; build on CPU so every device gets the same weights.
+    with torch.random.fork_rng(devices=[]):
+        torch.manual_seed(ctx.seed)
+        ref = MoE(moe_args, dim, hidden, precision=precision)
+        ref.init_weights()
+        with torch.no_grad():
+            for name, p in ref.named_parameters():
+                if name.endswith(("b1", "b2")) or name.endswith("gate.bias"):
+                    p.normal_(0.0, 0.02)  # init_weights zeroes biases: give the bias path signal
+                # bf16-representable fp32 weights: the fp32 and bf16 layers hold the SAME
+                # numbers, so every difference below is compute precision or quantization.
+                p.copy_(p.bfloat16().float())
+    ref = ref.to(ctx.device).eval()
+    bf16 = copy.deepcopy(ref).to(torch.bfloat16)
+    return preset, moe_args, (dim, hidden), ref, bf16
+
+
+def _with_router(layer, router_dtype):
+    """A copy of `layer` (same weights) whose router GEMM runs in `router_dtype`."""
+    from moeprec import MoE, PrecisionConfig
+
+    p = dataclasses.replace(layer.precision, moe_router_dtype=router_dtype)
+    twin = MoE(layer.args, layer.dim, layer.hidden_dim, precision=p)
+    twin = twin.to(device=layer.tokens_per_expert.device, dtype=layer.router.gate.weight.dtype)
+    twin.load_state_dict(layer.state_dict())
+    return twin.train(layer.training)
+
+
+def _layer_forward(ctx, ref, bf16, x):
+    """Forward of the fp32 layer and two bf16 layers (fp32 / bf16 router): routing and error."""
+    bf16_router = _with_router(bf16, None)
+    rows, res = [], {}
+    with torch.no_grad():
+        ref_out = ref(x.float())
+        ref_sel = ref.router.route(x.float(), ref.expert_bias).selected_experts
+        for label, layer, gemm in (
+            ("fp32 reference", ref, "fp32"),
+            ('bf16, moe_router_dtype="fp32"', bf16, "fp32"),
+            ("bf16, moe_router_dtype=None", bf16_router, "bf16"),
+        ):
+            xin = x.float() if layer is ref else x
+            out, ms = _timed(lambda m=layer, xi=xin: m(xi), ctx.device, repeats=1)
+            routed = layer.router.route(xin, layer.expert_bias)
+            same = _same_sets(routed.selected_experts, ref_sel)
+            err = _rel_l2(out, ref_out)
+            res[label] = {"same_topk": same, "rel_l2": err, "logits": str(routed.logits.dtype)}
+            rows.append([label, str(routed.logits.dtype).replace("torch.", ""),
+                         f"{same * 100:.2f}%", f"{err:.2e}", f"{ms:.1f}"])
+    print(_table(["layer", "router logits", "top-k sets = fp32 layer's", "rel L2 err vs fp32",
+                  "time ms"], rows))
+    return res
+
+
+def _train_step(layer, x):
+    """One forward + backward on a toy loss (mean square of the output) plus the aux loss."""
+    layer.train()
+    layer.zero_grad(set_to_none=True)
+    layer.tokens_per_expert.zero_()
+    out = layer(x)
+    loss = out.float().square().mean()
+    aux = layer.aux_loss
+    if aux is not None:
+        loss = loss + aux
+    loss.backward()
+    return out, aux
+
+
+def _layer_train(ctx, ref, bf16, x, moe_args):
+    """A training step of the bf16 layer; gate gradients against the fp32 layer's."""
+    t = x.shape[0]
+    layers = {"fp32": copy.deepcopy(ref), "bf16/fp32 router": copy.deepcopy(bf16),
+              "bf16/bf16 router": _with_router(bf16, None)}
+    for name, layer in layers.items():
+        out, aux = _train_step(layer, x.float() if name == "fp32" else x)
+        layer.step_aux = None if aux is None else aux.item()
+    ref_grad = layers["fp32"].router.gate.weight.grad
+    main = layers["bf16/fp32 router"]
+    g = main.router.gate.weight.grad
+    counts = main.tokens_per_expert
+    with torch.no_grad():
+        logits_dtype = main.router.route(x, main.expert_bias).logits.dtype
+    grad_err = {k: _rel_l2(v.router.gate.weight.grad, ref_grad) for k, v in layers.items() if k != "fp32"}
+    rows = [
+        ["model dtype (gate weight)", str(main.router.gate.weight.dtype).replace("torch.", "")],
+        ["router logits / scores", str(logits_dtype).replace("torch.", "")],
+        ["gate weight grad dtype", str(g.dtype).replace("torch.", "")],
+        ["expert w1 grad dtype", str(main.experts.w1.grad.dtype).replace("torch.", "")],
+        ["tokens_per_expert: sum (= T*k)", f"{counts.sum().item():.0f} (= {t}*{moe_args.top_k})"],
+        ["tokens_per_expert: min / mean / max",
+         f"{counts.min().item():.0f} / {counts.mean().item():.1f} / {counts.max().item():.0f}"],
+        ["aux loss (switch, coeff " + f"{moe_args.aux_loss_coeff:g})",
+         "not configured" if main.step_aux is None else f"{main.step_aux:.4g}"],
+        ["gate grad rel err vs fp32 layer: fp32 router", f"{grad_err['bf16/fp32 router']:.2e}"],
+        ["gate grad rel err vs fp32 layer: bf16 router", f"{grad_err['bf16/bf16 router']:.2e}"],
+    ]
+    print(_table(["training step (bf16 layer, fp32 router)", "value"], rows))
+    return {
+        "model_dtype": main.router.gate.weight.dtype, "gate_grad_dtype": g.dtype,
+        "logits_dtype": logits_dtype, "token_count_sum": counts.sum().item(), "tokens": t,
+        "top_k": moe_args.top_k, "aux_loss": main.step_aux, "gate_grad_err": grad_err,
+    }
+
+
+def _ran(outs: dict[str, torch.Tensor], auto: torch.Tensor) -> str:
+    """Which act dtype's output the auto run reproduced: the nearest one, if within 1% (rel L2)."""
+    diffs = {a: _rel_l2(auto, o) for a, o in outs.items()}
+    best = min(diffs, key=diffs.get)
+    # Another batch size may sum in another order and round a few bf16 outputs the other way:
+    # that is ~1e-3; distinct act dtypes differ by several percent.
+    return best if diffs[best] < 1e-2 else "?"
+
+
+def _explicit_outputs(layer, x: torch.Tensor) -> dict[str, torch.Tensor]:
+    """The quantized layer's output with each act dtype forced through its PrecisionConfig."""
+    base = layer.precision
+    outs = {}
+    try:
+        with torch.no_grad():
+            for act in _ACTS:
+                layer.precision = dataclasses.replace(base, act_dtype=act)
+                outs[act] = layer(x)
+    finally:
+        layer.precision = base
+    return outs
+
+
+def _quantized_sweep(ctx, bf16, ref, x_all, token_counts, quants):
+    """Errors per (weights, act dtype) on all tokens; per token count, the policy's pick and
+    which act dtype the layer (act_dtype "auto") actually ran."""
+    from moeprec import select_act_dtype
+
+    n = x_all.shape[0]
+    with torch.no_grad():
+        ref_out = ref(x_all.float())
+        dense_err = _rel_l2(bf16(x_all), ref_out)
+    layers, explicit, err_rows, res = {}, {}, [], {"errors": {}, "policy": {}}
+    err_rows.append(["bf16 (not quantized)", f"{dense_err:.2e}", "-", "-"])
+    res["errors"]["none"] = {"bf16": dense_err}
+    for quant in quants:
+        _progress(ctx, f"layer: {quant} experts: quantize, then {n} tokens with act bf16/fp8/fp4")
+        layers[quant] = layer = copy.deepcopy(bf16).eval().quantize_(quant)
+        explicit[quant] = _explicit_outputs(layer, x_all)
+        errs = {a: _rel_l2(o, ref_out) for a, o in explicit[quant].items()}
+        res["errors"][quant] = errs
+        err_rows.append([quant] + [f"{errs[a]:.2e}" for a in _ACTS])
+    print(_table([f"experts ({n} tokens): rel L2 err vs fp32", "act bf16", "act fp8", "act fp4"],
+                 err_rows))
+
+    pol_rows = []
+    for quant, layer in layers.items():
+        _progress(ctx, f"layer: {quant} experts, act_dtype auto at {len(token_counts)} token counts")
+        for m in token_counts:
+            with torch.no_grad():
+                auto = layer(x_all[:m])  # the layer's PrecisionConfig: act_dtype "auto"
+            policy = select_act_dtype(m, quant=quant, device=ctx.device)
+            # Rows are independent (per-token activation scales), so the first m rows of the
+            # all-token runs are what each act dtype gives these m tokens.
+            ran = _ran({a: o[:m] for a, o in explicit[quant].items()}, auto)
+            res["policy"][(quant, m)] = {"policy": policy, "ran": ran,
+                                         "auto_error": _rel_l2(auto, ref_out[:m])}
+            pol_rows.append([quant, str(m), policy, ran, f"{res['policy'][(quant, m)]['auto_error']:.2e}"])
+    print(_table(["experts", "tokens", "select_act_dtype", "layer ran (act auto)", "rel L2 err"],
+                 pol_rows))
+    return layers, explicit, res
+
+
+def _overrides(ctx, layer, x, outs_of):
+    """The mxfp4 layer at one token count under the deployment overrides of the policy."""
+    from moeprec import select_act_dtype
+    from moeprec.act_policy import ENV_BOUND, ENV_FORCE_BF16, resolve_act_dtype
+
+    m = x.shape[0]
+    base = layer.precision
+    unset = {ENV_FORCE_BF16: None, ENV_BOUND: None}
+    cases = [
+        ("no env overrides", unset, base),
+        (f"{ENV_FORCE_BF16}=1", {**unset, ENV_FORCE_BF16: "1"}, base),
+        (f"{ENV_BOUND}={m + 1}", {**unset, ENV_BOUND: str(m + 1)}, base),
+        (f"{ENV_BOUND}=0", {**unset, ENV_BOUND: "0"}, base),
+        ("PrecisionConfig(force_bf16_act=True)", unset,
+         dataclasses.replace(base, force_bf16_act=True)),
+        (f"PrecisionConfig(bf16_fp8_bound={m + 1})", unset,
+         dataclasses.replace(base, bf16_fp8_bound=m + 1)),
+    ]
+    rows, res = [], {}
+    for label, env, precision in cases:
+        with _env(env), torch.no_grad():
+            if precision is base:
+                pick = select_act_dtype(m, quant=layer.quant, device=ctx.device)
+            else:  # a config field: what fused_moe resolves from it
+                pick = resolve_act_dtype(m, quant=layer.quant, precision=precision, device=ctx.device)
+            layer.precision = precision
+            try:
+                ran = _ran(outs_of, layer(x))
+            finally:
+                layer.precision = base
+        res[label] = {"policy": pick, "ran": ran}
+        rows.append([label, pick, ran])
+    print(_table([f"setting ({layer.quant} experts, {m} tokens)", "policy pick", "layer ran"], rows))
+    return res
+
+
+def moe_layer(args: argparse.Namespace, ctx: DemoContext) -> None:
+    """MoE layer end to end: fp32 router in bf16 training, then quantized experts and act dtypes."""
+    with _one_cpu_thread(ctx.device):
+        _moe_layer(args, ctx)
+
+
+def _moe_layer(args: argparse.Namespace, ctx: DemoContext) -> None:
+    from moeprec import select_act_dtype
+    from moeprec.act_policy import ENV_BOUND, ENV_FORCE_BF16, device_default_bound
+
+    _progress(ctx, "layer: building")
+    preset, moe_args, (dim, hidden), ref, bf16 = _build_layers(args, ctx)
+    e, k = moe_args.num_experts, moe_args.top_k
+    mlp = f"{moe_args.activation}, {moe_args.gate_mode} gate/up" + (", biases" if moe_args.mlp_bias else "")
+    scale = "--quick dims" if args.quick else preset.scale
+    print(f"== MoE layer end to end: {preset.title} routing (E={e}, top-{k}, {moe_args.score_func}"
+          f"{' + renorm' if moe_args.route_norm else ''}), D={dim}, I={hidden} ({scale}), {mlp}, "
+          f"{ctx.device} ==")
+    print(f'moeprec.MoE(MoEArgs.from_hf_config(<{preset.hf_config["model_type"]} config>), {dim}, '
+          f'{hidden}, precision=PrecisionConfig(moe_router_dtype="fp32")), init_weights, seed {ctx.seed}')
+
+    # The act-dtype bound in force: the env override if set (select_act_dtype validates it
+    # first, so a malformed value fails here with its own message), else the device default.
+    select_act_dtype(0, quant="mxfp4", device=ctx.device)
+    env_bound = os.environ.get(ENV_BOUND)
+    bound = int(env_bound) if env_bound is not None else device_default_bound(ctx.device)
+    cap = 1024 if args.quick else 4096
+    counts = sorted({m for m in (bound // 8, bound - 1, bound, 2 * bound) if 1 <= m <= cap}) or [cap]
+    fwd_tokens = 96 if args.quick else 384
+    gen = ctx.generator()
+    x_all = torch.randn(max(counts + [fwd_tokens]), dim, generator=gen).to(ctx.device, torch.bfloat16)
+    x = x_all[:fwd_tokens]
+
+    print(f"\n-- 1. forward, {fwd_tokens} tokens (eval) --")
+    _progress(ctx, "layer: forward")
+    res: dict[str, Any] = {"forward": _layer_forward(ctx, ref, bf16, x)}
+    print("The fp32 router keeps the fp32 layer's expert choices in a bf16 model; a bf16 router\n"
+          "changes some tokens' experts, and their outputs with them.")
+
+    print(f"\n-- 2. one training step, {fwd_tokens} tokens: loss = mean(y^2) + aux loss --")
+    _progress(ctx, "layer: training step (3 layers, forward + backward)")
+    res["train"] = _layer_train(ctx, ref, bf16, x, moe_args)
+    print("The gate GEMM runs in fp32 but its gradient comes back in the model dtype (bf16): an\n"
+          "optimizer sees ordinary bf16 parameters; only the routing math is upcast.")
+
+    env_now = ", ".join(f"{n}={os.environ[n]!r}" for n in (ENV_FORCE_BF16, ENV_BOUND) if n in os.environ)
+    print(f"\n-- 3. quantized experts (inference), errors vs the fp32 layer; act-dtype bound on "
+          f"{ctx.device.type}: {bound} tokens ({'env ' + env_now if env_now else 'device default'}) --")
+    layers, explicit, res["quantized"] = _quantized_sweep(ctx, bf16, ref, x_all, counts, ("mxfp4", "fp8"))
+    errs = res["quantized"]["errors"]
+    mx = {m: v for (q, m), v in res["quantized"]["policy"].items() if q == "mxfp4"}
+    lo, hi = min(mx), max(mx)
+    print(f"MXFP4 weights cost most of the error; fp8 activations add little on top "
+          f"({errs['mxfp4']['bf16']:.1%} -> {errs['mxfp4']['fp8']:.1%}), fp4 activations much more "
+          f"(-> {errs['mxfp4']['fp4']:.1%}).\nSo the policy keeps bf16 activations below the bound "
+          f"(memory-bound GEMMs: bf16 costs nothing) and takes the\nfast path from it "
+          f"({lo} tokens: {mx[lo]['policy']}, {hi} tokens: {mx[hi]['policy']}); fp4 only on GPUs with "
+          "FP4 tensor cores. fp8 experts run fp8 activations.")
+
+    m = bound if bound in mx else hi
+    print("\n-- 4. deployment overrides of the policy (env read at every call) --")
+    _progress(ctx, "layer: overrides")
+    layer = layers["mxfp4"]
+    outs = {a: o[:m] for a, o in explicit["mxfp4"].items()}
+    res["overrides"] = _overrides(ctx, layer, x_all[:m], outs)
+    res["bound"] = bound
+    print(f"{ENV_FORCE_BF16}=1 (or PrecisionConfig.force_bf16_act) pins bf16 activations for every "
+          f"batch;\n{ENV_BOUND} moves the crossover per deployment and wins over "
+          "PrecisionConfig.bf16_fp8_bound.")
+    ctx.results["layer"] = res
+    print()
+
+
 # The demo, in order. Later features append their own section function here.
-SECTIONS: list[Callable[[argparse.Namespace, DemoContext], None]] = [router_precision]
+SECTIONS: list[Callable[[argparse.Namespace, DemoContext], None]] = [router_precision, moe_layer]
 
 
 def _device(name: str) -> torch.device:
@@ -119,9 +510,8 @@ def run(args: argparse.Namespace) -> int:
     if args.tokens < 1:
         raise ValueError(f"--tokens: expected a positive int, got {args.tokens}")
     ctx = DemoContext(device=_device(args.device), seed=args.seed)
-    t0 = time.perf_counter()
     for i, section in enumerate(SECTIONS):
         print(f"[{i + 1}/{len(SECTIONS)}] {(section.__doc__ or section.__name__).splitlines()[0]}", flush=True)
         section(args, ctx)
-    print(f"demo done in {time.perf_counter() - t0:.1f} s")
+    print(f"demo done in {time.perf_counter() - ctx.t0:.1f} s")
     return 0
