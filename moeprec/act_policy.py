@@ -117,9 +117,15 @@ def has_fp4_tensor_cores(device: Any = None) -> bool:
 
 def _config_values(precision: Any) -> tuple[str, bool, int | None]:
     """(act_dtype, force_bf16_act, bf16_fp8_bound) of a PrecisionConfig, or the defaults for None."""
-    # Duck-typed: any object with these attributes works, missing ones take the defaults.
+    # Duck-typed: any object with at least one of these attributes works, missing ones take the
+    # defaults. An object with none of them (a string, a number) is a mistake, not "no setting".
     if precision is None:
         return "auto", False, None
+    if not any(hasattr(precision, f) for f in ("act_dtype", "force_bf16_act", "bf16_fp8_bound")):
+        raise TypeError(
+            "precision: expected a PrecisionConfig (or an object with act_dtype, force_bf16_act "
+            f"or bf16_fp8_bound) or None, got {type(precision).__name__} {precision!r}"
+        )
     act = getattr(precision, "act_dtype", "auto")
     force = getattr(precision, "force_bf16_act", False)
     bound = getattr(precision, "bf16_fp8_bound", None)

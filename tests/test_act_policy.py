@@ -151,8 +151,18 @@ def test_config_act_dtype_below_force_above_policy(monkeypatch):
 
 
 def test_duck_typed_config_with_missing_fields_uses_defaults():
-    assert resolve_act_dtype(10**6, quant="mxfp4", precision=object()) == "fp8"
+    cfg = SimpleNamespace(bf16_fp8_bound=10)
+    assert resolve_act_dtype(10**6, quant="mxfp4", precision=cfg) == "fp8"
+    assert resolve_act_dtype(9, quant="mxfp4", precision=cfg) == "bf16"
     assert resolve_act_dtype(10**6, quant="mxfp4", precision=None) == "fp8"
+
+
+@pytest.mark.parametrize("value", ["fp8", 512, True, torch.float32, object()])
+def test_a_precision_that_is_no_config_is_refused(value):
+    # SPEC 6: these used to be read as "no setting" and silently ignored
+    with pytest.raises(TypeError, match="precision") as info:
+        resolve_act_dtype(10, quant="mxfp4", precision=value)
+    assert type(value).__name__ in str(info.value)
 
 
 def test_real_precision_config():

@@ -394,6 +394,7 @@ def _bad_cases():
     add(base_none, TypeError, "apply_router_weight_on_input", apply_router_weight_on_input=1)
     add(base_none, TypeError, "check_topk_ids", check_topk_ids="no")
     add(base_none, ValueError, "precision.act_dtype", precision=SimpleNamespace(act_dtype="int8"))
+    add(base_none, TypeError, "precision", precision="fp8")
     # mxfp4
     add(base_mx, TypeError, "w1", w1=wm["w1"].to(torch.int8))
     add(base_mx, ValueError, "w1", w1=wm["w1"][:, :, :-1])
