@@ -315,6 +315,25 @@ def _plot(rows: list[dict[str, Any]], path: str) -> None:
     fig.savefig(path, dpi=110)
 
 
+def parse_selection(args: argparse.Namespace) -> tuple[list[str], list[str], list[int]]:
+    """(shapes, paths, token counts) from the comma lists, checked."""
+    shapes = [s for s in args.shapes.split(",") if s]
+    paths = [p for p in args.paths.split(",") if p]
+    for s in shapes:
+        if s not in SHAPES:
+            raise ValueError(f"--shapes: expected names from {tuple(SHAPES)}, got {s!r}")
+    for p in paths:
+        if p not in PATHS:
+            raise ValueError(f"--paths: expected names from {tuple(PATHS)}, got {p!r}")
+    try:
+        ms_list = [int(m) for m in args.M.split(",") if m]
+    except ValueError:
+        raise ValueError(f"--M: expected a comma list of positive ints, got {args.M!r}") from None
+    if not ms_list or min(ms_list) < 1:
+        raise ValueError(f"--M: expected a comma list of positive ints, got {args.M!r}")
+    return shapes, paths, ms_list
+
+
 def _save(out: str, device: str, ceil: dict[str, float], rows: list[dict[str, Any]]) -> None:
     import torch
     import triton
@@ -331,18 +350,10 @@ def _save(out: str, device: str, ceil: dict[str, float], rows: list[dict[str, An
 def run(args: argparse.Namespace) -> int:
     import torch
 
+    shapes, paths, ms_list = parse_selection(args)
     if not torch.cuda.is_available():
         print("moeprec bench: needs a CUDA GPU", file=sys.stderr)
         return 2
-    shapes = [s for s in args.shapes.split(",") if s]
-    paths = [p for p in args.paths.split(",") if p]
-    ms_list = [int(m) for m in args.M.split(",") if m]
-    for s in shapes:
-        if s not in SHAPES:
-            raise ValueError(f"--shapes: expected names from {tuple(SHAPES)}, got {s!r}")
-    for p in paths:
-        if p not in PATHS:
-            raise ValueError(f"--paths: expected names from {tuple(PATHS)}, got {p!r}")
     os.makedirs(args.out, exist_ok=True)
     device = torch.cuda.get_device_name()
     print(f"device: {device}; measuring ceilings...", flush=True)

@@ -12,10 +12,19 @@ from __future__ import annotations
 import argparse
 import json
 import os
+import sys
 import time
 from typing import Any
 
-from moeprec.cli.bench import PATHS, SHAPES, _as_graphs, _median_ms, make_inputs, make_weights
+from moeprec.cli.bench import (
+    PATHS,
+    SHAPES,
+    _as_graphs,
+    _median_ms,
+    make_inputs,
+    make_weights,
+    parse_selection,
+)
 
 # bench path name -> kernel path name (tuning.PATHS)
 KERNEL_PATH = {"bf16": "bf16", "mxfp4-w4a16": "w4a16", "mxfp4-fp8": "w4a8", "fp8": "fp8"}
@@ -112,6 +121,10 @@ def run(args: argparse.Namespace) -> int:
 
     from moeprec.kernels.tuning import device_file_name, shape_key
 
+    shapes, paths, ms_list = parse_selection(args)
+    if not torch.cuda.is_available():
+        print("moeprec tune: needs a CUDA GPU", file=sys.stderr)
+        return 2
     device = torch.cuda.get_device_name()
     out = args.out or os.path.join(os.path.dirname(__file__), "..", "configs", device_file_name(device))
     table: dict[str, Any] = {}
@@ -122,9 +135,6 @@ def run(args: argparse.Namespace) -> int:
                          "`moeprec tune` (path -> shape -> M -> config); see moeprec/kernels/tuning.py")
     log = open(args.log, "a") if args.log else None
     t0 = time.time()
-    shapes = [s for s in args.shapes.split(",") if s]
-    paths = [p for p in args.paths.split(",") if p]
-    ms_list = [int(m) for m in args.M.split(",") if m]
     done = 0
     for shape in shapes:
         H, I, E, k = SHAPES[shape]  # noqa: E741

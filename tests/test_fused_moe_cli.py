@@ -1,0 +1,59 @@
+"""`moeprec bench` / `moeprec tune` argument handling and the launch-configuration lookup (CPU)."""
+
+from __future__ import annotations
+
+import json
+
+import pytest
+import torch
+
+from moeprec.cli import main
+from moeprec.kernels import tuning
+
+
+@pytest.mark.skipif(torch.cuda.is_available(), reason="checks the no-GPU exit")
+@pytest.mark.parametrize("cmd", ["bench", "tune"])
+def test_commands_exit_cleanly_without_gpu(cmd, capsys):
+    assert main([cmd, "--shapes", "qwen3-30b-a3b", "--M", "1"]) == 2
+    assert "needs a CUDA GPU" in capsys.readouterr().err
+
+
+@pytest.mark.parametrize("flag,value,name", [("--shapes", "llama", "--shapes"),
+                                             ("--paths", "int3", "--paths"),
+                                             ("--M", "1,x", "--M"), ("--M", "0", "--M")])
+def test_bad_selection_names_the_flag(flag, value, name):
+    with pytest.raises(ValueError, match=name):
+        main(["bench", flag, value])
+
+
+def test_config_lookup_nearest_m_and_fallback(tmp_path, monkeypatch):
+    key = tuning.shape_key(8, 64, 32, 2)
+    small = {"BLOCK_M": 16, "s1": {"BLOCK_N": 32, "BLOCK_K": 64}, "s2": {"BLOCK_N": 64, "BLOCK_K": 64}}
+    large = {"BLOCK_M": 128, "s1": {"BLOCK_N": 128, "BLOCK_K": 128, "num_stages": 6},
+             "s2": {"BLOCK_N": 128, "BLOCK_K": 64}}
+    name = tuning.device_file_name("Test GPU/X")
+    assert name == "fused_moe_Test_GPU_X.json"
+    (tmp_path / name).write_text(json.dumps({"bf16": {key: {"1": small, "4096": large}}}))
+    monkeypatch.setenv("MOEPREC_FUSED_MOE_CONFIG_DIR", str(tmp_path))
+    tuning._load_table.cache_clear()
+    try:
+        assert tuning.get_config("bf16", 2, 8, 64, 32, 2, "Test GPU/X")["BLOCK_M"] == 16
+        cfg = tuning.get_config("bf16", 3000, 8, 64, 32, 2, "Test GPU/X")
+        assert cfg["BLOCK_M"] == 128
+        # 6 stages of a 128 x 128 A tile + 256 x 128 weight rows cannot fit: cut down
+        assert cfg["s1"]["num_stages"] < 6
+        # another shape or device: the heuristic
+        assert tuning.get_config("bf16", 2, 8, 64, 48, 2, "Test GPU/X") == tuning.fix_config(
+            tuning.default_config("bf16", 2, 8, 64, 48, 2), "bf16")
+    finally:
+        tuning._load_table.cache_clear()
+
+
+@pytest.mark.parametrize("path", tuning.PATHS)
+def test_fixed_configs_are_legal(path):
+    for M in (1, 64, 1024, 16384):
+        cfg = tuning.get_config(path, M, 128, 2048, 768, 8)
+        for st in ("s1", "s2"):
+            s = cfg[st]
+            assert s["BLOCK_K"] >= (64 if path.startswith("w4") else 16)
+            assert s["num_stages"] >= 2 and s["num_warps"] in (4, 8)
