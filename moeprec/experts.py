@@ -285,7 +285,7 @@ class GroupedExperts(nn.Module):
         self, x: torch.Tensor, num_tokens_per_expert: torch.Tensor | None = None
     ) -> torch.Tensor:
         check_floating("x", x)
-        check_tensor("x", x, shape=(None, self.dim))
+        check_tensor("x", x, shape=(None, self.dim), device=self.w1.device)
         if self.quant != "none":
             raise RuntimeError(
                 f"GroupedExperts: the weights are quantized ({self.quant!r}); quantized experts run "

@@ -280,3 +280,9 @@ def test_gpu_compile_and_empty(dtype):
     assert counter.frame_count == 1
     out = m(torch.randn(0, 128, device="cuda", dtype=dtype), torch.zeros(4, dtype=torch.int64, device="cuda"))
     assert out.shape == (0, 128)
+
+
+def test_x_on_another_device_names_x():
+    m = GroupedExperts(16, 8, 4)
+    with pytest.raises(ValueError, match="x.*meta"):
+        m(torch.randn(5, 16, device="meta"), torch.tensor([5, 0, 0, 0]))

@@ -264,3 +264,13 @@ def test_demo_router_precision_section(capsys):
     flips = ctx.results["router_flip_rate"]
     assert flips["fp64"] == 0.0 and flips["fp32"] <= 1 / 256  # summation order only
     assert demo.router_precision in demo.SECTIONS
+
+
+def test_inputs_on_another_device_name_the_argument():
+    # SPEC 6: devices are checked (an x elsewhere used to surface from deep inside the GEMM,
+    # naming the router's weight instead of x)
+    r = _router()
+    with pytest.raises(ValueError, match="x.*meta"):
+        r.route(torch.randn(3, D, device="meta"))
+    with pytest.raises(ValueError, match="expert_bias.*meta"):
+        r.route(torch.randn(3, D), torch.zeros(16, device="meta"))

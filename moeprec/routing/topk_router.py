@@ -126,10 +126,10 @@ class TokenChoiceTopKRouter(nn.Module):
     def route(self, x: torch.Tensor, expert_bias: torch.Tensor | None = None) -> RouterOutput:
         """Route x [T, D]; see RouterOutput for what comes back."""
         check_floating("x", x)
-        check_tensor("x", x, shape=(None, self.dim))
+        check_tensor("x", x, shape=(None, self.dim), device=self.gate.weight.device)
         if expert_bias is not None:
             check_floating("expert_bias", expert_bias)
-            check_tensor("expert_bias", expert_bias, shape=(self.num_experts,))
+            check_tensor("expert_bias", expert_bias, shape=(self.num_experts,), device=x.device)
 
         logits = self.gate(x)
         # Scores in fp32 at least: the softmax of bf16 logits would round them again.
