@@ -379,6 +379,7 @@ def _quantized_sweep(ctx, bf16, ref, x_all, token_counts, quants):
             res["policy"][(quant, m)] = {"policy": policy, "ran": ran,
                                          "auto_error": _rel_l2(auto, ref_out[:m])}
             pol_rows.append([quant, str(m), policy, ran, f"{res['policy'][(quant, m)]['auto_error']:.2e}"])
+    print("The layer as built (PrecisionConfig act_dtype \"auto\") at token counts around the bound:")
     print(_table(["experts", "tokens", "select_act_dtype", "layer ran (act auto)", "rel L2 err"],
                  pol_rows))
     return layers, explicit, res
@@ -391,16 +392,20 @@ def _overrides(ctx, layer, x, outs_of):
 
     m = x.shape[0]
     base = layer.precision
-    unset = {ENV_FORCE_BF16: None, ENV_BOUND: None}
+    bound_src = f"{ENV_BOUND}={os.environ[ENV_BOUND]}" if ENV_BOUND in os.environ else "device default"
+    no_force = {ENV_FORCE_BF16: None}
+    no_env = {ENV_FORCE_BF16: None, ENV_BOUND: None}
+    cfg_bound = dataclasses.replace(base, bf16_fp8_bound=m + 1)
     cases = [
-        ("no env overrides", unset, base),
-        (f"{ENV_FORCE_BF16}=1", {**unset, ENV_FORCE_BF16: "1"}, base),
-        (f"{ENV_BOUND}={m + 1}", {**unset, ENV_BOUND: str(m + 1)}, base),
-        (f"{ENV_BOUND}=0", {**unset, ENV_BOUND: "0"}, base),
-        ("PrecisionConfig(force_bf16_act=True)", unset,
+        (f"as built ({bound_src})", no_force, base),
+        (f"{ENV_FORCE_BF16}=1", {ENV_FORCE_BF16: "1"}, base),
+        (f"{ENV_BOUND}={m + 1}", {**no_force, ENV_BOUND: str(m + 1)}, base),
+        (f"{ENV_BOUND}=0", {**no_force, ENV_BOUND: "0"}, base),
+        ("PrecisionConfig(force_bf16_act=True)", no_force,
          dataclasses.replace(base, force_bf16_act=True)),
-        (f"PrecisionConfig(bf16_fp8_bound={m + 1})", unset,
-         dataclasses.replace(base, bf16_fp8_bound=m + 1)),
+        (f"PrecisionConfig(bf16_fp8_bound={m + 1})", no_env, cfg_bound),
+        (f"PrecisionConfig(bf16_fp8_bound={m + 1}) + {ENV_BOUND}={m}",
+         {**no_force, ENV_BOUND: str(m)}, cfg_bound),
     ]
     rows, res = [], {}
     for label, env, precision in cases:
@@ -430,6 +435,11 @@ def _moe_layer(args: argparse.Namespace, ctx: DemoContext) -> None:
     from moeprec import select_act_dtype
     from moeprec.act_policy import ENV_BOUND, ENV_FORCE_BF16, device_default_bound
 
+    # The act-dtype bound in force: the env override if set (select_act_dtype validates it
+    # first, so a malformed value fails here with its own message), else the device default.
+    select_act_dtype(0, quant="mxfp4", device=ctx.device)
+    env_bound = os.environ.get(ENV_BOUND)
+    bound = int(env_bound) if env_bound is not None else device_default_bound(ctx.device)
     _progress(ctx, "layer: building")
     preset, moe_args, (dim, hidden), ref, bf16 = _build_layers(args, ctx)
     e, k = moe_args.num_experts, moe_args.top_k
@@ -441,11 +451,6 @@ def _moe_layer(args: argparse.Namespace, ctx: DemoContext) -> None:
     print(f'moeprec.MoE(MoEArgs.from_hf_config(<{preset.hf_config["model_type"]} config>), {dim}, '
           f'{hidden}, precision=PrecisionConfig(moe_router_dtype="fp32")), init_weights, seed {ctx.seed}')
 
-    # The act-dtype bound in force: the env override if set (select_act_dtype validates it
-    # first, so a malformed value fails here with its own message), else the device default.
-    select_act_dtype(0, quant="mxfp4", device=ctx.device)
-    env_bound = os.environ.get(ENV_BOUND)
-    bound = int(env_bound) if env_bound is not None else device_default_bound(ctx.device)
     cap = 1024 if args.quick else 4096
     counts = sorted({m for m in (bound // 8, bound - 1, bound, 2 * bound) if 1 <= m <= cap}) or [cap]
     fwd_tokens = 96 if args.quick else 384
@@ -487,8 +492,8 @@ def _moe_layer(args: argparse.Namespace, ctx: DemoContext) -> None:
     res["overrides"] = _overrides(ctx, layer, x_all[:m], outs)
     res["bound"] = bound
     print(f"{ENV_FORCE_BF16}=1 (or PrecisionConfig.force_bf16_act) pins bf16 activations for every "
-          f"batch;\n{ENV_BOUND} moves the crossover per deployment and wins over "
-          "PrecisionConfig.bf16_fp8_bound.")
+          f"batch;\n{ENV_BOUND} moves the crossover per deployment, over PrecisionConfig.bf16_fp8_bound "
+          "(last row).\nBoth are read at every call: no restart, no re-import.")
     ctx.results["layer"] = res
     print()
 
