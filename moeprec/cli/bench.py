@@ -24,11 +24,13 @@ import sys
 import time
 from typing import Any, Callable
 
-SHAPES: dict[str, tuple[int, int, int, int]] = {  # name: (H, I, E, k)
-    "qwen3-30b-a3b": (2048, 768, 128, 8),
-    "mixtral-8x7b": (4096, 14336, 8, 2),
-    "gpt-oss-20b": (2880, 2880, 32, 4),
-    "deepseek-v3": (7168, 2048, 256, 8),
+from moeprec.cli.report import PRESETS
+
+# name: (H, I, E, k), from the model presets that `moeprec report` audits. The bench times
+# every shape with silu and separated gate/up rows (the peers implement that one form; the
+# activation costs nothing next to the GEMMs).
+SHAPES: dict[str, tuple[int, int, int, int]] = {
+    name: (p.hidden, p.intermediate, p.experts, p.top_k) for name, p in PRESETS.items()
 }
 M_VALUES = (1, 4, 16, 64, 256, 1024, 4096, 16384)
 # path: (quant, act_dtype)

@@ -20,6 +20,19 @@ import triton.language as tl
 
 
 @triton.jit
+def _load_local_ids(topk_ids_ptr, expert_mask_ptr, offs, num_slots, num_experts,
+                    HAS_MASK: tl.constexpr):
+    """Expert ids of flat slots `offs`; -1 (and valid=False) for masked or out-of-range ones."""
+    inb = offs < num_slots
+    ids = tl.load(topk_ids_ptr + offs, mask=inb, other=-1).to(tl.int32)
+    valid = inb & (ids >= 0) & (ids < num_experts)
+    if HAS_MASK:
+        keep = tl.load(expert_mask_ptr + ids, mask=valid, other=0)
+        valid = valid & (keep != 0)
+    return tl.where(valid, ids, -1), valid
+
+
+@triton.jit
 def _align_kernel(
     topk_ids_ptr, expert_mask_ptr, sorted_ids_ptr, expert_ids_ptr,
     num_slots, num_experts, max_blocks,
@@ -30,13 +43,8 @@ def _align_kernel(
     counts = tl.zeros([E_PAD], dtype=tl.int32)
     for c0 in range(0, num_slots, CHUNK):
         offs = c0 + tl.arange(0, CHUNK)
-        inb = offs < num_slots
-        ids = tl.load(topk_ids_ptr + offs, mask=inb, other=-1).to(tl.int32)
-        valid = inb & (ids >= 0) & (ids < num_experts)
-        if HAS_MASK:
-            keep = tl.load(expert_mask_ptr + ids, mask=valid, other=0)
-            valid = valid & (keep != 0)
-        ids = tl.where(valid, ids, -1)
+        ids, valid = _load_local_ids(topk_ids_ptr, expert_mask_ptr, offs, num_slots, num_experts,
+                                     HAS_MASK)
         counts += tl.sum((ids[:, None] == e_range[None, :]).to(tl.int32), axis=0)
     padded = (counts + BLOCK_M - 1) // BLOCK_M * BLOCK_M
     ends = tl.cumsum(padded, axis=0)
@@ -46,13 +54,8 @@ def _align_kernel(
     base = tl.zeros([E_PAD], dtype=tl.int32)
     for c0 in range(0, num_slots, CHUNK):
         offs = c0 + tl.arange(0, CHUNK)
-        inb = offs < num_slots
-        ids = tl.load(topk_ids_ptr + offs, mask=inb, other=-1).to(tl.int32)
-        valid = inb & (ids >= 0) & (ids < num_experts)
-        if HAS_MASK:
-            keep = tl.load(expert_mask_ptr + ids, mask=valid, other=0)
-            valid = valid & (keep != 0)
-        ids = tl.where(valid, ids, -1)
+        ids, valid = _load_local_ids(topk_ids_ptr, expert_mask_ptr, offs, num_slots, num_experts,
+                                     HAS_MASK)
         onehot = (ids[:, None] == e_range[None, :]).to(tl.int32)
         csum = tl.cumsum(onehot, axis=0)
         rank = tl.sum(onehot * (csum - 1 + base[None, :]), axis=1)
