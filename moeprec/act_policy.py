@@ -90,9 +90,22 @@ def _cuda_device(device: Any) -> torch.device | None:
     """The CUDA device that `device` names, or None for the CPU policy."""
     if device is None:
         return None
-    dev = torch.device(device) if not isinstance(device, torch.device) else device
+    if isinstance(device, torch.device):
+        dev = device
+    elif isinstance(device, (str, int)) and not isinstance(device, bool):
+        try:
+            dev = torch.device(device)
+        except RuntimeError:
+            raise ValueError(f"device: expected a device name such as 'cpu' or 'cuda:0', got {device!r}") from None
+    else:
+        raise TypeError(
+            f"device: expected a torch.device, a device string, an int or None, got "
+            f"{type(device).__name__} {device!r}"
+        )
     if dev.type != "cuda":
         return None
+    if not torch.cuda.is_available():
+        raise ValueError(f"device: expected an available device, got {device!r} but CUDA is not available")
     if dev.index is None:
         dev = torch.device("cuda", torch.cuda.current_device())
     return dev

@@ -31,6 +31,7 @@ def _fake_gpu(monkeypatch, name, capability):
     monkeypatch.setattr(torch.cuda, "get_device_name", lambda device=None: name)
     monkeypatch.setattr(torch.cuda, "get_device_capability", lambda device=None: capability)
     monkeypatch.setattr(torch.cuda, "current_device", lambda: 0)
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
 
 
 def test_bounds_file_has_default_512_and_cpu_bound_is_used():
@@ -226,3 +227,19 @@ def test_bad_arguments(kwargs, exc, name):
 def test_bad_explicit_act_dtype():
     with pytest.raises(ValueError, match="act_dtype"):
         resolve_act_dtype(1, quant="mxfp4", act_dtype="fp16")
+
+
+@pytest.mark.parametrize(
+    "device,exc",
+    [("bogus", ValueError), (3.5, TypeError), ([0], TypeError)],
+)
+def test_bad_device_names_the_argument(device, exc):
+    with pytest.raises(exc, match="device"):
+        select_act_dtype(10**6, quant="mxfp4", device=device)
+
+
+@pytest.mark.skipif(torch.cuda.is_available(), reason="needs a machine without CUDA")
+def test_cuda_device_without_cuda_names_the_argument():
+    # used to be torch's AssertionError "Torch not compiled with CUDA enabled"
+    with pytest.raises(ValueError, match="device.*cuda"):
+        select_act_dtype(10**6, quant="mxfp4", device="cuda")
