@@ -36,12 +36,19 @@ class DemoContext:
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--device", default="auto", help="cpu, cuda, cuda:N or auto (GPU when present)")
-    parser.add_argument("--tokens", type=int, default=4096, help="tokens to route (default 4096)")
+    parser.add_argument("--tokens", type=int, default=None,
+                        help="tokens for the router section (default 4096; 512 with --quick)")
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--layer", choices=sorted(LAYERS), default="qwen3-30b-a3b",
                         help="routing of the MoE layer section (default qwen3-30b-a3b)")
     parser.add_argument("--quick", action="store_true",
-                        help="tiny layer dims and token counts (smoke runs, tests)")
+                        help="smoke run: tiny layer dims, fewer tokens (same routing and tables)")
+
+
+def _router_tokens(args: argparse.Namespace) -> int:
+    if args.tokens is not None:
+        return args.tokens
+    return 512 if getattr(args, "quick", False) else 4096
 
 
 def _timed(fn: Callable[[], Any], device: torch.device, repeats: int = 3) -> tuple[Any, float]:
@@ -71,7 +78,7 @@ def router_precision(args: argparse.Namespace, ctx: DemoContext) -> None:
     from moeprec import TokenChoiceTopKRouter
 
     dim, num_experts, top_k = 2048, 128, 8
-    tokens = args.tokens
+    tokens = _router_tokens(args)
     print(f"== Router precision: Qwen3-30B-A3B router shape (D={dim}, E={num_experts}, top-{top_k}), "
           f"{tokens} tokens, bf16 model, {ctx.device} ==")
     gen = ctx.generator()
@@ -198,6 +205,10 @@ def _rel_l2(out: torch.Tensor, ref: torch.Tensor) -> float:
     return error_metrics(out, ref)["rel_l2"]
 
 
+def _ratio(a: float, b: float) -> str:
+    return f"{a / b:.0f}x" if b > 0 else "infinitely"
+
+
 def _same_sets(a: torch.Tensor, b: torch.Tensor) -> float:
     """Fraction of tokens whose top-k expert SETS agree."""
     return (a.sort(dim=-1).values == b.sort(dim=-1).values).all(dim=-1).float().mean().item()
@@ -246,28 +257,27 @@ def _with_router(layer, router_dtype):
     return twin.train(layer.training)
 
 
-def _layer_forward(ctx, ref, bf16, x):
+def _layer_forward(ref, bf16, x):
     """Forward of the fp32 layer and two bf16 layers (fp32 / bf16 router): routing and error."""
     bf16_router = _with_router(bf16, None)
     rows, res = [], {}
     with torch.no_grad():
         ref_out = ref(x.float())
         ref_sel = ref.router.route(x.float(), ref.expert_bias).selected_experts
-        for label, layer, gemm in (
-            ("fp32 reference", ref, "fp32"),
-            ('bf16, moe_router_dtype="fp32"', bf16, "fp32"),
-            ("bf16, moe_router_dtype=None", bf16_router, "bf16"),
+        for label, layer in (
+            ("fp32 reference", ref),
+            ('bf16, moe_router_dtype="fp32"', bf16),
+            ("bf16, moe_router_dtype=None", bf16_router),
         ):
             xin = x.float() if layer is ref else x
-            out, ms = _timed(lambda m=layer, xi=xin: m(xi), ctx.device, repeats=1)
+            out = layer(xin)
             routed = layer.router.route(xin, layer.expert_bias)
             same = _same_sets(routed.selected_experts, ref_sel)
             err = _rel_l2(out, ref_out)
             res[label] = {"same_topk": same, "rel_l2": err, "logits": str(routed.logits.dtype)}
             rows.append([label, str(routed.logits.dtype).replace("torch.", ""),
-                         f"{same * 100:.2f}%", f"{err:.2e}", f"{ms:.1f}"])
-    print(_table(["layer", "router logits", "top-k sets = fp32 layer's", "rel L2 err vs fp32",
-                  "time ms"], rows))
+                         f"{same * 100:.2f}%", f"{err:.2e}"])
+    print(_table(["layer", "router logits", "top-k sets = fp32 layer's", "rel L2 err vs fp32"], rows))
     return res
 
 
@@ -285,14 +295,15 @@ def _train_step(layer, x):
     return out, aux
 
 
-def _layer_train(ctx, ref, bf16, x, moe_args):
+def _layer_train(ref, bf16, x, moe_args):
     """A training step of the bf16 layer; gate gradients against the fp32 layer's."""
     t = x.shape[0]
     layers = {"fp32": copy.deepcopy(ref), "bf16/fp32 router": copy.deepcopy(bf16),
               "bf16/bf16 router": _with_router(bf16, None)}
+    aux = {}
     for name, layer in layers.items():
-        out, aux = _train_step(layer, x.float() if name == "fp32" else x)
-        layer.step_aux = None if aux is None else aux.item()
+        _, loss = _train_step(layer, x.float() if name == "fp32" else x)
+        aux[name] = None if loss is None else loss.item()
     ref_grad = layers["fp32"].router.gate.weight.grad
     main = layers["bf16/fp32 router"]
     g = main.router.gate.weight.grad
@@ -309,7 +320,7 @@ def _layer_train(ctx, ref, bf16, x, moe_args):
         ["tokens_per_expert: min / mean / max",
          f"{counts.min().item():.0f} / {counts.mean().item():.1f} / {counts.max().item():.0f}"],
         ["aux loss (switch, coeff " + f"{moe_args.aux_loss_coeff:g})",
-         "not configured" if main.step_aux is None else f"{main.step_aux:.4g}"],
+         "not configured" if aux["bf16/fp32 router"] is None else f"{aux['bf16/fp32 router']:.4g}"],
         ["gate grad rel err vs fp32 layer: fp32 router", f"{grad_err['bf16/fp32 router']:.2e}"],
         ["gate grad rel err vs fp32 layer: bf16 router", f"{grad_err['bf16/bf16 router']:.2e}"],
     ]
@@ -317,7 +328,7 @@ def _layer_train(ctx, ref, bf16, x, moe_args):
     return {
         "model_dtype": main.router.gate.weight.dtype, "gate_grad_dtype": g.dtype,
         "logits_dtype": logits_dtype, "token_count_sum": counts.sum().item(), "tokens": t,
-        "top_k": moe_args.top_k, "aux_loss": main.step_aux, "gate_grad_err": grad_err,
+        "top_k": moe_args.top_k, "aux_loss": aux["bf16/fp32 router"], "gate_grad_err": grad_err,
     }
 
 
@@ -460,15 +471,20 @@ def _moe_layer(args: argparse.Namespace, ctx: DemoContext) -> None:
 
     print(f"\n-- 1. forward, {fwd_tokens} tokens (eval) --")
     _progress(ctx, "layer: forward")
-    res: dict[str, Any] = {"forward": _layer_forward(ctx, ref, bf16, x)}
-    print("The fp32 router keeps the fp32 layer's expert choices in a bf16 model; a bf16 router\n"
-          "changes some tokens' experts, and their outputs with them.")
+    res: dict[str, Any] = {"forward": _layer_forward(ref, bf16, x)}
+    f32, b16 = res["forward"]['bf16, moe_router_dtype="fp32"'], res["forward"]["bf16, moe_router_dtype=None"]
+    print(f"Takeaway: in a bf16 model the fp32 router keeps the fp32 layer's expert choices "
+          f"({f32['same_topk']:.1%} of tokens);\na bf16 router moves {1 - b16['same_topk']:.1%} of "
+          f"tokens to other experts and its output error is {_ratio(b16['rel_l2'], f32['rel_l2'])} larger.")
 
     print(f"\n-- 2. one training step, {fwd_tokens} tokens: loss = mean(y^2) + aux loss --")
     _progress(ctx, "layer: training step (3 layers, forward + backward)")
-    res["train"] = _layer_train(ctx, ref, bf16, x, moe_args)
-    print("The gate GEMM runs in fp32 but its gradient comes back in the model dtype (bf16): an\n"
-          "optimizer sees ordinary bf16 parameters; only the routing math is upcast.")
+    res["train"] = _layer_train(ref, bf16, x, moe_args)
+    ge = res["train"]["gate_grad_err"]
+    print("Takeaway: the gate GEMM runs in fp32 but its gradient comes back in the model dtype "
+          "(bf16), so an optimizer\nsees ordinary bf16 parameters; that gradient is "
+          f"{_ratio(ge['bf16/bf16 router'], ge['bf16/fp32 router'])} closer to the fp32 layer's "
+          "than a bf16 router's.")
 
     env_now = ", ".join(f"{n}={os.environ[n]!r}" for n in (ENV_FORCE_BF16, ENV_BOUND) if n in os.environ)
     print(f"\n-- 3. quantized experts (inference), errors vs the fp32 layer; act-dtype bound on "
@@ -477,12 +493,12 @@ def _moe_layer(args: argparse.Namespace, ctx: DemoContext) -> None:
     errs = res["quantized"]["errors"]
     mx = {m: v for (q, m), v in res["quantized"]["policy"].items() if q == "mxfp4"}
     lo, hi = min(mx), max(mx)
-    print(f"MXFP4 weights cost most of the error; fp8 activations add little on top "
-          f"({errs['mxfp4']['bf16']:.1%} -> {errs['mxfp4']['fp8']:.1%}), fp4 activations much more "
-          f"(-> {errs['mxfp4']['fp4']:.1%}).\nSo the policy keeps bf16 activations below the bound "
-          f"(memory-bound GEMMs: bf16 costs nothing) and takes the\nfast path from it "
-          f"({lo} tokens: {mx[lo]['policy']}, {hi} tokens: {mx[hi]['policy']}); fp4 only on GPUs with "
-          "FP4 tensor cores. fp8 experts run fp8 activations.")
+    print(f"Takeaway: MXFP4 weights cost most of the error; fp8 activations add little on top "
+          f"({errs['mxfp4']['bf16']:.1%} -> {errs['mxfp4']['fp8']:.1%}),\nfp4 activations much more "
+          f"(-> {errs['mxfp4']['fp4']:.1%}). So the policy keeps bf16 activations below the bound "
+          f"(small batches are\nmemory-bound on a GPU: bf16 costs nothing there) and takes the fast "
+          f"path from it ({lo} tokens: {mx[lo]['policy']}, {hi}: {mx[hi]['policy']});\nfp4 only on "
+          "GPUs with FP4 tensor cores. fp8 experts always run fp8 activations (fp8 x fp8 GEMMs).")
 
     m = bound if bound in mx else hi
     print("\n-- 4. deployment overrides of the policy (env read at every call) --")
@@ -491,7 +507,7 @@ def _moe_layer(args: argparse.Namespace, ctx: DemoContext) -> None:
     outs = {a: o[:m] for a, o in explicit["mxfp4"].items()}
     res["overrides"] = _overrides(ctx, layer, x_all[:m], outs)
     res["bound"] = bound
-    print(f"{ENV_FORCE_BF16}=1 (or PrecisionConfig.force_bf16_act) pins bf16 activations for every "
+    print(f"Takeaway: {ENV_FORCE_BF16}=1 (or PrecisionConfig.force_bf16_act) pins bf16 activations for every "
           f"batch;\n{ENV_BOUND} moves the crossover per deployment, over PrecisionConfig.bf16_fp8_bound "
           "(last row).\nBoth are read at every call: no restart, no re-import.")
     ctx.results["layer"] = res
@@ -512,7 +528,7 @@ def _device(name: str) -> torch.device:
 
 
 def run(args: argparse.Namespace) -> int:
-    if args.tokens < 1:
+    if _router_tokens(args) < 1:
         raise ValueError(f"--tokens: expected a positive int, got {args.tokens}")
     ctx = DemoContext(device=_device(args.device), seed=args.seed)
     for i, section in enumerate(SECTIONS):
