@@ -172,3 +172,29 @@ def test_demo_layer_bad_env_bound(monkeypatch):
     ctx = demo.DemoContext(device=torch.device("cpu"), seed=0)
     with pytest.raises(ValueError, match=ENV_BOUND):
         demo.moe_layer(_layer_args(), ctx)
+
+
+@pytest.mark.gpu
+def test_demo_layer_cuda(monkeypatch, capsys):
+    """On a GPU the quantized layer runs the Triton kernels: same claims as on CPU."""
+    from moeprec.cli import demo
+
+    monkeypatch.setenv(ENV_BOUND, str(BOUND))
+    monkeypatch.delenv(ENV_FORCE_BF16, raising=False)
+    dev = torch.device("cuda")
+    ctx = demo.DemoContext(device=dev, seed=0)
+    demo.moe_layer(_layer_args("--device", "cuda"), ctx)
+    out = capsys.readouterr().out
+    assert "cuda" in out
+    res = ctx.results["layer"]
+    assert res["train"]["gate_grad_dtype"] == torch.bfloat16
+    assert res["train"]["logits_dtype"] == torch.float32
+    fwd = res["forward"]
+    assert fwd['bf16, moe_router_dtype="fp32"']["rel_l2"] < fwd["bf16, moe_router_dtype=None"]["rel_l2"]
+    for quant in ("mxfp4", "fp8"):
+        e = res["quantized"]["errors"][quant]
+        assert e["bf16"] <= e["fp8"] * 1.01 and e["fp8"] < e["fp4"], (quant, e)
+    for (quant, m), v in res["quantized"]["policy"].items():
+        assert v["ran"] == v["policy"] == select_act_dtype(m, quant=quant, device=dev), (quant, m)
+    for label, v in res["overrides"].items():
+        assert v["ran"] == v["policy"], label
