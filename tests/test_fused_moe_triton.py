@@ -236,3 +236,18 @@ def test_fp8_quantization_placement(fuse_quant):
     cfg["fuse_quant"] = fuse_quant
     out = m.fused_moe_triton_impl(x, w1, w2, tw, ti, quant="fp8", act_dtype="fp8", config=cfg, **kw)
     assert_close(out, ref, _tol("fp8"))
+
+
+@pytest.mark.parametrize("quant,act_dtype", [("none", "bf16"), ("fp8", "fp8"), ("mxfp4", "bf16")])
+def test_strided_inputs(quant, act_dtype):
+    # column-strided activations, transposed-storage biases and a strided expert mask
+    M, H, I, E, k = 4, 64, 64, 4, 2  # noqa: E741
+    x, w1, w2, tw, ti, kw = make_case(M, H, I, E, k, quant, bias=True, seed=9)
+    x_wide = torch.zeros(M, 2 * H, dtype=x.dtype, device=x.device)
+    x_wide[:, ::2] = x
+    xs = x_wide[:, ::2]
+    kw["bias1"] = kw["bias1"].t().contiguous().t()
+    mask = torch.ones(2 * E, dtype=torch.bool, device=x.device)[::2]
+    out, ref = _run_both(xs, w1, w2, tw, ti, quant=quant, act_dtype=act_dtype, expert_mask=mask,
+                         **kw)
+    assert_close(out, ref, _tol(act_dtype))

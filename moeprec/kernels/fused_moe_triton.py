@@ -60,7 +60,7 @@ def align_blocks(topk_ids: torch.Tensor, num_experts: int, block_m: int,
     dev = topk_ids.device
     sorted_ids = torch.empty(nb * block_m, dtype=torch.int32, device=dev)
     expert_ids = torch.empty(nb, dtype=torch.int32, device=dev)
-    mask = expert_mask.to(torch.int32) if expert_mask is not None else sorted_ids
+    mask = expert_mask.to(torch.int32).contiguous() if expert_mask is not None else sorted_ids
     e_pad = triton.next_power_of_2(num_experts)
     chunk = max(16, min(64, 16384 // e_pad))
     K._align_kernel[(1,)](
@@ -72,6 +72,7 @@ def align_blocks(topk_ids: torch.Tensor, num_experts: int, block_m: int,
 
 
 def _quant_fp8_rows(x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    x = x.contiguous()  # the kernel walks rows with unit column stride
     M, H = x.shape
     q = torch.empty(M, H, dtype=torch.float8_e4m3fn, device=x.device)
     s = torch.empty(M, dtype=torch.float32, device=x.device)
@@ -153,6 +154,9 @@ def fused_moe_triton_impl(
     compute_dtype = _compute_dtype(out_dtype)
     act = 0 if activation == "silu" else 1
 
+    # biases and routed weights are indexed with unit inner stride in the kernels
+    bias1 = bias1.contiguous() if bias1 is not None else None
+    bias2 = bias2.contiguous() if bias2 is not None else None
     sorted_ids, expert_ids = align_blocks(topk_ids, E, bm, expert_mask)
     topk_w = topk_weights.reshape(-1)
     if not topk_w.is_contiguous():
