@@ -399,3 +399,31 @@ def test_function_apply_takes_the_spellings_parse_router_dtype_takes():
 def test_router_gating_linear_rejects_operands_on_other_devices():
     with pytest.raises(ValueError, match="bias"):
         router_gating_linear(torch.randn(3, D), torch.randn(E, D), None, bias=torch.randn(E, device="meta"))
+
+
+@pytest.mark.parametrize("which", ["weight", "bias"])
+def test_none_router_dtype_needs_one_dtype(which):
+    # plain F.linear (router_dtype None) needs x, weight and bias in one dtype: a mismatch used
+    # to surface as F.linear's RuntimeError, naming no argument
+    x, w, b = torch.randn(3, D, dtype=torch.bfloat16), torch.randn(E, D, dtype=torch.bfloat16), None
+    if which == "weight":
+        w = w.float()
+    else:
+        b = torch.randn(E)
+    with pytest.raises(TypeError, match=which) as info:
+        router_gating_linear(x, w, None, b)
+    assert "float32" in str(info.value) and "bfloat16" in str(info.value)
+
+
+def test_none_router_dtype_under_autocast_mixes_dtypes_as_f_linear_does():
+    x, w = torch.randn(3, D, dtype=torch.bfloat16), torch.randn(E, D)
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        y = router_gating_linear(x, w, None, torch.randn(E))
+        want = F.linear(x, w.bfloat16(), None)
+    assert y.dtype == torch.bfloat16 and y.shape == want.shape
+
+
+def test_none_router_dtype_compiles_fullgraph_with_its_checks():
+    x, w = torch.randn(3, D), torch.randn(E, D)
+    fn = torch.compile(lambda a, b: router_gating_linear(a, b, None), fullgraph=True, backend="eager")
+    torch.testing.assert_close(fn(x, w), F.linear(x, w))

@@ -71,6 +71,11 @@ def _no_autocast(device: torch.device) -> torch.autocast:
     return torch.autocast(device_type=kind, enabled=False)
 
 
+def _autocast_on(device: torch.device) -> bool:
+    kind = device.type if device.type in _AUTOCAST_DEVICES else "cpu"
+    return torch.is_autocast_enabled(kind)
+
+
 def _plan(x: torch.Tensor, weight: torch.Tensor, router_dtype: torch.dtype) -> str:
     """"fast" or "upcast": the one place the gate GEMM implementation is chosen."""
     if (
@@ -220,6 +225,15 @@ def router_gating_linear(
     _check_gate_args(x, weight, bias)
     rd = parse_router_dtype(router_dtype)
     if rd is None:
+        # plain F.linear in the model dtype: one dtype for all operands (autocast, which casts
+        # them itself, excepted)
+        checked = () if _autocast_on(x.device) else (("weight", weight), ("bias", bias))
+        for name, t in checked:
+            if t is not None and t.dtype != x.dtype:
+                raise TypeError(
+                    f"{name}: expected dtype {x.dtype} (x's; router_dtype None runs F.linear in "
+                    f"the model dtype), got {t.dtype}"
+                )
         return F.linear(x, weight, bias)
     return RouterGatingLinearFunction.apply(x, weight, bias, rd)
 
