@@ -251,3 +251,12 @@ def test_strided_inputs(quant, act_dtype):
     out, ref = _run_both(xs, w1, w2, tw, ti, quant=quant, act_dtype=act_dtype, expert_mask=mask,
                          **kw)
     assert_close(out, ref, _tol(act_dtype))
+
+
+@pytest.mark.parametrize("quant", ["none", "mxfp4"])
+def test_fp32_model(quant):
+    # fp32 activations: MXFP4 takes the explicit decode (dot_scaled wants 16-bit operands)
+    M, H, I, E, k = 3, 64, 64, 4, 2  # noqa: E741
+    x, w1, w2, tw, ti, kw = make_case(M, H, I, E, k, quant, dtype=torch.float32, seed=10)
+    out, ref = _run_both(x, w1, w2, tw, ti, quant=quant, act_dtype="bf16", **kw)
+    assert_close(out, ref)
