@@ -4,11 +4,11 @@ from __future__ import annotations
 
 from collections.abc import Mapping
 from dataclasses import dataclass
-from numbers import Real
 from typing import Any
 
 import torch
 
+from moeprec._numbers import check_bool, check_real
 from moeprec._validation import check_choice, check_positive_int
 from moeprec.activations import ACTIVATIONS, GATE_MODES, SWIGLU_ALPHA, SWIGLU_LIMIT
 from moeprec.precision import parse_router_dtype
@@ -64,13 +64,15 @@ class MoEArgs:
             self.num_experts, self.top_k, self.num_expert_groups, self.num_limited_groups
         )
         for name in ("route_norm", "score_before_experts", "mlp_bias", "gate_bias"):
-            value = getattr(self, name)
-            if not isinstance(value, bool):
-                raise TypeError(f"{name}: expected a bool, got {type(value).__name__} {value!r}")
-        for name in ("route_scale", "aux_loss_coeff", "z_loss_coeff", "swiglu_alpha", "swiglu_limit"):
-            _check_real(name, getattr(self, name))
+            check_bool(name, getattr(self, name))
+        check_real("route_scale", self.route_scale)
+        check_real("swiglu_alpha", self.swiglu_alpha)
+        check_real("swiglu_limit", self.swiglu_limit, positive=True)
+        # loss weights and the bias-update speed: a negative one would push away from balance
+        for name in ("aux_loss_coeff", "z_loss_coeff"):
+            check_real(name, getattr(self, name), non_negative=True)
         if self.load_balance_coeff is not None:
-            _check_real("load_balance_coeff", self.load_balance_coeff)
+            check_real("load_balance_coeff", self.load_balance_coeff, non_negative=True)
 
     @classmethod
     def from_hf_config(cls, cfg: Any, router_dtype: Any = None) -> MoEArgs:
@@ -129,11 +131,6 @@ class MoEArgs:
             num_limited_groups=None if topk_group is None else int(topk_group),
             load_balance_coeff=DEEPSEEK_V3_BIAS_UPDATE,
         )
-
-
-def _check_real(name: str, value: Any) -> None:
-    if isinstance(value, bool) or not isinstance(value, Real):
-        raise TypeError(f"{name}: expected a real number, got {type(value).__name__} {value!r}")
 
 
 def _get(cfg: Any, *names: str, default: Any = _MISSING) -> Any:

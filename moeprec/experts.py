@@ -27,6 +27,7 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
+from moeprec._numbers import check_bool, check_real
 from moeprec._validation import check_choice, check_floating, check_positive_int, check_tensor
 from moeprec.activations import ACTIVATIONS, GATE_MODES, SWIGLU_ALPHA, SWIGLU_LIMIT, gated_activation
 
@@ -243,6 +244,9 @@ class GroupedExperts(nn.Module):
         check_positive_int("num_experts", num_experts)
         check_choice("activation", activation, ACTIVATIONS)
         check_choice("gate_mode", gate_mode, GATE_MODES)
+        check_bool("bias", bias)
+        check_real("swiglu_alpha", swiglu_alpha)
+        check_real("swiglu_limit", swiglu_limit, positive=True)
         self.dim = dim
         self.hidden_dim = hidden_dim
         self.num_experts = num_experts

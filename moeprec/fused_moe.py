@@ -28,6 +28,7 @@ from typing import Any
 
 import torch
 
+from moeprec._numbers import check_bool, check_real
 from moeprec._validation import check_choice, check_tensor
 from moeprec.act_policy import ACT_DTYPE_CHOICES, QUANTS, resolve_act_dtype
 from moeprec.activations import ACTIVATIONS, GATE_MODES, SWIGLU_ALPHA, SWIGLU_LIMIT, gated_activation
@@ -50,19 +51,6 @@ _MASK_DTYPES = (torch.bool, torch.uint8, torch.int8, torch.int32, torch.int64)
 # ----------------------------------------------------------------------------- validation
 
 
-def _check_flag(name: str, value: Any) -> None:
-    if not isinstance(value, bool):
-        raise TypeError(f"{name}: expected a bool, got {type(value).__name__} {value!r}")
-
-
-def _check_real(name: str, value: Any, *, positive: bool = False) -> None:
-    if isinstance(value, bool) or not isinstance(value, (int, float)):
-        raise TypeError(f"{name}: expected a float, got {type(value).__name__} {value!r}")
-    if not math.isfinite(value) or (positive and value <= 0):
-        kind = "a finite positive" if positive else "a finite"
-        raise ValueError(f"{name}: expected {kind} float, got {value!r}")
-
-
 def _validate(
     hidden_states, w1, w2, topk_weights, topk_ids, *, activation, gate_mode, swiglu_alpha,
     swiglu_limit, quant, w1_scale, w2_scale, act_dtype, bias1, bias2, expert_mask,
@@ -74,10 +62,10 @@ def _validate(
     check_choice("activation", activation, ACTIVATIONS)
     check_choice("gate_mode", gate_mode, GATE_MODES)
     check_choice("backend", backend, BACKENDS)
-    _check_real("swiglu_alpha", swiglu_alpha)
-    _check_real("swiglu_limit", swiglu_limit, positive=True)
-    _check_flag("apply_router_weight_on_input", apply_router_weight_on_input)
-    _check_flag("check_topk_ids", check_topk_ids)
+    check_real("swiglu_alpha", swiglu_alpha)
+    check_real("swiglu_limit", swiglu_limit, positive=True)
+    check_bool("apply_router_weight_on_input", apply_router_weight_on_input)
+    check_bool("check_topk_ids", check_topk_ids)
 
     check_tensor("hidden_states", hidden_states, ndim=2, dtypes=HIDDEN_DTYPES)
     dev = hidden_states.device

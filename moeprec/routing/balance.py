@@ -2,10 +2,10 @@
 
 from __future__ import annotations
 
-from numbers import Real
 
 import torch
 
+from moeprec._numbers import check_real
 from moeprec._validation import check_floating, check_positive_int, check_tensor
 
 _INDEX_DTYPES = (torch.int8, torch.int16, torch.int32, torch.int64, torch.uint8)
@@ -36,8 +36,7 @@ def update_expert_bias(
     """
     check_tensor("expert_bias", expert_bias, ndim=1, dtypes=(torch.float32,))
     check_tensor("tokens_per_expert", tokens_per_expert, shape=(expert_bias.shape[0],))
-    if isinstance(coeff, bool) or not isinstance(coeff, Real):
-        raise TypeError(f"coeff: expected a real number, got {type(coeff).__name__} {coeff!r}")
+    check_real("coeff", coeff)
     counts = tokens_per_expert.to(device=expert_bias.device, dtype=torch.float32)
     delta = coeff * torch.sign(counts.mean() - counts)
     delta -= delta.mean()

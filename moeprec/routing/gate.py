@@ -41,7 +41,8 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
-from moeprec._validation import check_floating, check_tensor
+from moeprec._numbers import check_bool
+from moeprec._validation import check_floating, check_positive_int, check_tensor
 from moeprec.precision import parse_router_dtype
 
 # Number of bf16 pieces the fp32 output gradient is split into by the fast backward (1, 2 or 3);
@@ -250,6 +251,9 @@ class RouterGateLinear(nn.Linear):
         device: Any = None,
         dtype: torch.dtype | None = None,
     ) -> None:
+        check_positive_int("in_features", in_features)
+        check_positive_int("out_features", out_features)
+        check_bool("bias", bias)
         super().__init__(in_features, out_features, bias=bias, device=device, dtype=dtype)
         self.router_dtype = parse_router_dtype(router_dtype)
 

@@ -7,13 +7,13 @@ groups -> top scores gathered from the un-biased scores -> route_norm -> route_s
 
 from __future__ import annotations
 
-from numbers import Real
 from typing import Any, NamedTuple
 
 import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
+from moeprec._numbers import check_bool, check_real
 from moeprec._validation import check_choice, check_floating, check_positive_int, check_tensor
 from moeprec.routing.balance import count_tokens_per_expert
 from moeprec.routing.gate import RouterGateLinear
@@ -96,13 +96,9 @@ class TokenChoiceTopKRouter(nn.Module):
         if top_k > num_experts:
             raise ValueError(f"top_k: expected at most num_experts={num_experts}, got {top_k}")
         check_choice("score_func", score_func, SCORE_FUNCS)
-        if not isinstance(route_norm, bool):
-            raise TypeError(f"route_norm: expected a bool, got {type(route_norm).__name__}")
-        if isinstance(route_scale, bool) or not isinstance(route_scale, Real):
-            raise TypeError(
-                f"route_scale: expected a real number, got {type(route_scale).__name__} "
-                f"{route_scale!r}"
-            )
+        check_bool("route_norm", route_norm)
+        check_real("route_scale", route_scale)
+        check_bool("gate_bias", gate_bias)
         check_expert_groups(num_experts, top_k, num_expert_groups, num_limited_groups)
         self.dim = dim
         self.num_experts = num_experts
