@@ -1,0 +1,76 @@
+"""Compile the fused MoE GEMM kernel for sm_90 without a GPU and report what the compiler made.
+
+For each variant: shared memory, whether loads are asynchronous copies (cp.async: pipelined),
+the MMA instruction (wgmma = Hopper tensor cores; mma.sync = the older path Triton takes for
+BLOCK_M < 64) and the wgmma wait depths (pendings >= 1 means consecutive MMAs overlap; 0 after
+every dot means they are serialized). Pointer and stride divisibility are declared as the
+runtime specialization would (without it the compiler emits scalar loads and no cp.async).
+
+    PYTHONPATH=<dir with the device's triton, e.g. triton==3.6.0> python benchmarks/compile_fused_moe_sm90.py
+"""
+
+from __future__ import annotations
+
+import collections
+import re
+
+import triton
+import triton.language as tl
+from triton.backends.compiler import GPUTarget
+from triton.compiler import ASTSource
+
+from moeprec.kernels import _fused_moe_kernels as K
+
+UNIT_STRIDES = ("stride_ak", "stride_bk", "stride_bsk", "stride_cn", "stride_asm", "stride_csm")
+NOT_DIVISIBLE = ("alpha", "limit", "num_slots", "top_k", "num_pid_m")
+
+
+def compile_variant(stage1, b_fmt, a_fp8, dot_scaled, bm, bn, bk, warps, stages=3):
+    fn = K._moe_gemm_kernel
+    names = fn.arg_names
+    a_quant = a_fp8 and not stage1
+    consts = dict(
+        STAGE1=stage1, INTERLEAVED=False, B_FMT=b_fmt, A_FP8=a_fp8, A_QUANT=a_quant, ACT=0,
+        HAS_BIAS=False, MUL_WEIGHT=not stage1, ATOMIC_OUT=True, QUANT_OUT=stage1 and a_fp8,
+        COMPUTE_DTYPE=tl.bfloat16, INTERP=False, DOT_SCALED=dot_scaled,
+        A_FMT="e4m3" if a_fp8 else "bf16", BLOCK_M=bm, BLOCK_N=bn, BLOCK_K=bk, GROUP_M=8,
+        TILE_ROWS=2 * bn if stage1 else bn, **{s: 1 for s in UNIT_STRIDES},
+    )
+    ptrs = {
+        "a_ptr": "*fp8e4nv" if (a_fp8 and stage1) else "*bf16", "a_scale_ptr": "*fp32",
+        "b_ptr": {0: "*bf16", 1: "*u8", 2: "*fp8e4nv"}[b_fmt],
+        "bs_ptr": "*u8" if b_fmt == 1 else "*fp32", "bias_ptr": "*fp32",
+        "c_ptr": "*bf16" if stage1 else "*fp32", "c_scale_ptr": "*fp32",
+        "sorted_ids_ptr": "*i32", "expert_ids_ptr": "*i32", "topk_w_ptr": "*fp32",
+    }
+    sig = {n: "constexpr" if n in consts else ptrs.get(n, "fp32" if n in ("alpha", "limit") else "i32")
+           for n in names}
+    attrs = {(i,): [["tt.divisibility", 16]] for i, n in enumerate(names)
+             if n not in consts and n not in NOT_DIVISIBLE}
+    src = ASTSource(fn, sig, constexprs={(names.index(k),): v for k, v in consts.items()}, attrs=attrs)
+    return triton.compile(src, target=GPUTarget("cuda", 90, 32),
+                          options=dict(num_warps=warps, num_stages=stages))
+
+
+def main() -> None:
+    print(f"triton {triton.__version__}")
+    variants = [  # (stage1, b_fmt, a_fp8, dot_scaled, BM, BN, BK, warps)
+        (True, 0, False, False, 16, 64, 128, 4), (False, 0, False, False, 16, 64, 128, 4),
+        (True, 0, False, False, 128, 128, 64, 8), (False, 0, False, False, 128, 128, 64, 8),
+        (True, 1, False, True, 16, 64, 128, 4), (False, 1, False, True, 16, 64, 128, 4),
+        (True, 1, False, True, 128, 128, 64, 8), (True, 1, True, True, 128, 128, 128, 8),
+        (True, 2, True, False, 128, 128, 128, 8), (False, 2, True, False, 128, 128, 128, 8),
+    ]
+    for v in variants:
+        c = compile_variant(*v)
+        ptx, ttgir = c.asm["ptx"], c.asm["ttgir"]
+        ops = collections.Counter(re.findall(r"\b(wgmma\.mma_async|mma\.sync)", ptx))
+        cp = len(re.findall(r"cp\.async\.c[ag]", ptx))
+        waits = sorted(set(re.findall(r"pendings = (\d+)", ttgir)))
+        print(f"stage{'1' if v[0] else '2'} b_fmt={v[1]} a_fp8={v[2]:d} dot_scaled={v[3]:d} "
+              f"BM={v[4]} BN={v[5]} BK={v[6]}: smem {c.metadata.shared} B, cp.async {cp}, "
+              f"{dict(ops)}, wgmma waits {waits}")
+
+
+if __name__ == "__main__":
+    main()
