@@ -24,6 +24,7 @@ import sys
 import time
 from typing import Any, Callable
 
+from moeprec.cli.report import PATHS as REPORT_PATHS
 from moeprec.cli.report import PRESETS
 
 # name: (H, I, E, k), from the model presets that `moeprec report` audits. The bench times
@@ -33,12 +34,9 @@ SHAPES: dict[str, tuple[int, int, int, int]] = {
     name: (p.hidden, p.intermediate, p.experts, p.top_k) for name, p in PRESETS.items()
 }
 M_VALUES = (1, 4, 16, 64, 256, 1024, 4096, 16384)
-# path: (quant, act_dtype)
+# path: (quant, act_dtype), named as in `moeprec report`
 PATHS: dict[str, tuple[str, str]] = {
-    "bf16": ("none", "bf16"),
-    "mxfp4-w4a16": ("mxfp4", "bf16"),
-    "mxfp4-fp8": ("mxfp4", "fp8"),
-    "fp8": ("fp8", "fp8"),
+    name: REPORT_PATHS[name] for name in ("bf16", "mxfp4-w4a16", "mxfp4-fp8", "fp8")
 }
 
 
