@@ -12,6 +12,8 @@ import torch
 from moeprec._validation import check_positive_int, check_tensor
 
 INDEX_DTYPES = (torch.int32, torch.int64)
+# expert_mask: nonzero = local expert (integers or bools; a float mask has no clear meaning)
+MASK_DTYPES = (torch.bool, torch.uint8, torch.int8, torch.int32, torch.int64)
 
 
 def max_num_tokens_padded(num_assignments: int, num_experts: int, block_size: int) -> int:
@@ -50,8 +52,8 @@ def moe_align_block_size(
     check_tensor("topk_ids", topk_ids, ndim=2, dtypes=INDEX_DTYPES)
     check_positive_int("num_experts", num_experts)
     check_positive_int("block_size", block_size)
-    check_tensor("expert_mask", expert_mask, shape=(num_experts,), device=topk_ids.device,
-                 optional=True)
+    check_tensor("expert_mask", expert_mask, shape=(num_experts,), dtypes=MASK_DTYPES,
+                 device=topk_ids.device, optional=True)
 
     device = topk_ids.device
     num_slots = topk_ids.numel()  # M * k, also the pad value

@@ -32,7 +32,7 @@ from moeprec._numbers import check_bool, check_real
 from moeprec._validation import check_choice, check_tensor
 from moeprec.act_policy import ACT_DTYPE_CHOICES, QUANTS, resolve_act_dtype
 from moeprec.activations import ACTIVATIONS, GATE_MODES, SWIGLU_ALPHA, SWIGLU_LIMIT, gated_activation
-from moeprec.dispatch import INDEX_DTYPES
+from moeprec.dispatch import INDEX_DTYPES, MASK_DTYPES
 from moeprec.formats._backend import triton_interpret
 from moeprec.formats.fp8 import fake_quantize_fp8
 from moeprec.formats.mxfp4 import MX_BLOCK, dequantize_mxfp4, fake_quantize_mxfp4
@@ -45,7 +45,6 @@ WEIGHT_DTYPES = {
     "fp8": (torch.float8_e4m3fn,),
 }
 _FLOAT_DTYPES = (torch.float16, torch.bfloat16, torch.float32, torch.float64)
-_MASK_DTYPES = (torch.bool, torch.uint8, torch.int8, torch.int32, torch.int64)
 
 
 # ----------------------------------------------------------------------------- validation
@@ -119,7 +118,7 @@ def _validate(
 
     check_tensor("bias1", bias1, shape=(E, two_i), dtypes=_FLOAT_DTYPES, device=dev, optional=True)
     check_tensor("bias2", bias2, shape=(E, H), dtypes=_FLOAT_DTYPES, device=dev, optional=True)
-    check_tensor("expert_mask", expert_mask, shape=(E,), dtypes=_MASK_DTYPES, device=dev,
+    check_tensor("expert_mask", expert_mask, shape=(E,), dtypes=MASK_DTYPES, device=dev,
                  optional=True)
     return E, I
 

@@ -104,7 +104,7 @@ def test_no_host_sync_needed_shapes_depend_only_on_sizes():
         ((torch.zeros(3, 2, dtype=torch.int64), 0, 16), ValueError, "num_experts"),
         ((torch.zeros(3, 2, dtype=torch.int64), 4, 0), ValueError, "block_size"),
         ((torch.zeros(3, 2, dtype=torch.int64), 4, 2.0), TypeError, "block_size"),
-        ((torch.zeros(3, 2, dtype=torch.int64), 4, 16, torch.ones(5)), ValueError, "expert_mask"),
+        ((torch.zeros(3, 2, dtype=torch.int64), 4, 16, torch.ones(5, dtype=torch.bool)), ValueError, "expert_mask"),
         ((torch.zeros(3, 2, dtype=torch.int64), 4, 16, [1, 1, 1, 1]), TypeError, "expert_mask"),
     ],
 )
@@ -122,3 +122,12 @@ def test_cuda_matches_cpu():
     gpu = moe_align_block_size(topk_ids.cuda(), E, block, mask.cuda())
     for a, b in zip(cpu, gpu):
         assert torch.equal(a, b.cpu())
+
+
+def test_expert_mask_takes_the_dtypes_fused_moe_takes():
+    # a float mask was accepted here (0.5 counting as local) but refused by fused_moe
+    ids = torch.zeros(2, 2, dtype=torch.int64)
+    with pytest.raises(TypeError, match="expert_mask"):
+        moe_align_block_size(ids, 4, 4, torch.ones(4))
+    for dtype in (torch.bool, torch.uint8, torch.int32):
+        moe_align_block_size(ids, 4, 4, torch.ones(4, dtype=dtype))
