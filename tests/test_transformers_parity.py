@@ -154,3 +154,17 @@ def test_bad_input():
         convert_hf_moe_state_dict({"mlp.weight": torch.zeros(1)})
     with pytest.raises(ValueError, match="family"):
         convert_hf_moe_state_dict({"gate.weight": torch.zeros(1)}, family="llama")
+
+
+@pytest.mark.parametrize(
+    "sd, missing",
+    [
+        ({"router.weight": torch.zeros(2, 2)}, "router.bias"),
+        ({"gate.weight": torch.zeros(2, 2)}, "experts.gate_up_proj"),
+    ],
+)
+def test_incomplete_block_names_the_missing_tensor(sd, missing):
+    # used to be a bare KeyError
+    with pytest.raises(ValueError, match="hf_block") as info:
+        convert_hf_moe_state_dict(sd)
+    assert repr(missing) in str(info.value)

@@ -76,9 +76,19 @@ def _stack_legacy_experts(sd: Mapping[str, torch.Tensor]) -> tuple[torch.Tensor,
     return None
 
 
+class _Tensors(dict):
+    """A block's state dict whose missing keys are a ValueError naming the tensor (not KeyError)."""
+
+    def __missing__(self, key: str) -> torch.Tensor:
+        raise ValueError(
+            f"hf_block: expected a tensor {key!r} in the block's state dict, got tensors "
+            f"{sorted(self)[:8]}"
+        )
+
+
 def convert_hf_moe_state_dict(state_dict: Mapping[str, torch.Tensor], family: str | None = None) -> dict[str, torch.Tensor]:
     """An HF MoE block's state dict (keys relative to the block) -> moeprec.MoE's keys and layouts."""
-    sd = dict(state_dict)
+    sd = _Tensors(state_dict)
     family = hf_block_family(sd) if family is None else family
     if family not in _FAMILIES:
         raise ValueError(f"family: expected one of {_FAMILIES}, got {family!r}")
