@@ -8,6 +8,8 @@ against SPEC keeps working.
 
 import dataclasses
 import inspect
+import subprocess
+import sys
 
 import pytest
 import torch
@@ -159,9 +161,31 @@ def test_every_spec_name_is_reachable_from_the_package(name):
     assert name in dir(moeprec)
 
 
+def _public(name):
+    """moeprec.<name>; for fused_moe the function (see the xfail test below for the module)."""
+    obj = getattr(moeprec, name)
+    if inspect.ismodule(obj):
+        obj = getattr(obj, name)
+    return obj
+
+
 @pytest.mark.parametrize("name", sorted(SIGNATURES))
 def test_signature_matches_spec(name):
-    _check_params(inspect.signature(getattr(moeprec, name)), SIGNATURES[name], name)
+    _check_params(inspect.signature(_public(name)), SIGNATURES[name], name)
+
+
+@pytest.mark.xfail(strict=True, reason=(
+    "once the submodule moeprec.fused_moe is imported, the package attribute moeprec.fused_moe "
+    "is that (callable) module, whose signature is (*args, **kwargs); fixed by the planned "
+    "rename of moeprec/fused_moe.py"))
+def test_fused_moe_signature_whatever_the_import_order():
+    # a fresh interpreter: in this one the order of earlier imports decides what the name holds
+    code = (
+        "import inspect, moeprec.fused_moe, moeprec; "
+        "print(list(inspect.signature(moeprec.fused_moe).parameters))"
+    )
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True)
+    assert out.stdout.split("'")[1::2] == list(inspect.signature(_public("fused_moe")).parameters)
 
 
 def test_gating_function_apply_arguments():
@@ -222,7 +246,7 @@ def test_dataclass_fields_and_defaults(cls, fields):
 
 def test_numeric_defaults_have_exact_types():
     # 1.0 and 1 compare equal: pin the float ones too (a user reading the default sees SPEC's)
-    sig = inspect.signature(moeprec.fused_moe)
+    sig = inspect.signature(_public("fused_moe"))
     for name in ("swiglu_alpha", "swiglu_limit"):
         assert type(sig.parameters[name].default) is float
     args = moeprec.MoEArgs()
