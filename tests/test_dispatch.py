@@ -131,3 +131,34 @@ def test_expert_mask_takes_the_dtypes_fused_moe_takes():
         moe_align_block_size(ids, 4, 4, torch.ones(4))
     for dtype in (torch.bool, torch.uint8, torch.int32):
         moe_align_block_size(ids, 4, 4, torch.ones(4, dtype=dtype))
+
+
+def _align_brute_force(ids, num_experts, block, mask):
+    """vLLM's layout written out: per expert (ascending) its flat ids, padded with M*k."""
+    flat = ids.reshape(-1).tolist()
+    pad = len(flat)
+    sorted_ids, expert_ids = [], []
+    for e in range(num_experts):
+        rows = [i for i, v in enumerate(flat) if v == e]
+        if not rows:
+            continue
+        n = -(-len(rows) // block) * block
+        sorted_ids += rows + [pad] * (n - len(rows))
+        expert_ids += [e if mask is None or bool(mask[e]) else -1] * (n // block)
+    return sorted_ids, expert_ids
+
+
+def test_matches_brute_force_on_random_routings():
+    gen = torch.Generator().manual_seed(5)
+    for trial in range(150):
+        m, k, e = (int(v) for v in torch.randint(1, 7, (3,), generator=gen))
+        m -= 1  # M = 0 included
+        block = (1, 2, 3, 4, 16)[trial % 5]
+        ids = torch.randint(0, e, (m, k), generator=gen, dtype=(torch.int32, torch.int64)[trial % 2])
+        mask = None if trial % 3 == 0 else torch.rand(e, generator=gen) < 0.6
+        s, eids, n = moe_align_block_size(ids, e, block, mask)
+        want_s, want_e = _align_brute_force(ids, e, block, mask)
+        used = int(n)
+        assert n.dtype == torch.int32 and n.shape == (1,)
+        assert s[:used].tolist() == want_s and eids[: used // block].tolist() == want_e
+        assert (s[used:] == m * k).all() and (eids[used // block :] == -1).all()
