@@ -266,6 +266,27 @@ class GroupedExperts(nn.Module):
             self.register_parameter("b2", None)
         self.init_weights()
 
+    # After quantize_/load_quantized_ the weights are format data (fp8 or packed uint8, fp32
+    # scales and biases): `.to(dtype)` / `.bfloat16()` must not convert them (fp8 is a floating
+    # dtype torch would cast, and bf16 scales would lose their bits). Device moves still apply.
+    _QUANTIZED_BUFFERS = ("w1", "w2", "w1_scale", "w2_scale", "b1", "b2")
+
+    def _apply(self, fn, recurse=True):
+        if self.quant == "none":
+            return super()._apply(fn, recurse)
+        kept = {n: self._buffers.pop(n) for n in self._QUANTIZED_BUFFERS if n in self._buffers}
+        try:
+            super()._apply(fn, recurse)
+        finally:
+            for name, t in kept.items():
+                self._buffers[name] = t
+        for name, t in kept.items():
+            if t is not None:
+                device = fn(t).device  # where the cast/move would put it; dtype left alone
+                if device != t.device:
+                    self._buffers[name] = t.to(device)
+        return self
+
     @property
     def has_bias(self) -> bool:
         return self.b1 is not None

@@ -442,3 +442,27 @@ def test_same_layout_and_math_as_fused_moe(cfg):
         x, e.w1, e.w2, top, sel, activation=e.activation, gate_mode=e.gate_mode, bias1=e.b1, bias2=e.b2,
         apply_router_weight_on_input=m.args.score_before_experts, backend="torch")
     torch.testing.assert_close(m(x), want, rtol=1e-5, atol=1e-5)
+
+
+@pytest.mark.parametrize("quant", ["fp8", "mxfp4"])
+def test_dtype_cast_after_quantize_keeps_the_quantized_buffers(quant):
+    # `.bfloat16()` used to turn fp8 weights and fp32 scales/biases into bf16 (fp8: forward then
+    # raised; the scales' and biases' bits were lost)
+    torch.manual_seed(0)
+    m = MoE(MoEArgs(num_experts=4, top_k=2, mlp_bias=True), 32, 32).eval()
+    with torch.no_grad():
+        m.experts.b1.normal_(0, 0.1)
+        m.experts.b2.normal_(0, 0.1)
+    m.router.bfloat16()
+    m.quantize_(quant)
+    before = {n: b.clone() for n, b in m.experts.named_buffers()}
+    x = torch.randn(5, 32, dtype=torch.bfloat16)
+    want = m(x)
+    m.bfloat16()
+    for name, buf in m.experts.named_buffers():
+        assert buf.dtype == before[name].dtype, name
+        assert torch.equal(buf.view(torch.uint8), before[name].view(torch.uint8)), name
+    torch.testing.assert_close(m(x), want, rtol=0, atol=0)
+    m.float()  # the router follows the cast; the experts' buffers do not
+    assert m.router.gate.weight.dtype == torch.float32
+    assert m.experts.w1_scale.dtype == before["w1_scale"].dtype
