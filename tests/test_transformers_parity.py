@@ -168,3 +168,11 @@ def test_incomplete_block_names_the_missing_tensor(sd, missing):
     with pytest.raises(ValueError, match="hf_block") as info:
         convert_hf_moe_state_dict(sd)
     assert repr(missing) in str(info.value)
+
+
+def test_moe_from_hf_bad_block():
+    _, cfg = _qwen3(False)
+    with pytest.raises(TypeError, match="hf_block"):
+        moe_from_hf({"gate.weight": torch.zeros(1)}, cfg)  # used to be AttributeError
+    with pytest.raises(ValueError, match="hf_block"):
+        moe_from_hf(torch.nn.Module(), cfg)  # no parameters: used to be StopIteration

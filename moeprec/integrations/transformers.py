@@ -152,7 +152,11 @@ def moe_from_hf(
     router_dtype: Any = None,
 ) -> MoE:
     """A moeprec.MoE computing what `hf_block` computes, on its device and in its dtype."""
+    if not isinstance(hf_block, nn.Module):
+        raise TypeError(f"hf_block: expected a torch.nn.Module, got {type(hf_block).__name__}")
+    ref = next(hf_block.parameters(), None)
+    if ref is None:
+        raise ValueError(f"hf_block: expected an MoE block with parameters, got a {type(hf_block).__name__} with none")
     args, dim, hidden = moe_args_from_hf(config, router_dtype=router_dtype)
-    ref = next(hf_block.parameters())
     moe = MoE(args, dim, hidden, precision=precision).to(device=ref.device, dtype=ref.dtype)
     return load_hf_moe_block(moe, hf_block, family=hf_family(config))
