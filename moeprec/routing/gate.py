@@ -96,19 +96,30 @@ def _mm_f32(a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
     return torch.mm(a, b, out_dtype=torch.float32)
 
 
+def _truncate_to_bf16(t: torch.Tensor) -> torch.Tensor:
+    """fp32 t with the low 16 bits cleared: a value bf16 holds exactly, and t minus it is exact.
+
+    Bit arithmetic, not a round trip through bf16: a compiler fusing `g - float(bf16(g))` into one
+    kernel may skip the intermediate rounding (Inductor does by default) and make the rest zero.
+    """
+    return (t.view(torch.int32) & -65536).view(torch.float32)
+
+
 def _split_to_bf16(g: torch.Tensor, pieces: int) -> torch.Tensor:
     """fp32 g [T, E] -> bf16 [T, pieces * E] = [g_1 | g_2 | ...], sum of the g_i ~= g.
 
-    g_1 = bf16(g), g_2 = bf16(g - g_1), g_3 = bf16(g - g_1 - g_2): each difference is exact in
-    fp32, so 3 pieces hold g exactly. Written straight into one buffer (no concatenation).
+    One piece: bf16(g), rounded to nearest. More: each piece but the last takes the leading 8
+    significant bits of what is left (truncation, exact), the last is the rounded rest; so
+    |g - sum| <= 2^-16 |g| for 2 pieces and 0 for 3. Written into one buffer (no concatenation).
     """
     t, e = g.shape
     out = torch.empty((t, pieces * e), dtype=torch.bfloat16, device=g.device)
-    out[:, :e].copy_(g)  # round to nearest even
     rest = g
-    for i in range(1, pieces):
-        rest = rest - out[:, (i - 1) * e : i * e]  # fp32 - bf16 computed in fp32: exact
-        out[:, i * e : (i + 1) * e].copy_(rest)
+    for i in range(pieces - 1):
+        hi = _truncate_to_bf16(rest)
+        out[:, i * e : (i + 1) * e].copy_(hi)  # exact
+        rest = rest - hi  # exact in fp32
+    out[:, (pieces - 1) * e :].copy_(rest)  # round to nearest even
     return out
 
 
