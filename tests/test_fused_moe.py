@@ -450,7 +450,20 @@ def test_reference_has_no_backend_argument():
         fused_moe_torch(x, topk_weights=tw, topk_ids=ids, backend="triton", **wkw)
 
 
-_TRITON_FP8_NAN = pytest.mark.xfail(strict=True, reason=(
+# backend="triton" runs on CUDA tensors, or on CPU ones under TRITON_INTERPRET=1 (set by conftest
+# when there is no GPU)
+_TRITON_DEVICE = "cuda" if torch.cuda.is_available() else "cpu"
+
+
+def _on(device, *tensors):
+    return [t.to(device) for t in tensors]
+
+
+def _on_dict(device, d):
+    return {k: v.to(device) for k, v in d.items()}
+
+
+_TRITON_FP8_NAN = pytest.mark.xfail(strict=not torch.cuda.is_available(), reason=(
     "kernels: the Triton fp8 activation quantizer clamps NaN to a finite value (tl.maximum/"
     "tl.minimum drop NaN), so a NaN in x or a NaN weight block gives finite garbage where the "
     "reference gives NaN; moeprec/kernels/_fused_moe_kernels.py, reported to the lead"))
@@ -463,27 +476,30 @@ _TRITON_FP8_NAN = pytest.mark.xfail(strict=True, reason=(
 def test_nan_scale_block_stays_in_its_experts_tokens(backend, act_dtype):
     """A 0xFF (NaN) E8M0 scale in expert e poisons only the outputs of tokens routed to e:
     a w1 block -> the whole rows of those tokens; a w2 block -> their one output column."""
+    dev = _TRITON_DEVICE if backend == "triton" else "cpu"
     x, _, _, wkw, tw, ids, _, _ = make_case("mxfp4")
     e = int(ids[0, 0])
     routed = (ids == e).any(dim=1)
     assert 0 < int(routed.sum()) < M  # some tokens go to e, some do not
+    x, tw, ids = _on(dev, x, tw, ids)
+    wkw = _on_dict(dev, wkw)
     kw = dict(topk_weights=tw, topk_ids=ids, quant="mxfp4", act_dtype=act_dtype, backend=backend)
 
     s1 = wkw["w1_scale"].clone()
     s1[e, 3, 1] = 0xFF
-    out = fused_moe(x, **dict(wkw, w1_scale=s1), **kw)
+    out = fused_moe(x, **dict(wkw, w1_scale=s1), **kw).cpu()
     assert torch.equal(out.isnan().all(dim=1), routed)
     assert torch.isfinite(out[~routed]).all()
 
     s2 = wkw["w2_scale"].clone()
     s2[e, 5, 0] = 0xFF
-    out = fused_moe(x, **dict(wkw, w2_scale=s2), **kw)
+    out = fused_moe(x, **dict(wkw, w2_scale=s2), **kw).cpu()
     want = torch.zeros(M, H, dtype=torch.bool)
     want[routed, 5] = True
     assert torch.equal(out.isnan(), want)
 
     # the same expert masked off: no NaN anywhere
-    mask = torch.ones(E, dtype=torch.bool)
+    mask = torch.ones(E, dtype=torch.bool, device=dev)
     mask[e] = False
     out = fused_moe(x, **dict(wkw, w1_scale=s1), expert_mask=mask, **kw)
     assert torch.isfinite(out).all()
@@ -494,11 +510,13 @@ def test_nan_scale_block_stays_in_its_experts_tokens(backend, act_dtype):
     pytest.param("triton", "fp8", marks=_TRITON_FP8_NAN),
 ])
 def test_nan_in_x_gives_nan_in_that_token_only_on_every_backend(backend, act_dtype):
+    dev = _TRITON_DEVICE if backend == "triton" else "cpu"
     x, _, _, wkw, tw, ids, _, _ = make_case("mxfp4")
     x = x.clone()
     x[2, 5] = float("nan")
+    x, tw, ids = _on(dev, x, tw, ids)
     out = fused_moe(x, topk_weights=tw, topk_ids=ids, quant="mxfp4", act_dtype=act_dtype,
-                    backend=backend, **wkw)
+                    backend=backend, **_on_dict(dev, wkw)).cpu()
     want = torch.zeros(M, dtype=torch.bool)
     want[2] = True
     assert torch.equal(out.isnan().any(dim=1), want)
