@@ -360,7 +360,8 @@ def _assert_grads_within_rounding_bounds(grads, leaves, g):
     for got, want, leaf, (absdot, k) in zip(grads, truths, leaves, scales):
         assert got.dtype == leaf.dtype
         bound = u * want.abs() + (1 + u) * (piece_err + k * 2.0**-24) * absdot + tiny
-        assert ((got.double() - want).abs() <= bound).all()
+        ratio = ((got.double() - want).abs() / bound).max().item() if got.numel() else 0.0
+        assert ratio <= 1.0, f"grad of {tuple(leaf.shape)}: error up to {ratio:.2f}x its bound"
 
 
 @pytest.mark.gpu
