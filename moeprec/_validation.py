@@ -6,7 +6,9 @@ what came (SPEC section 6).
 
 from __future__ import annotations
 
+import math
 from collections.abc import Iterable, Sequence
+from numbers import Real
 from typing import Any
 
 import torch
@@ -64,3 +66,21 @@ def check_positive_int(name: str, value: Any, *, allow_zero: bool = False) -> No
     if value < 0 or (value == 0 and not allow_zero):
         kind = "a non-negative" if allow_zero else "a positive"
         raise ValueError(f"{name}: expected {kind} int, got {value}")
+
+
+def check_bool(name: str, value: Any) -> None:
+    """A real bool (1, "yes" and numpy bools are refused: flags are spelled True/False)."""
+    if not isinstance(value, bool):
+        raise TypeError(f"{name}: expected a bool, got {type(value).__name__} {value!r}")
+
+
+def check_real(name: str, value: Any, *, positive: bool = False, non_negative: bool = False) -> None:
+    """A finite real number (bools refused), optionally > 0 or >= 0."""
+    if isinstance(value, bool) or not isinstance(value, Real):
+        raise TypeError(f"{name}: expected a real number, got {type(value).__name__} {value!r}")
+    if not math.isfinite(value):
+        raise ValueError(f"{name}: expected a finite number, got {value!r}")
+    if positive and value <= 0:
+        raise ValueError(f"{name}: expected a positive number, got {value!r}")
+    if non_negative and value < 0:
+        raise ValueError(f"{name}: expected a non-negative number, got {value!r}")

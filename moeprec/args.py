@@ -8,8 +8,7 @@ from typing import Any
 
 import torch
 
-from moeprec._numbers import check_bool, check_real
-from moeprec._validation import check_choice, check_positive_int
+from moeprec._validation import check_bool, check_choice, check_positive_int, check_real
 from moeprec.activations import ACTIVATIONS, GATE_MODES, SWIGLU_ALPHA, SWIGLU_LIMIT
 from moeprec.precision import parse_router_dtype
 from moeprec.routing.topk_router import SCORE_FUNCS, check_expert_groups

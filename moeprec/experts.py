@@ -27,8 +27,14 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
-from moeprec._numbers import check_bool, check_real
-from moeprec._validation import check_choice, check_floating, check_positive_int, check_tensor
+from moeprec._validation import (
+    check_bool,
+    check_choice,
+    check_floating,
+    check_positive_int,
+    check_real,
+    check_tensor,
+)
 from moeprec.activations import ACTIVATIONS, GATE_MODES, SWIGLU_ALPHA, SWIGLU_LIMIT, gated_activation
 
 __all__ = ["GroupedExperts", "grouped_experts_loop", "grouped_mm", "native_grouped_mm_supported"]

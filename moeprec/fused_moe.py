@@ -28,8 +28,7 @@ from typing import Any
 
 import torch
 
-from moeprec._numbers import check_bool, check_real
-from moeprec._validation import check_choice, check_tensor
+from moeprec._validation import check_bool, check_choice, check_real, check_tensor
 from moeprec.act_policy import ACT_DTYPE_CHOICES, QUANTS, resolve_act_dtype
 from moeprec.activations import ACTIVATIONS, GATE_MODES, SWIGLU_ALPHA, SWIGLU_LIMIT, gated_activation
 from moeprec.dispatch import INDEX_DTYPES, MASK_DTYPES

@@ -14,6 +14,8 @@ does not recompile when per-expert counts change.
 
 from __future__ import annotations
 
+import copy
+
 import torch
 import torch.nn as nn
 
@@ -97,6 +99,19 @@ class MoE(nn.Module):
             if buf is not None and buf.dtype != torch.float32:
                 self._buffers[name] = buf.float()
         return self
+
+    def __deepcopy__(self, memo):
+        # `aux_loss` is a non-leaf tensor of the last forward's graph, which deepcopy refuses;
+        # a copy (EMA model, checkpoint) starts without one, as after construction.
+        aux_loss, self.aux_loss = self.aux_loss, None
+        try:
+            cls = type(self)
+            clone = cls.__new__(cls)
+            memo[id(self)] = clone
+            clone.__dict__.update(copy.deepcopy(self.__dict__, memo))
+        finally:
+            self.aux_loss = aux_loss
+        return clone
 
     @property
     def quant(self) -> str:

@@ -466,3 +466,17 @@ def test_dtype_cast_after_quantize_keeps_the_quantized_buffers(quant):
     m.float()  # the router follows the cast; the experts' buffers do not
     assert m.router.gate.weight.dtype == torch.float32
     assert m.experts.w1_scale.dtype == before["w1_scale"].dtype
+
+
+def test_deepcopy_after_a_training_forward():
+    args = MoEArgs(num_experts=4, top_k=2, aux_loss_coeff=0.01)
+    moe = MoE(args, dim=16, hidden_dim=8).train()
+    x = torch.randn(10, 16)
+    moe(x).sum().backward()
+    assert moe.aux_loss is not None and moe.aux_loss.grad_fn is not None
+    clone = copy.deepcopy(moe)
+    assert clone.aux_loss is None and moe.aux_loss is not None
+    assert clone.experts.w1 is not moe.experts.w1
+    assert torch.equal(clone.experts.w1, moe.experts.w1)
+    clone.eval(), moe.eval()
+    assert torch.equal(clone(x), moe(x))

@@ -5,8 +5,7 @@ from __future__ import annotations
 
 import torch
 
-from moeprec._numbers import check_real
-from moeprec._validation import check_floating, check_positive_int, check_tensor
+from moeprec._validation import check_floating, check_positive_int, check_real, check_tensor
 
 _INDEX_DTYPES = (torch.int8, torch.int16, torch.int32, torch.int64, torch.uint8)
 

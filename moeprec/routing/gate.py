@@ -41,8 +41,7 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
-from moeprec._numbers import check_bool
-from moeprec._validation import check_floating, check_positive_int, check_tensor
+from moeprec._validation import check_bool, check_floating, check_positive_int, check_tensor
 from moeprec.precision import parse_router_dtype
 
 # Number of bf16 pieces the fp32 output gradient is split into by the fast backward (1, 2 or 3);

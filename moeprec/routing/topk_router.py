@@ -13,8 +13,14 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
-from moeprec._numbers import check_bool, check_real
-from moeprec._validation import check_choice, check_floating, check_positive_int, check_tensor
+from moeprec._validation import (
+    check_bool,
+    check_choice,
+    check_floating,
+    check_positive_int,
+    check_real,
+    check_tensor,
+)
 from moeprec.routing.balance import count_tokens_per_expert
 from moeprec.routing.gate import RouterGateLinear
 
