@@ -463,15 +463,9 @@ def _on_dict(device, d):
     return {k: v.to(device) for k, v in d.items()}
 
 
-_TRITON_FP8_NAN = pytest.mark.xfail(strict=not torch.cuda.is_available(), reason=(
-    "kernels: the Triton fp8 activation quantizer clamps NaN to a finite value (tl.maximum/"
-    "tl.minimum drop NaN), so a NaN in x or a NaN weight block gives finite garbage where the "
-    "reference gives NaN; moeprec/kernels/_fused_moe_kernels.py, reported to the lead"))
-
-
 @pytest.mark.parametrize("backend,act_dtype", [
     ("torch", "bf16"), ("torch", "fp8"), ("triton", "bf16"),
-    pytest.param("triton", "fp8", marks=_TRITON_FP8_NAN),
+    ("triton", "fp8"),
 ])
 def test_nan_scale_block_stays_in_its_experts_tokens(backend, act_dtype):
     """A 0xFF (NaN) E8M0 scale in expert e poisons only the outputs of tokens routed to e:
@@ -507,7 +501,7 @@ def test_nan_scale_block_stays_in_its_experts_tokens(backend, act_dtype):
 
 @pytest.mark.parametrize("backend,act_dtype", [
     ("torch", "bf16"), ("torch", "fp8"), ("torch", "fp4"), ("triton", "bf16"), ("triton", "fp4"),
-    pytest.param("triton", "fp8", marks=_TRITON_FP8_NAN),
+    ("triton", "fp8"),
 ])
 def test_nan_in_x_gives_nan_in_that_token_only_on_every_backend(backend, act_dtype):
     dev = _TRITON_DEVICE if backend == "triton" else "cpu"

@@ -146,7 +146,7 @@ def _load_b_tile(
             mask=(kk[:, None] < K) & row_mask[None, :], other=0.0,
         )
         if not (A_FP8 and B_FMT == 2):  # fp8 weights meet bf16 activations: upcast (exact)
-            w = w.to(COMPUTE_DTYPE)
+            w = _upcast(w, COMPUTE_DTYPE, INTERP)
         return w, w, tl.full([BLOCK_N], 1.0, tl.float32)
 
 
@@ -156,21 +156,62 @@ def _to_fp8(x, INTERP: tl.constexpr):
 
     The interpreter's own cast mis-rounds values that carry into the next binade (124.3 -> 64),
     so there we round in fp32 first (3 mantissa bits; 2^-9 steps below 2^-6) and cast exact values.
+    It also turns NaN into 384, so NaN is put back as the E4M3 NaN code (sign kept, as torch
+    does); the GPU's saturating cast keeps NaN itself.
     """
     if INTERP:
         bits = x.to(tl.int32, bitcast=True)
         rbits = (bits + 0x7FFFF + ((bits >> 20) & 1)) & ~0xFFFFF
         normal = rbits.to(tl.float32, bitcast=True)
         sub = ((x * 512.0 + 12582912.0) - 12582912.0) / 512.0
-        x = tl.where(tl.abs(x) < 0.015625, sub, normal)
+        y = tl.where(tl.abs(x) < 0.015625, sub, normal).to(tl.float8e4nv)
+        nan8 = (((bits >> 24) & 0x80) | 0x7F).to(tl.uint8).to(tl.float8e4nv, bitcast=True)
+        return tl.where(x != x, nan8, y)
     return x.to(tl.float8e4nv)
+
+
+# NaN handling: the plain tl.maximum/tl.minimum (and the tl.max reduction) return the non-NaN
+# operand on the GPU and in the interpreter alike, which would turn a NaN token or a NaN scale
+# block into finite garbage. The reference (torch clamp/amax) propagates NaN, so every clamp and
+# max on data values below keeps it.
+
+
+@triton.jit
+def _clamp_nan(x, lo, hi):
+    """min(max(x, lo), hi) that keeps NaN."""
+    return tl.minimum(tl.maximum(x, lo, propagate_nan=tl.PropagateNan.ALL), hi,
+                      propagate_nan=tl.PropagateNan.ALL)
+
+
+@triton.jit
+def _max_nan(x, axis: tl.constexpr):
+    """tl.max over `axis`, NaN where that slice holds a NaN."""
+    has_nan = tl.max((x != x).to(tl.int32), axis=axis) > 0
+    return tl.where(has_nan, float("nan"), tl.max(x, axis=axis))
+
+
+@triton.jit
+def _fp8_scale(amax):
+    """fp32 per-row scale from amax, as formats.fp8.fp8_scale (floor 1e-12; NaN and Inf stay)."""
+    return tl.maximum(amax, 1e-12, propagate_nan=tl.PropagateNan.ALL) / 448.0
+
+
+@triton.jit
+def _upcast(x, dtype: tl.constexpr, INTERP: tl.constexpr):
+    """x.to(dtype); in the interpreter, whose fp8 upcast reads the E4M3 NaN code as 480, fp8
+    NaN is restored (the GPU's conversion keeps it)."""
+    y = x.to(dtype)
+    if INTERP:
+        if x.dtype == tl.float8e4nv:
+            y = tl.where((x.to(tl.uint8, bitcast=True) & 0x7F) == 0x7F, float("nan"), y)
+    return y
 
 
 @triton.jit
 def _quant_a(a, a_div, A_QUANT: tl.constexpr, INTERP: tl.constexpr):
     """fp8 activations from model-dtype ones and their per-row scale (the reference's rounding)."""
     if A_QUANT:
-        q = tl.minimum(tl.maximum(a.to(tl.float32) / a_div[:, None], -448.0), 448.0)
+        q = _clamp_nan(a.to(tl.float32) / a_div[:, None], -448.0, 448.0)
         out = _to_fp8(q, INTERP)
     else:
         out = a
@@ -195,8 +236,8 @@ def _tile_dot(acc, a_base, a_rows_ok, a_div, k0, K, stride_ak, w_lo, w_hi,
         a_o = _quant_a(tl.load(a_base + (kk[None, :] + 1) * stride_ak, mask=m, other=0.0), a_div,
                        A_QUANT, INTERP)
         if INTERP:
-            acc = tl.dot(a_e.to(tl.float32), w_lo.to(tl.float32), acc)
-            acc = tl.dot(a_o.to(tl.float32), w_hi.to(tl.float32), acc)
+            acc = tl.dot(_upcast(a_e, tl.float32, INTERP), _upcast(w_lo, tl.float32, INTERP), acc)
+            acc = tl.dot(_upcast(a_o, tl.float32, INTERP), _upcast(w_hi, tl.float32, INTERP), acc)
         else:
             acc = tl.dot(a_e, w_lo, acc)
             acc = tl.dot(a_o, w_hi, acc)
@@ -205,10 +246,10 @@ def _tile_dot(acc, a_base, a_rows_ok, a_div, k0, K, stride_ak, w_lo, w_hi,
         a = tl.load(a_base + kk[None, :] * stride_ak, mask=a_rows_ok[:, None] & (kk[None, :] < K),
                     other=0.0)
         a = _quant_a(a, a_div, A_QUANT, INTERP)
-        if A_UPCAST:  # fp8 activations against plain weights: the dot runs in the weights' dtype
-            a = a.to(w_lo.dtype)
         if INTERP:
-            acc = tl.dot(a.to(tl.float32), w_lo.to(tl.float32), acc)
+            acc = tl.dot(_upcast(a, tl.float32, INTERP), _upcast(w_lo, tl.float32, INTERP), acc)
+        elif A_UPCAST:  # fp8 activations against plain weights: the dot runs in the weights' dtype
+            acc = tl.dot(a.to(w_lo.dtype), w_lo, acc)
         else:
             acc = tl.dot(a, w_lo, acc)
     return acc
@@ -301,7 +342,7 @@ def _moe_gemm_kernel(
     if A_FP8:
         a_sc = tl.load(a_scale_ptr + a_row * stride_asm, mask=row_ok, other=1.0)
         if A_QUANT:  # amax -> scale, as formats.fp8.fp8_scale
-            a_sc = tl.maximum(a_sc, 1e-12) / 448.0
+            a_sc = _fp8_scale(a_sc)
     else:
         a_sc = tl.full([BLOCK_M], 1.0, tl.float32)
 
@@ -346,8 +387,8 @@ def _moe_gemm_kernel(
         if ACT == 0:
             z = g / (1.0 + tl.exp(-g)) * u
         else:
-            g = tl.minimum(g, limit)
-            u = tl.minimum(tl.maximum(u, -limit), limit)
+            g = tl.minimum(g, limit, propagate_nan=tl.PropagateNan.ALL)
+            u = _clamp_nan(u, -limit, limit)
             z = g / (1.0 + tl.exp(-alpha * g)) * (u + 1.0)
         offs_n = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
         n_ok = offs_n < N
@@ -357,8 +398,12 @@ def _moe_gemm_kernel(
         tl.store(c_ptr + slot[:, None] * stride_cm + offs_n[None, :] * stride_cn, zr, mask=c_mask)
         if QUANT_OUT:
             # per-token fp8 scale of the rounded z (the reference's): the row max over all
-            # column tiles, gathered with atomics; stage 2 quantizes with it as it loads z
-            amax = tl.max(tl.abs(zr.to(tl.float32)), axis=1)
+            # column tiles, gathered with atomics; stage 2 quantizes with it as it loads z.
+            # A NaN row max goes in as +Inf: float atomic max is done on the bits and may skip
+            # NaN, while an Inf scale still makes the row NaN in stage 2 (its NaN element / Inf
+            # stays NaN, the rest become 0, and the dot spreads the NaN), as a NaN scale does
+            amax = _max_nan(tl.abs(zr.to(tl.float32)), 1)
+            amax = tl.where(amax != amax, float("inf"), amax)
             tl.atomic_max(c_scale_ptr + slot * stride_csm, amax, mask=row_ok, sem="relaxed")
     else:
         if HAS_BIAS:
@@ -378,17 +423,18 @@ def _moe_gemm_kernel(
 @triton.jit
 def _quant_fp8_rows_kernel(x_ptr, q_ptr, s_ptr, K, stride_xm, stride_qm, BLOCK: tl.constexpr,
                            INTERP: tl.constexpr):
-    """One fp8 scale per row: s = amax / 448, q = clamp(x / s) (clamped before the cast)."""
+    """One fp8 scale per row: s = amax / 448, q = clamp(x / s) (clamped before the cast; NaN
+    anywhere in the row gives a NaN scale, hence a NaN row, as in the reference)."""
     row = tl.program_id(0).to(tl.int64)
     amax = tl.zeros([BLOCK], dtype=tl.float32)
     for k0 in range(0, K, BLOCK):
         kk = k0 + tl.arange(0, BLOCK)
         x = tl.load(x_ptr + row * stride_xm + kk, mask=kk < K, other=0.0).to(tl.float32)
-        amax = tl.maximum(amax, tl.abs(x))
-    sc = tl.maximum(tl.max(amax, axis=0), 1e-12) / 448.0
+        amax = tl.maximum(amax, tl.abs(x), propagate_nan=tl.PropagateNan.ALL)
+    sc = _fp8_scale(_max_nan(amax, 0))
     tl.store(s_ptr + row, sc)
     for k0 in range(0, K, BLOCK):
         kk = k0 + tl.arange(0, BLOCK)
         x = tl.load(x_ptr + row * stride_xm + kk, mask=kk < K, other=0.0).to(tl.float32)
-        q = tl.minimum(tl.maximum(x / sc, -448.0), 448.0)
+        q = _clamp_nan(x / sc, -448.0, 448.0)
         tl.store(q_ptr + row * stride_qm + kk, _to_fp8(q, INTERP), mask=kk < K)
