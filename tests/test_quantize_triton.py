@@ -154,7 +154,7 @@ def test_mxfp4_every_bf16_value(poisoned):
 
 
 @interpret
-@pytest.mark.parametrize("launch", [dict(mx_block_r=4, mx_block_k=64, mx_warps=2), dict(mx_block_r=1, mx_block_k=32)])
+@pytest.mark.parametrize("launch", [dict(mx_blocks=4, mx_warps=2), dict(mx_blocks=1, mx_warps=1)])
 def test_mxfp4_other_launch_parameters(launch, poisoned, monkeypatch):
     for key, value in launch.items():
         monkeypatch.setitem(poisoned.LAUNCH, key, value)

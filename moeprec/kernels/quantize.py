@@ -29,7 +29,6 @@ from moeprec.formats.mxfp4 import (
     MIN_EXP,
     MX_BLOCK,
     SCALE_MODES,
-    quantize_mxfp4_torch,
 )
 
 # The E2M1 rounding below assumes the grid {0, .5, 1, 1.5, 2, 3, 4, 6}: 1 mantissa bit, binades
@@ -46,18 +45,20 @@ _MAX_GRID_DIM1 = 65535  # CUDA's limit on grid.y
 
 
 @triton.jit
-def _e2m1_code(vb):
-    """E2M1 magnitude code (0..7) of v in [0, 6] given as fp32 bits, round to nearest even.
+def _e2m1_code(v):
+    """E2M1 magnitude code (0..7) of fp32 v in [0, 6], round to nearest even, on the FMA pipe.
 
     The E2M1 step is s = 0.5 below 2 and half the binade above: s = 2^(j - 1), j = max(Ev, 0).
-    Adding M = (1.5 * 2^23 + 2j) * s to v rounds v to a multiple k*s in one IEEE addition (ties
-    to even k, and k has the parity of the code), and the low mantissa bits of v + M then hold
-    2j + k, which is the code (k in {0..4}; codes 2j + k with j = 0, 1, 2 cover 0..7).
+    M = 1.5 * 2^22 * 2^j has ulp s, so t = v + M rounds v to k*s in one IEEE addition (ties to
+    even k). (t - M) * 2^-126 = k*s * 2^-126 is exact (one FMA) and lands 1.0 on the smallest
+    normal fp32 2^-126: its bits are then code << 22 (0.5 is the subnormal 0x400000, each step
+    above adds 0x400000), so one shift gives the code. Needs IEEE subnormals (no flush to zero),
+    which plain fp32 add/mul/fma have on NVIDIA GPUs.
     """
-    ex = tl.maximum(vb, 0x3F800000) & 0x7F800000  # bits of 2^j
-    mbits = ex + ((22 << 23) | 0x400000) + ((ex >> 22) - 254)  # (ex >> 22) - 254 = 2j
-    t = (vb.to(tl.float32, bitcast=True) + mbits.to(tl.float32, bitcast=True)).to(tl.int32, bitcast=True)
-    return t & 7
+    ex = (tl.maximum(v, 1.0).to(tl.int32, bitcast=True) & 0x7F800000).to(tl.float32, bitcast=True)
+    t = v + ex * 6291456.0  # 1.5 * 2^22 * 2^j (exact)
+    y = tl.fma(t, 1.1754943508222875e-38, ex * -7.395570986446986e-32)  # 2^-126, -1.5 * 2^-104
+    return y.to(tl.int32, bitcast=True) >> 22
 
 
 @triton.jit
@@ -82,62 +83,35 @@ def _scale_exponent_bits(amax, MODE: tl.constexpr):
 
 
 @triton.jit
-def _mxfp4_quant_kernel(
-    x_ptr,
-    packed_ptr,
-    scales_ptr,
-    R,
-    K,
-    stride_x,
-    stride_p,
-    stride_s,
-    MODE: tl.constexpr,
-    BLOCK_R: tl.constexpr,
-    BLOCK_K: tl.constexpr,
-):
-    NG: tl.constexpr = BLOCK_K // 32
-    pid_r = tl.program_id(0)
-    pid_k = tl.program_id(1)
-    rows = pid_r * BLOCK_R + tl.arange(0, BLOCK_R)
-    cols = pid_k * BLOCK_K + tl.arange(0, BLOCK_K)
-    rmask = rows < R
-    rows64 = rows.to(tl.int64)
-    mask = rmask[:, None] & (cols < K)[None, :]
-    x = tl.load(x_ptr + rows64[:, None] * stride_x + cols[None, :], mask=mask, other=0.0)
-    bits = x.to(tl.float32).to(tl.int32, bitcast=True)
-    ax = tl.reshape(bits & 0x7FFFFFFF, (BLOCK_R, NG, 32))
-    sign = tl.reshape(bits >> 28, (BLOCK_R, NG, 32))  # bit 3 = the sign bit
-
-    amax = tl.max(ax, axis=2)  # int order of |x| bits = float order; NaN > Inf > finite
+def _mxfp4_quant_kernel(x_ptr, packed_ptr, scales_ptr, NB, MODE: tl.constexpr, BLOCK_B: tl.constexpr):
+    """BLOCK_B consecutive 32-blocks of the contiguous input per program, as a [BLOCK_B, 32] tile:
+    a thread holds 8 contiguous elements of one block (16-byte loads, 4-byte stores of packed
+    nibbles) and the block amax needs only a 4-lane shuffle. (A [rows, K] tile reshaped to
+    blocks gave one element per lane: 2-byte loads and a 32-lane reduction per element.)"""
+    b0 = tl.program_id(0).to(tl.int64) * BLOCK_B
+    blk = tl.arange(0, BLOCK_B)
+    bmask = blk < NB - b0
+    offs = blk[:, None] * 32 + tl.arange(0, 32)[None, :]
+    x = tl.load(x_ptr + b0 * 32 + offs, mask=bmask[:, None], other=0.0)
+    f = x.to(tl.float32)
+    bits = f.to(tl.int32, bitcast=True)
+    amax = tl.max(bits & 0x7FFFFFFF, axis=1)  # int order of |x| bits = float order; NaN > Inf > finite
     bad = amax >= 0x7F800000
     e = _scale_exponent_bits(tl.where(bad, 0, amax), MODE)
     e = tl.minimum(tl.maximum(e, _MIN_EXP), _MAX_EXP)
-    scale_byte = tl.where(bad, _NAN_BYTE, e + _BIAS)
+    tl.store(scales_ptr + b0 + blk, tl.where(bad, _NAN_BYTE, e + _BIAS).to(tl.uint8), mask=bmask)
 
-    # v = |x| / 2^e as fp32 bits: subtract e from the exponent field. Exact for normal x (a
-    # result that falls out of the normal range is far below 0.25 either way and rounds to 0);
-    # NaN/Inf blocks and all-zero blocks shift everything to <= 0, i.e. zero codes.
-    eshift = tl.where(bad | (amax == 0), 0x7FFFFFFF, e << 23)[:, :, None]
-    vb = tl.maximum(ax - eshift, 0)
-    # Zeros and subnormal x get a wrong shift (no implicit bit) but, while e >= -124, a value
-    # below 0.25 both ways. In a tile with a block clamped lower, take them exactly: mantissa
-    # integer times the normal power 2^(-149 - e).
-    tiny = (e < -124) & (amax > 0) & (amax < 0x7F800000)
-    if tl.max(tiny.to(tl.int32)) > 0:
-        e3 = tl.where(tiny, e, 0)[:, :, None]
-        pow2 = ((-22 - tl.minimum(e3, -23)) << 23).to(tl.float32, bitcast=True)
-        v_sub = ((ax & 0x7FFFFF).to(tl.float32) * pow2).to(tl.int32, bitcast=True)
-        vb = tl.where((ax < 0x800000) & (e3 < -124), v_sub, vb)
-    # saturate: v >= 6 takes the top code, 6.0. NaN/Inf blocks: zero codes, no signs.
-    codes = _e2m1_code(tl.minimum(vb, 0x40C00000)) | (sign & tl.where(bad, 0, 8)[:, :, None])
-    lo, hi = tl.split(tl.reshape(codes, (BLOCK_R, BLOCK_K // 2, 2)))
-    byte = (lo | (hi << 4)).to(tl.uint8)
-    pcols = pid_k * (BLOCK_K // 2) + tl.arange(0, BLOCK_K // 2)
-    pmask = rmask[:, None] & (pcols < K // 2)[None, :]
-    tl.store(packed_ptr + rows64[:, None] * stride_p + pcols[None, :], byte, mask=pmask)
-    scols = pid_k * NG + tl.arange(0, NG)
-    smask = rmask[:, None] & (scols < K // 32)[None, :]
-    tl.store(scales_ptr + rows64[:, None] * stride_s + scols[None, :], scale_byte.to(tl.uint8), mask=smask)
+    # |x| / 2^e as one multiply by 2^-e (a normal fp32: e <= 126 for finite amax). Exact while
+    # the result is normal, subnormal x included; a subnormal result is below 2^-126 and rounds
+    # to code 0 either way. All-zero blocks (e = -127) give zeros; NaN/Inf blocks are masked
+    # to zero bytes below. min(): saturate to 6.0, the top code.
+    inv = ((127 - e) << 23).to(tl.float32, bitcast=True)
+    v = tl.minimum(tl.abs(f) * inv[:, None], 6.0)
+    codes = _e2m1_code(v) | ((bits >> 28) & 8)  # bit 3 = the sign bit
+    lo, hi = tl.split(tl.reshape(codes, (BLOCK_B, 16, 2)))
+    byte = (lo | (hi << 4)) & tl.where(bad, 0, 0xFF)[:, None]
+    pcols = blk[:, None] * 16 + tl.arange(0, 16)[None, :]
+    tl.store(packed_ptr + b0 * 16 + pcols, byte.to(tl.uint8), mask=bmask[:, None])
 
 
 @triton.jit
@@ -248,8 +222,7 @@ def _fp8_tensor_quant_kernel(x_ptr, out_ptr, scale_ptr, N, BLOCK: tl.constexpr, 
 # Best of `bench_quant.py --sweep` on the H100 (2026-11-22): mxfp4 70%, fp8 per_token 75%,
 # fp8 block 81% of the device-to-device copy bandwidth (benchmarks/results/quant/).
 LAUNCH = {
-    "mx_block_r": 16,
-    "mx_block_k": 256,
+    "mx_blocks": 128,  # 32-blocks per program
     "mx_warps": 4,
     "fp8_tile": 4096,  # elements per program (rows x group columns)
     "fp8_max_group": 8192,  # widest group read in one pass; wider groups take two passes
@@ -274,15 +247,11 @@ def quantize_mxfp4_triton(x: torch.Tensor, scale_mode: str = "rceil") -> tuple[t
     r = x2.shape[0]
     packed = _empty((r, k // 2), torch.uint8, x.device)
     scales = _empty((r, k // MX_BLOCK), torch.uint8, x.device)
-    block_r = LAUNCH["mx_block_r"]
-    block_k = min(LAUNCH["mx_block_k"], triton.next_power_of_2(max(k, MX_BLOCK)))
-    if triton.cdiv(k, block_k) > _MAX_GRID_DIM1:  # K beyond 16M: not worth a second kernel
-        return quantize_mxfp4_torch(x, scale_mode)
-    if r and k:
-        grid = (triton.cdiv(r, block_r), triton.cdiv(k, block_k))
-        _mxfp4_quant_kernel[grid](
-            x2, packed, scales, r, k, x2.stride(0), packed.stride(0), scales.stride(0),
-            MODE=_SCALE_MODE_IDS[scale_mode], BLOCK_R=block_r, BLOCK_K=block_k,
+    nb = r * (k // MX_BLOCK)  # x2 is contiguous: its 32-blocks are consecutive
+    if nb:
+        block_b = LAUNCH["mx_blocks"]
+        _mxfp4_quant_kernel[(triton.cdiv(nb, block_b),)](
+            x2, packed, scales, nb, MODE=_SCALE_MODE_IDS[scale_mode], BLOCK_B=block_b,
             num_warps=LAUNCH["mx_warps"],
         )
     lead = x.shape[:-1]
