@@ -170,10 +170,10 @@ def _to_fp8(x, INTERP: tl.constexpr):
     return x.to(tl.float8e4nv)
 
 
-# NaN handling: the plain tl.maximum/tl.minimum (and the tl.max reduction) return the non-NaN
-# operand on the GPU and in the interpreter alike, which would turn a NaN token or a NaN scale
-# block into finite garbage. The reference (torch clamp/amax) propagates NaN, so every clamp and
-# max on data values below keeps it.
+# NaN handling: the plain tl.maximum/tl.minimum return the non-NaN operand (on the GPU and in
+# the interpreter alike; the GPU's tl.max reduction does too), which would turn a NaN token or a
+# NaN scale block into finite garbage. The reference (torch clamp/amax) propagates NaN, so every
+# clamp and max on data values below keeps it.
 
 
 @triton.jit
