@@ -21,6 +21,7 @@ import json
 import os
 import platform
 import statistics
+import sys
 import time
 
 import torch
@@ -108,10 +109,11 @@ def run(shape, device: torch.device, iters: int, with_torch: bool) -> dict:
 
 # alternatives timed by --sweep (each a partial update of moeprec.kernels.quantize.LAUNCH)
 SWEEP_MX = [
-    {"mx_block_r": br, "mx_block_k": bk, "mx_warps": w}
-    for br, bk, w in ((16, 256, 4), (16, 256, 8), (8, 256, 4), (32, 256, 8), (8, 512, 8), (4, 1024, 8), (32, 128, 8))
+    {"mx_blocks": nb, "mx_warps": w}
+    for nb, w in ((64, 2), (64, 4), (128, 4), (128, 8), (256, 4), (256, 8), (512, 8), (512, 16), (1024, 16))
 ]
 SWEEP_FP8 = [{"fp8_tile": t, "fp8_warps": w} for t in (4096, 8192, 16384) for w in (4, 8, 16)]
+SWEEP_FP8_BLOCK = [{"fp8_tile": t, "fp8_block_warps": w} for t in (4096, 8192, 16384) for w in (4, 8, 16)]
 
 
 def sweep(shape, device: torch.device, iters: int) -> list[dict]:
@@ -124,7 +126,7 @@ def sweep(shape, device: torch.device, iters: int) -> list[dict]:
     default = dict(kq.LAUNCH)
     rows = []
     try:
-        for name, options in (("mxfp4_rceil", SWEEP_MX), ("fp8_per_token", SWEEP_FP8), ("fp8_block", SWEEP_FP8)):
+        for name, options in (("mxfp4_rceil", SWEEP_MX), ("fp8_per_token", SWEEP_FP8), ("fp8_block", SWEEP_FP8_BLOCK)):
             fn, out_bytes = cases[name]
             moved = x.numel() * x.element_size() + out_bytes(r, k)
             ref = fn(x, "torch")
@@ -178,6 +180,8 @@ def main(argv=None) -> int:
         res["sweep"] = sweep(shape, device, iters)
     report = {
         "benchmark": "quant",
+        "date": time.strftime("%Y-%m-%d %H:%M UTC", time.gmtime()),
+        "command": "python3 benchmarks/bench_quant.py " + " ".join(argv if argv is not None else sys.argv[1:]),
         "shape": list(shape),
         "dtype": "bfloat16",
         "target_fraction_of_copy": TARGET_FRACTION,

@@ -265,12 +265,17 @@ def _bf16_bits_sweep(device):
 
 @pytest.mark.gpu
 @pytest.mark.parametrize("mode", SCALE_MODES)
-def test_gpu_mxfp4_matches_reference(mode):
+def test_gpu_mxfp4_matches_reference(mode, poisoned):
     dev = "cuda"
+    g = torch.Generator(device=dev).manual_seed(5)
+    wide = torch.randn(999, 96, device=dev, generator=g)  # subnormal blocks and subnormal scales
+    wide = wide * torch.exp2(torch.randint(-170, 120, (999, 3, 1), device=dev, generator=g).float()).repeat_interleave(32, 1)[:, :, 0]
     for x in (
         special_blocks(dev),
         amax_bit_patterns().to(dev),
         _bf16_bits_sweep(dev),
+        _e2m1_edges().to(dev),
+        wide,
         torch.randn(4096, 7168, device=dev, dtype=torch.bfloat16),
         torch.randn(3, 257, 2880, device=dev) * 1e-3,
     ):

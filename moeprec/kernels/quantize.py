@@ -2,13 +2,17 @@
 backend="triton").
 
 Bit-identical to the torch reference in moeprec/formats by construction. MXFP4: amax and the
-scale exponent come from integer arithmetic on float32 bit patterns; |x| / 2^e is an exact
-integer shift of the exponent bits; the E2M1 rounding is one IEEE float addition (below), so
-neither flush-to-zero nor approximate division can change a byte. FP8: division with div_rn
-(IEEE round-to-nearest, like torch), clamped before the cast.
+scale exponent come from integer arithmetic on float32 bit patterns; |x| / 2^e is one multiply by
+a power of two (exact, subnormal x included); the E2M1 rounding is one IEEE addition and one FMA
+(below), exact whatever the hardware's division or approximate functions do. Needs IEEE
+subnormals in plain fp32 add/mul/fma (Triton emits them without flush-to-zero). FP8: division
+with div_rn (IEEE round-to-nearest, like torch), clamped before the cast.
 
-The quantizers are memory-bound only if the per-element work stays small (about 20 simple ops
-per element at H100 bandwidth), which is why the E2M1 rounding is not a chain of comparisons.
+The quantizers are memory-bound only if the per-element work stays small: at H100 bandwidth the
+MXFP4 kernel has about 14 integer-pipe instructions per element to spend (64 lanes/clock/SM), so
+the rounding runs on the FMA pipe and each thread holds 8 contiguous elements of a block (16-byte
+loads, the block amax in-thread plus a 4-lane shuffle). Measured on the H100: 90% of the
+device-to-device copy bandwidth (benchmarks/results/quant/).
 """
 
 from __future__ import annotations
@@ -217,16 +221,16 @@ def _fp8_tensor_quant_kernel(x_ptr, out_ptr, scale_ptr, N, BLOCK: tl.constexpr, 
 # ----------------------------------------------------------------------------- launchers
 
 # Launch parameters, in one place (benchmarks/bench_quant.py --sweep times alternatives).
-# A few thousand elements per program keep these memory-bound kernels streaming; 16 x 256 with
-# 8 warps is 16 elements and about 60 registers per thread on sm90 (half occupancy).
-# Best of `bench_quant.py --sweep` on the H100 (2026-11-22): mxfp4 70%, fp8 per_token 75%,
-# fp8 block 81% of the device-to-device copy bandwidth (benchmarks/results/quant/).
+# MXFP4: 128 blocks of 32 (8 KiB of bf16) per program, 4 warps: 32 elements per thread.
+# Best of `bench_quant.py --sweep` on the H100 (2026-11-22): mxfp4 90-91%, fp8 per_token 75%,
+# fp8 block 89% of the device-to-device copy bandwidth (benchmarks/results/quant/).
 LAUNCH = {
     "mx_blocks": 128,  # 32-blocks per program
     "mx_warps": 4,
     "fp8_tile": 4096,  # elements per program (rows x group columns)
     "fp8_max_group": 8192,  # widest group read in one pass; wider groups take two passes
-    "fp8_warps": 16,
+    "fp8_warps": 16,  # per_token / per_channel / per_tensor (wide groups)
+    "fp8_block_warps": 4,  # block granularity: many short groups per program
 }
 
 
@@ -296,6 +300,7 @@ def quantize_fp8_triton(
         _fp8_group_quant_kernel[grid](
             x2, out_bytes, scale, r, k, group, ngroups, x2.stride(0), out.stride(0), scale.stride(0),
             BLOCK_R=block_r, BLOCK_G=block_g, ONE_PASS=group <= block_g, EXACT_CAST=exact_cast,
-            num_warps=LAUNCH["fp8_warps"] if block_g * block_r >= 4096 else 4,
+            num_warps=LAUNCH["fp8_block_warps"] if granularity == "block"
+            else LAUNCH["fp8_warps"] if block_g * block_r >= 4096 else 4,
         )
     return out.reshape(x.shape), scale.reshape(*x.shape[:-1], ngroups)
