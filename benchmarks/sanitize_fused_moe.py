@@ -6,7 +6,7 @@ sanitizer's "0 errors" are the check; outputs are also compared with the torch r
 
 import torch
 
-from moeprec.fused_moe import fused_moe
+from moeprec.fused_moe_op import fused_moe
 from tests.test_fused_moe_triton import assert_close, make_case  # noqa: E402
 
 

@@ -32,7 +32,7 @@ _EXPORTS: dict[str, str] = {
     "quantize_fp8": "moeprec.formats.fp8",
     # experts and the fused op (SPEC 4)
     "moe_align_block_size": "moeprec.dispatch",
-    "fused_moe": "moeprec.fused_moe",
+    "fused_moe": "moeprec.fused_moe_op",
     "GroupedExperts": "moeprec.experts",
     "MoE": "moeprec.moe",
     "MoEArgs": "moeprec.args",

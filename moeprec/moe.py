@@ -149,7 +149,7 @@ class MoE(nn.Module):
         return combine_expert_outputs(expert_out, reordered, routed.top_scores, score_before)
 
     def _routed_experts_quantized(self, tokens: torch.Tensor, routed: RouterOutput) -> torch.Tensor:
-        from moeprec.fused_moe import fused_moe
+        from moeprec.fused_moe_op import fused_moe
 
         e = self.experts
         return fused_moe(

@@ -309,7 +309,7 @@ def _launch(world_size):
     method = "forkserver" if "forkserver" in mp.get_all_start_methods() else "spawn"
     if method == "forkserver":
         # children fork from a server that imported these once: ~0.3 s per launch, not ~5 s/rank
-        mp.set_forkserver_preload(["torch", "torch.distributed", "moeprec.moe", "moeprec.fused_moe"])
+        mp.set_forkserver_preload(["torch", "torch.distributed", "moeprec.moe", "moeprec.fused_moe_op"])
     with tempfile.TemporaryDirectory() as out_dir:
         ctx = mp.start_processes(
             _worker, args=(world_size, _free_port(), out_dir), nprocs=world_size, join=False,

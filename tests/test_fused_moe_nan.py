@@ -9,7 +9,7 @@ the Triton output on clean inputs, whose accuracy test_fused_moe_triton.py check
 import pytest
 import torch
 
-from moeprec.fused_moe import fused_moe, fused_moe_torch
+from moeprec.fused_moe_op import fused_moe, fused_moe_torch
 from tests._metrics import assert_close_aiter, single_thread  # noqa: F401 (autouse fixture)
 from tests.test_fused_moe import _TRITON_DEVICE, E, M, _on, _on_dict, make_case
 

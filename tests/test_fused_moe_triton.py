@@ -12,7 +12,7 @@ from __future__ import annotations
 import pytest
 import torch
 
-from moeprec.fused_moe import fused_moe
+from moeprec.fused_moe_op import fused_moe
 
 pytestmark = pytest.mark.interpret
 

@@ -8,7 +8,7 @@ import torch
 import torch.nn.functional as F
 from torch._dynamo.testing import CompileCounterWithBackend
 
-import moeprec.fused_moe
+import moeprec.fused_moe_op
 from moeprec import MoE, MoEArgs, PrecisionConfig
 from moeprec.activations import gated_activation
 from moeprec.experts import GroupedExperts
@@ -211,13 +211,13 @@ def test_precision_act_policy_reaches_fused_moe(monkeypatch):
     m.eval()
     m.quantize_("mxfp4")
     seen = {}
-    real = moeprec.fused_moe.fused_moe
+    real = moeprec.fused_moe_op.fused_moe
 
     def spy(*args, **kwargs):
         seen.update(kwargs)
         return real(*args, **kwargs)
 
-    monkeypatch.setattr(moeprec.fused_moe, "fused_moe", spy)
+    monkeypatch.setattr(moeprec.fused_moe_op, "fused_moe", spy)
     x = torch.randn(9, DIM)
     out = m(x)
     assert seen["precision"] is prec and seen["quant"] == "mxfp4"
@@ -438,7 +438,7 @@ def test_same_layout_and_math_as_fused_moe(cfg):
     x = torch.randn(11, DIM)
     top, sel, _ = m.router(x)
     e = m.experts
-    want = moeprec.fused_moe.fused_moe(
+    want = moeprec.fused_moe_op.fused_moe(
         x, e.w1, e.w2, top, sel, activation=e.activation, gate_mode=e.gate_mode, bias1=e.b1, bias2=e.b2,
         apply_router_weight_on_input=m.args.score_before_experts, backend="torch")
     torch.testing.assert_close(m(x), want, rtol=1e-5, atol=1e-5)

@@ -228,7 +228,7 @@ def _progress(i: int, n: int, label: str, t0: float) -> None:
 def bench_point(path, shape, M, weights, ceil, args) -> dict[str, Any]:
     import torch
 
-    from moeprec.fused_moe import fused_moe
+    from moeprec.fused_moe_op import fused_moe
 
     H, I, E, k = SHAPES[shape]  # noqa: E741
     quant, act = PATHS[path]

@@ -189,7 +189,7 @@ def expert_errors(shape: Shape, n_exp: int, inter: int, tokens: int, device: tor
     """Error of each path vs the fp32 reference on `tokens` tokens routed among n_exp experts."""
     from moeprec.formats import quantize_fp8, quantize_mxfp4
     from moeprec.formats.mxfp4 import dequantize_mxfp4
-    from moeprec.fused_moe import fused_moe
+    from moeprec.fused_moe_op import fused_moe
 
     g = torch.Generator().manual_seed(seed)
     H, k = shape.hidden, min(shape.top_k, n_exp)

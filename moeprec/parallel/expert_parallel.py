@@ -270,7 +270,7 @@ class _ExpertParallelMoE:
         sharing an activation dtype: rows from rank s use the dtype the unsharded layer picks for
         rank s's token count (`act_dtype="auto"` depends on it)."""
         from moeprec.act_policy import resolve_act_dtype
-        from moeprec.fused_moe import fused_moe
+        from moeprec.fused_moe_op import fused_moe
 
         e = self.experts
         ids = plan.recv_local_expert().unsqueeze(-1)

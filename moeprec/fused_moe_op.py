@@ -21,8 +21,6 @@ from __future__ import annotations
 import importlib.util
 import inspect
 import math
-import sys
-import types
 from collections.abc import Callable
 from typing import Any
 
@@ -327,18 +325,3 @@ fused_moe_torch.__signature__ = _sig.replace(  # type: ignore[attr-defined]
     parameters=[p for name, p in _sig.parameters.items() if name != "backend"]
 )
 del _sig
-
-
-class _CallableModule(types.ModuleType):
-    """This module, callable as `fused_moe`.
-
-    Importing the submodule `moeprec.fused_moe` makes Python bind the package attribute
-    `moeprec.fused_moe` to the module, shadowing the lazily exported function of the same name.
-    Making the module callable keeps `moeprec.fused_moe(...)` working in every import order.
-    """
-
-    def __call__(self, *args: Any, **kwargs: Any) -> torch.Tensor:
-        return fused_moe(*args, **kwargs)
-
-
-sys.modules[__name__].__class__ = _CallableModule
