@@ -12,7 +12,7 @@ The quantizers are memory-bound only if the per-element work stays small: at H10
 MXFP4 kernel has about 14 integer-pipe instructions per element to spend (64 lanes/clock/SM), so
 the scaling and the rounding run on the FMA pipe (about 11 integer-pipe instructions per element
 in the sm_90 SASS; the former integer exponent shift, E2M1 rounding and tile-wide subnormal check
-took about 15 and ran at 70% of copy). Measured on the H100: 90% of the
+took 15-19 and ran at 70% of copy). Measured on the H100: 90% of the
 device-to-device copy bandwidth (benchmarks/results/quant/).
 """
 
