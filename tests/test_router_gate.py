@@ -216,6 +216,29 @@ def test_fast_plan_numerics_emulated_on_cpu(monkeypatch, splits):
             assert same < 0.95  # rounding g first: visibly not the upcast path
 
 
+@pytest.mark.parametrize("splits", [1, 2])
+@pytest.mark.parametrize("x_grad, w_grad", [(True, False), (False, True), (True, True)])
+def test_fast_plan_when_only_some_inputs_need_grad(monkeypatch, splits, x_grad, w_grad):
+    """Only what a needed gradient reads is saved (no weight when x needs none, as for a router
+    fed by a frozen or detached input): the fast backward must not read what was not saved."""
+    monkeypatch.setattr(gate_mod, "_plan", lambda *a: "fast")
+    monkeypatch.setattr(gate_mod, "_mm_f32", lambda a, b: a.float() @ b.float())
+    monkeypatch.setattr(gate_mod, "BACKWARD_GRAD_SPLITS", splits)
+    x = torch.randn(40, 64).bfloat16().requires_grad_(x_grad)
+    w = (torch.randn(16, 64) * 0.05).bfloat16().requires_grad_(w_grad)
+    y = RouterGatingLinearFunction.apply(x, w, None, torch.float32)
+    g = torch.randn_like(y)
+    y.backward(g)
+    ref_y, (xr, wr) = _upcast_reference(x, w, None, torch.float32)
+    ref_y.backward(g)
+    for leaf, ref, wanted in ((x, xr, x_grad), (w, wr, w_grad)):
+        if not wanted:
+            assert leaf.grad is None
+            continue
+        assert leaf.grad.dtype == torch.bfloat16
+        torch.testing.assert_close(leaf.grad.float(), ref.grad.float(), rtol=2**-6, atol=2**-6 * ref.grad.abs().max().item())
+
+
 @pytest.mark.parametrize("splits", [2, 3])
 def test_fast_plan_emulated_compiles_fullgraph(monkeypatch, splits):
     monkeypatch.setattr(gate_mod, "_plan", lambda *a: "fast")

@@ -160,7 +160,7 @@ class RouterGatingLinearFunction(torch.autograd.Function):
         with _no_autocast(grad_out.device):
             g = grad_out.to(rd).reshape(-1, grad_out.shape[-1])
             if ctx.plan == "fast" and ctx.x_dtype == torch.bfloat16:
-                grad_x, grad_w = _fast_backward(g, x, weight, need_x, need_w)
+                grad_x, grad_w = _fast_backward(g, x, weight, need_x, need_w, ctx.w_dtype)
             else:
                 if need_x:
                     grad_x = g.mm(weight.to(rd)).to(ctx.x_dtype)
@@ -174,10 +174,12 @@ class RouterGatingLinearFunction(torch.autograd.Function):
         return grad_x, grad_w, grad_b, None
 
 
-def _fast_backward(g, x, weight, need_x, need_w):
+def _fast_backward(g, x, weight, need_x, need_w, w_dtype):
     """Backward GEMMs on bf16 tensor cores with fp32 accumulation; g is the fp32 [T, E] gradient.
 
-    The fast plan requires x.dtype == weight.dtype, so grad_x is produced in weight.dtype.
+    The fast plan requires x.dtype == weight.dtype, so grad_x is produced in weight.dtype. Only
+    what a needed gradient reads was saved: `weight` is None when x needs no gradient, hence
+    `w_dtype`.
     """
     n = BACKWARD_GRAD_SPLITS
     gs = _split_to_bf16(g, n)  # [T, n*E]
@@ -194,7 +196,7 @@ def _fast_backward(g, x, weight, need_x, need_w):
         # [g_1 | g_2 | ...]^T @ x: one GEMM reading x once, [n*E, D] fp32, then the pieces summed.
         x2d = x.reshape(-1, x.shape[-1])
         gw = _mm_f32(gs.t(), x2d)
-        grad_w = gw.view(n, -1, gw.shape[-1]).sum(0).to(weight.dtype)
+        grad_w = gw.view(n, -1, gw.shape[-1]).sum(0).to(w_dtype)
     return grad_x, grad_w
 
 
