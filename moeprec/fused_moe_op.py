@@ -18,7 +18,6 @@ quantizer works within one token's row, so a NaN in one token never reaches anot
 
 from __future__ import annotations
 
-import importlib.util
 import inspect
 import math
 from collections.abc import Callable
@@ -29,12 +28,11 @@ import torch
 from moeprec._validation import check_bool, check_choice, check_real, check_tensor
 from moeprec.act_policy import ACT_DTYPE_CHOICES, QUANTS, resolve_act_dtype
 from moeprec.activations import ACTIVATIONS, GATE_MODES, SWIGLU_ALPHA, SWIGLU_LIMIT, gated_activation
+from moeprec.backends import BACKENDS, resolve_backend
 from moeprec.dispatch import INDEX_DTYPES, MASK_DTYPES
-from moeprec.formats._backend import triton_interpret
 from moeprec.formats.fp8 import fake_quantize_fp8
 from moeprec.formats.mxfp4 import MX_BLOCK, dequantize_mxfp4, fake_quantize_mxfp4
 
-BACKENDS = ("auto", "torch", "triton")
 HIDDEN_DTYPES = (torch.bfloat16, torch.float16, torch.float32)
 WEIGHT_DTYPES = {
     "none": (torch.bfloat16, torch.float16, torch.float32),
@@ -210,30 +208,19 @@ def _fused_moe_torch_impl(
 # ----------------------------------------------------------------------------- backends
 
 
+_TRITON_KERNELS = "moeprec.kernels.fused_moe_triton"
+
+
 def _load_triton() -> Callable[..., torch.Tensor]:
     from moeprec.kernels.fused_moe_triton import fused_moe_triton  # imports Triton: lazily
 
     return fused_moe_triton
 
 
-def _triton_available() -> bool:
-    return (
-        importlib.util.find_spec("triton") is not None
-        and importlib.util.find_spec("moeprec.kernels.fused_moe_triton") is not None
-    )
-
-
 def _pick_backend(backend: str, device: torch.device) -> Callable[..., torch.Tensor]:
-    """The one place that maps (backend, device) to an implementation."""
-    if backend == "auto":
-        backend = "triton" if device.type == "cuda" and _triton_available() else "torch"
-    if backend == "torch":
+    """The implementation of `backend` (moeprec.backends decides which) on `device`."""
+    if resolve_backend(backend, device, _TRITON_KERNELS) == "torch":
         return _fused_moe_torch_impl
-    if device.type != "cuda" and not triton_interpret():
-        raise ValueError(
-            f"backend: 'triton' runs on CUDA tensors, or on CPU with TRITON_INTERPRET=1; "
-            f"got tensors on {device} without it (use backend='torch' or 'auto')"
-        )
     return _load_triton()
 
 

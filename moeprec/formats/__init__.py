@@ -1,7 +1,7 @@
 """Number formats: MXFP4 (E2M1 elements, E8M0 block scales) and FP8 E4M3 with fp32 scales.
 
 Pure-torch references live here; Triton kernels reaching the same bytes live in
-moeprec/kernels/quantize.py and are selected with `backend=` (see _backend.py).
+moeprec/kernels/quantize.py and are selected with `backend=` (chosen in moeprec/backends.py).
 """
 
 from moeprec.formats.fp8 import dequantize_fp8, fake_quantize_fp8, quantize_fp8

@@ -15,7 +15,7 @@ from __future__ import annotations
 import torch
 
 from moeprec._validation import check_choice, check_floating, check_tensor
-from moeprec.formats._backend import resolve_backend
+from moeprec.backends import resolve_backend
 
 MX_BLOCK = 32
 E8M0_BIAS = 127
@@ -157,7 +157,7 @@ def quantize_mxfp4(
     check_floating("x", x)
     check_choice("scale_mode", scale_mode, SCALE_MODES)
     _check_last_dim(x)
-    if resolve_backend(backend, x) == "triton":
+    if resolve_backend(backend, x.device) == "triton":
         from moeprec.kernels.quantize import quantize_mxfp4_triton
 
         return quantize_mxfp4_triton(x, scale_mode)

@@ -24,7 +24,7 @@ import torch
 import triton
 import triton.language as tl
 
-from moeprec.formats._backend import triton_interpret
+from moeprec.backends import triton_interpret
 from moeprec.formats.fp8 import FP8_AMAX_FLOOR, FP8_MAX, fp8_scale, quantize_fp8_torch
 from moeprec.formats.mxfp4 import (
     E2M1_VALUES,
