@@ -113,6 +113,8 @@ def test_expert_mask_masked_ids_and_router_weight_on_input():
     ti = ti.clone()
     ti[0, 0] = E + 3  # out of range: treated as masked when the check is off
     ti[2, 1] = -1
+    assert ti.dtype == torch.int64
+    ti[4, 0] = 2**32 + 1  # would alias expert 1 if truncated to int32 before the range check
     mask = torch.ones(E, dtype=torch.bool, device=ti.device)
     mask[ti[1, 0]] = False
     out, ref = _run_both(x, w1, w2, tw, ti, expert_mask=mask, check_topk_ids=False,

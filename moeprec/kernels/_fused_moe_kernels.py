@@ -24,8 +24,10 @@ def _load_local_ids(topk_ids_ptr, expert_mask_ptr, offs, num_slots, num_experts,
                     HAS_MASK: tl.constexpr):
     """Expert ids of flat slots `offs`; -1 (and valid=False) for masked or out-of-range ones."""
     inb = offs < num_slots
-    ids = tl.load(topk_ids_ptr + offs, mask=inb, other=-1).to(tl.int32)
+    # Range-check in the loaded dtype: an int64 id of 2**32 + 3 must be masked, not expert 3.
+    ids = tl.load(topk_ids_ptr + offs, mask=inb, other=-1)
     valid = inb & (ids >= 0) & (ids < num_experts)
+    ids = tl.where(valid, ids, 0).to(tl.int32)
     if HAS_MASK:
         keep = tl.load(expert_mask_ptr + ids, mask=valid, other=0)
         valid = valid & (keep != 0)
