@@ -420,7 +420,8 @@ class GroupedExperts(nn.Module):
             check_tensor("b2", b2, shape=(E, D))
             tensors.update(b1=b1.float(), b2=b2.float())
         elif b1 is not None or b2 is not None:
-            raise ValueError("b1: expected None for experts built with bias=False, got a tensor")
+            name = "b1" if b1 is not None else "b2"
+            raise ValueError(f"{name}: expected None for experts built with bias=False, got a tensor")
         for name, t in tensors.items():
             if name in self._parameters:
                 del self._parameters[name]

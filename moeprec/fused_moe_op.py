@@ -1,7 +1,7 @@
 """The fused MoE op: experts' gated MLPs over routed tokens, combined per token (SPEC 4).
 
 `fused_moe` validates its arguments, resolves the activation dtype (act_policy) and hands the
-work to a backend chosen in one place (`_pick_backend`): the pure-torch reference
+work to a backend chosen in one place (`moeprec.backends`): the pure-torch reference
 `fused_moe_torch`, or the Triton kernels in `moeprec.kernels.fused_moe_triton`.
 
 Reference semantics, for token t and slot j with e = topk_ids[t, j] (skipped when

@@ -22,7 +22,7 @@ import torch.nn as nn
 from moeprec._validation import check_choice, check_floating
 from moeprec.args import MoEArgs
 from moeprec.experts import GroupedExperts
-from moeprec.precision import PrecisionConfig, parse_router_dtype
+from moeprec.precision import PrecisionConfig
 from moeprec.reorder import combine_expert_outputs, reorder_tokens
 from moeprec.routing.balance import router_z_loss, switch_aux_loss, update_expert_bias
 from moeprec.routing.topk_router import RouterOutput, TokenChoiceTopKRouter
@@ -52,7 +52,7 @@ class MoE(nn.Module):
         self.precision = precision
         self.dim = dim
         self.hidden_dim = hidden_dim
-        router_dtype = args.router_dtype if precision is None else parse_router_dtype(precision.moe_router_dtype)
+        router_dtype = args.router_dtype if precision is None else precision.router_dtype
         self.router = TokenChoiceTopKRouter(
             dim,
             args.num_experts,

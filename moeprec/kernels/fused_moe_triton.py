@@ -14,12 +14,12 @@ fake implementation) so that `torch.compile` traces through it; eager calls skip
 
 from __future__ import annotations
 
-import os
 from typing import Any
 
 import torch
 import triton
 
+from moeprec.backends import triton_interpret
 from moeprec.kernels import _fused_moe_kernels as K
 from moeprec.kernels.tuning import get_config, path_name
 
@@ -29,9 +29,6 @@ _ALIGN_KERNEL_MAX_SLOTS = 4096
 # Tests set this to fill intermediates with NaN, proving that no unwritten row is ever read.
 _POISON_INTERMEDIATE = False
 
-
-def _interpret() -> bool:
-    return os.environ.get("TRITON_INTERPRET", "0").strip().lower() in ("1", "true", "yes", "on")
 
 
 def _device_name(t: torch.Tensor) -> str | None:
@@ -77,12 +74,11 @@ def _quant_fp8_rows(x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
     q = torch.empty(M, H, dtype=torch.float8_e4m3fn, device=x.device)
     s = torch.empty(M, dtype=torch.float32, device=x.device)
     K._quant_fp8_rows_kernel[(M,)](x, q, s, H, x.stride(0), q.stride(0),
-                                   BLOCK=min(1024, triton.next_power_of_2(H)), INTERP=_interpret(),
+                                   BLOCK=min(1024, triton.next_power_of_2(H)), INTERP=triton_interpret(),
                                    num_warps=4)
     return q, s
 
 
-_TL_DTYPE = {torch.bfloat16: "bf16", torch.float16: "fp16", torch.float32: "fp32"}
 
 
 def _compute_dtype(dtype: torch.dtype) -> Any:
@@ -98,7 +94,7 @@ def _launch_gemm(*, a, a_scale, b, b_scale, bias, c, c_scale, sorted_ids, expert
     num_pid_m = expert_ids.numel()
     # MXFP4 through tl.dot_scaled on the GPU for 16-bit models (the interpreter and fp32 models
     # take the explicit decode); the config may turn it off
-    dot_scaled = (b_fmt == 1 and not _interpret() and a.dtype != torch.float32
+    dot_scaled = (b_fmt == 1 and not triton_interpret() and a.dtype != torch.float32
                   and st.get("dot_scaled", True))
     a_fmt = "e4m3" if a_fp8 else ("fp16" if a.dtype == torch.float16 else "bf16")
     grid = (num_pid_m * triton.cdiv(N, st["BLOCK_N"]),)
@@ -120,7 +116,7 @@ def _launch_gemm(*, a, a_scale, b, b_scale, bias, c, c_scale, sorted_ids, expert
         float(alpha), float(limit),
         STAGE1=stage1, INTERLEAVED=interleaved, B_FMT=b_fmt, A_FP8=a_fp8, A_QUANT=a_quant, ACT=act,
         HAS_BIAS=bias is not None, MUL_WEIGHT=mul_weight, ATOMIC_OUT=atomic_out,
-        QUANT_OUT=quant_out, COMPUTE_DTYPE=compute_dtype, INTERP=_interpret(),
+        QUANT_OUT=quant_out, COMPUTE_DTYPE=compute_dtype, INTERP=triton_interpret(),
         DOT_SCALED=dot_scaled, A_FMT=a_fmt,
         BLOCK_M=block_m, BLOCK_N=st["BLOCK_N"], BLOCK_K=st["BLOCK_K"], GROUP_M=st["GROUP_M"],
         TILE_ROWS=2 * st["BLOCK_N"] if stage1 else st["BLOCK_N"],
