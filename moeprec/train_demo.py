@@ -48,6 +48,7 @@ from torch.func import functional_call
 from moeprec._validation import check_choice, check_positive_int
 from moeprec.args import MoEArgs
 from moeprec.moe import MoE
+from moeprec.routing.diagnostics import topk_set_flip_rate
 from moeprec.routing.gate import router_gating_linear
 
 VOCAB_SIZE = 256  # bytes
@@ -354,10 +355,7 @@ def flip_rate(x: torch.Tensor, weight: torch.Tensor, top_k: int,
     (bf16) and an fp32 gate, same input and weight. Returns (rate, ids_low, ids_fp32)."""
     ids_low = topk_sets(router_gating_linear(x, weight, None), top_k, expert_bias)
     ids_fp32 = topk_sets(router_gating_linear(x, weight, torch.float32), top_k, expert_bias)
-    if x.shape[0] == 0:
-        return 0.0, ids_low, ids_fp32
-    flipped = (ids_low != ids_fp32).any(dim=-1)
-    return flipped.float().mean().item(), ids_low, ids_fp32
+    return topk_set_flip_rate(ids_low, ids_fp32), ids_low, ids_fp32
 
 
 def load_stats(selected: torch.Tensor, num_experts: int) -> dict[str, float]:

@@ -37,6 +37,7 @@ import torch
 
 from moeprec.act_policy import ENV_BOUND, ENV_FORCE_BF16, device_default_bound, select_act_dtype
 from moeprec.cli.demo import _device  # the same --device parsing as `moeprec demo`
+from moeprec.routing.diagnostics import topk_set_flip_rate
 
 
 @dataclass(frozen=True)
@@ -255,10 +256,10 @@ def router_flips(shape: Shape, tokens: int, device: torch.device, seed: int) -> 
         ).to(device, torch.bfloat16)
         with torch.no_grad():
             router.gate.weight.copy_(weight)
-            chosen[label] = router(x)[1].sort(dim=-1).values
+            chosen[label] = router(x)[1]
 
     def rate(a: str, b: str) -> float:
-        return (chosen[a] != chosen[b]).any(dim=-1).float().mean().item()
+        return topk_set_flip_rate(chosen[a], chosen[b])
 
     return {"bf16_vs_fp64": rate("bf16", "fp64"), "fp32_vs_fp64": rate("fp32", "fp64"),
             "bf16_vs_fp32": rate("bf16", "fp32")}
