@@ -367,13 +367,10 @@ class GroupedExperts(nn.Module):
         if self.quant != "none":
             raise RuntimeError(f"GroupedExperts: already quantized ({self.quant!r})")
         if quant == "mxfp4":
-            from moeprec.formats.mxfp4 import MX_BLOCK, quantize_mxfp4
+            from moeprec.formats.layout import check_mxfp4_sizes
+            from moeprec.formats.mxfp4 import quantize_mxfp4
 
-            for name, size in (("dim", self.dim), ("hidden_dim", self.hidden_dim)):
-                if size % MX_BLOCK:
-                    raise ValueError(
-                        f"quant: 'mxfp4' needs {name} to be a multiple of {MX_BLOCK}, got {size}"
-                    )
+            check_mxfp4_sizes(("dim", self.dim), ("hidden_dim", self.hidden_dim))
             (w1, s1), (w2, s2) = quantize_mxfp4(self.w1, scale_mode), quantize_mxfp4(self.w2, scale_mode)
         else:
             from moeprec.formats.fp8 import quantize_fp8
@@ -399,29 +396,20 @@ class GroupedExperts(nn.Module):
         check_choice("quant", quant, ("mxfp4", "fp8"))
         if self.quant != "none":
             raise RuntimeError(f"GroupedExperts: already quantized ({self.quant!r})")
-        E, two_i, D, I = self.num_experts, 2 * self.hidden_dim, self.dim, self.hidden_dim
-        if quant == "mxfp4":
-            u8 = (torch.uint8,)
-            check_tensor("w1", w1, shape=(E, two_i, D // 2), dtypes=u8)
-            check_tensor("w1_scale", w1_scale, shape=(E, two_i, D // 32), dtypes=u8)
-            check_tensor("w2", w2, shape=(E, D, I // 2), dtypes=u8)
-            check_tensor("w2_scale", w2_scale, shape=(E, D, I // 32), dtypes=u8)
-        else:
-            f8, f32 = (torch.float8_e4m3fn,), (torch.float32,)
-            check_tensor("w1", w1, shape=(E, two_i, D), dtypes=f8)
-            check_tensor("w1_scale", w1_scale, shape=(E, two_i), dtypes=f32)
-            check_tensor("w2", w2, shape=(E, D, I), dtypes=f8)
-            check_tensor("w2_scale", w2_scale, shape=(E, D), dtypes=f32)
-        tensors = {"w1": w1, "w2": w2, "w1_scale": w1_scale, "w2_scale": w2_scale}
+        from moeprec.formats.layout import check_expert_weights
+
         if self.has_bias:
             check_floating("b1", b1)
             check_floating("b2", b2)
-            check_tensor("b1", b1, shape=(E, two_i))
-            check_tensor("b2", b2, shape=(E, D))
-            tensors.update(b1=b1.float(), b2=b2.float())
         elif b1 is not None or b2 is not None:
             name = "b1" if b1 is not None else "b2"
             raise ValueError(f"{name}: expected None for experts built with bias=False, got a tensor")
+        check_expert_weights(quant, w1, w1_scale, w2, w2_scale, b1, b2, bias_names=("b1", "b2"),
+                             dims=(self.num_experts, self.hidden_dim, self.dim),
+                             size_names=("dim", "hidden_dim"))
+        tensors = {"w1": w1, "w2": w2, "w1_scale": w1_scale, "w2_scale": w2_scale}
+        if self.has_bias:
+            tensors.update(b1=b1.float(), b2=b2.float())
         for name, t in tensors.items():
             if name in self._parameters:
                 del self._parameters[name]

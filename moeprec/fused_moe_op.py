@@ -31,14 +31,10 @@ from moeprec.activations import ACTIVATIONS, GATE_MODES, SWIGLU_ALPHA, SWIGLU_LI
 from moeprec.backends import BACKENDS, resolve_backend
 from moeprec.dispatch import INDEX_DTYPES, MASK_DTYPES
 from moeprec.formats.fp8 import fake_quantize_fp8
+from moeprec.formats.layout import check_expert_weights
 from moeprec.formats.mxfp4 import MX_BLOCK, dequantize_mxfp4, fake_quantize_mxfp4
 
 HIDDEN_DTYPES = (torch.bfloat16, torch.float16, torch.float32)
-WEIGHT_DTYPES = {
-    "none": (torch.bfloat16, torch.float16, torch.float32),
-    "mxfp4": (torch.uint8,),
-    "fp8": (torch.float8_e4m3fn,),
-}
 _FLOAT_DTYPES = (torch.float16, torch.bfloat16, torch.float32, torch.float64)
 
 
@@ -76,43 +72,10 @@ def _validate(
     check_tensor("topk_weights", topk_weights, shape=(M, k), dtypes=_FLOAT_DTYPES, device=dev)
 
     # w1 [E, 2I, H or H/2]: E and 2I come from it, H from hidden_states.
-    w_dtypes = WEIGHT_DTYPES[quant]
-    check_tensor("w1", w1, ndim=3, dtypes=w_dtypes, device=dev)
-    E, two_i = w1.shape[0], w1.shape[1]
-    if E == 0:
-        raise ValueError(f"w1: expected at least one expert, got shape {tuple(w1.shape)}")
-    if two_i == 0 or two_i % 2:
-        raise ValueError(
-            f"w1: expected an even, non-zero dim 1 (2 * intermediate), got shape {tuple(w1.shape)}"
-        )
-    I = two_i // 2
-    if quant == "mxfp4":
-        for name, size in (("hidden size", H), ("intermediate size", I)):
-            if size % MX_BLOCK:
-                raise ValueError(
-                    f"quant='mxfp4': expected the {name} to be a multiple of {MX_BLOCK}, got {size}"
-                )
-        check_tensor("w1", w1, shape=(E, two_i, H // 2))
-        check_tensor("w2", w2, shape=(E, H, I // 2), dtypes=w_dtypes, device=dev)
-        check_tensor("w1_scale", w1_scale, shape=(E, two_i, H // MX_BLOCK),
-                     dtypes=(torch.uint8,), device=dev)
-        check_tensor("w2_scale", w2_scale, shape=(E, H, I // MX_BLOCK),
-                     dtypes=(torch.uint8,), device=dev)
-    else:
-        check_tensor("w1", w1, shape=(E, two_i, H))
-        check_tensor("w2", w2, shape=(E, H, I), dtypes=w_dtypes, device=dev)
-        if quant == "fp8":
-            check_tensor("w1_scale", w1_scale, shape=(E, two_i), dtypes=(torch.float32,), device=dev)
-            check_tensor("w2_scale", w2_scale, shape=(E, H), dtypes=(torch.float32,), device=dev)
-        else:
-            if w1.dtype != w2.dtype:
-                raise TypeError(f"w2: expected dtype {w1.dtype} (as w1), got {w2.dtype}")
-            for name, scale in (("w1_scale", w1_scale), ("w2_scale", w2_scale)):
-                if scale is not None:
-                    raise ValueError(f"{name}: expected None with quant='none', got a tensor")
-
-    check_tensor("bias1", bias1, shape=(E, two_i), dtypes=_FLOAT_DTYPES, device=dev, optional=True)
-    check_tensor("bias2", bias2, shape=(E, H), dtypes=_FLOAT_DTYPES, device=dev, optional=True)
+    E, I, _ = check_expert_weights(
+        quant, w1, w1_scale, w2, w2_scale, bias1, bias2,
+        hidden_size=H, device=dev, bias_dtypes=_FLOAT_DTYPES,
+    )
     check_tensor("expert_mask", expert_mask, shape=(E,), dtypes=MASK_DTYPES, device=dev,
                  optional=True)
     return E, I

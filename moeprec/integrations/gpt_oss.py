@@ -25,6 +25,7 @@ import torch
 
 from moeprec._validation import check_choice, check_positive_int, check_tensor
 from moeprec.activations import GATE_MODES, convert_gate_up_order
+from moeprec.formats.layout import check_expert_weights
 from moeprec.formats.mxfp4 import MX_BLOCK, check_mxfp4_pair
 
 GPT_OSS_GATE_MODE = "interleaved"
@@ -90,15 +91,10 @@ def packed_to_blocks(packed: torch.Tensor, name: str = "packed") -> torch.Tensor
 
 
 def _check_layer(w1, w1_scale, w2, w2_scale, bias1, bias2) -> None:
-    check_mxfp4_pair(w1, w1_scale)
-    check_mxfp4_pair(w2, w2_scale)
-    check_tensor("w1", w1, ndim=3)
-    e, n2, h2 = w1.shape
-    if n2 % 2:
-        raise ValueError(f"w1: expected an even number of rows (2 * intermediate), got {n2}")
-    check_tensor("w2", w2, shape=(e, 2 * h2, (n2 // 2) // 2))
-    check_tensor("bias1", bias1, shape=(e, n2), optional=True)
-    check_tensor("bias2", bias2, shape=(e, 2 * h2), optional=True)
+    # Checked as uint8 views: float4_e2m1fn_x2 weights and float8_e8m0fnu scales (same bytes) pass.
+    w1, w1_scale = check_mxfp4_pair(w1, w1_scale)
+    w2, w2_scale = check_mxfp4_pair(w2, w2_scale)
+    check_expert_weights("mxfp4", w1, w1_scale, w2, w2_scale, bias1, bias2)
 
 
 def from_gpt_oss(tensors: dict[str, torch.Tensor], layer: int, gate_mode: str = GPT_OSS_GATE_MODE) -> MXFP4Experts:
