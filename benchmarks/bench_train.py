@@ -35,7 +35,7 @@ import torch.nn as nn
 import torch.nn.functional as F
 
 from moeprec.activations import gated_activation
-from moeprec.cli.report import PRESETS, Shape
+from moeprec.cli.presets import PRESETS, Shape
 
 TARGET_TFLOPS = 450.0
 TARGET_SPEEDUP = 1.1

@@ -25,7 +25,7 @@ import time
 from typing import Any, Callable
 
 from moeprec.cli.report import PATHS as REPORT_PATHS
-from moeprec.cli.report import PRESETS
+from moeprec.cli.presets import PRESETS
 
 # name: (H, I, E, k), from the model presets that `moeprec report` audits. The bench times
 # every shape with silu and separated gate/up rows (the peers implement that one form; the

@@ -20,6 +20,8 @@ from typing import Any
 
 import torch
 
+from moeprec.cli._common import error_metrics, format_table, parse_device  # as `moeprec report`
+from moeprec.cli.presets import PRESETS
 from moeprec.routing.diagnostics import topk_set_flip_rate
 
 
@@ -68,18 +70,12 @@ def _timed(fn: Callable[[], Any], device: torch.device, repeats: int = 3) -> tup
     return out, statistics.median(times)
 
 
-def _table(header: list[str], rows: list[list[str]]) -> str:
-    widths = [max(len(h), *(len(r[i]) for r in rows)) for i, h in enumerate(header)]
-    fmt = lambda cells: "| " + " | ".join(c.ljust(w) for c, w in zip(cells, widths)) + " |"  # noqa: E731
-    rule = "|" + "|".join("-" * (w + 2) for w in widths) + "|"
-    return "\n".join([fmt(header), rule] + [fmt(r) for r in rows])
-
-
 def router_precision(args: argparse.Namespace, ctx: DemoContext) -> None:
     """Route the same tokens with a bf16, an fp32 and an fp64 router gate (Qwen3-30B-A3B shape)."""
     from moeprec import TokenChoiceTopKRouter
 
-    dim, num_experts, top_k = 2048, 128, 8
+    qwen = PRESETS["qwen3-30b-a3b"]
+    dim, num_experts, top_k = qwen.hidden, qwen.experts, qwen.top_k
     tokens = _router_tokens(args)
     print(f"== Router precision: Qwen3-30B-A3B router shape (D={dim}, E={num_experts}, top-{top_k}), "
           f"{tokens} tokens, bf16 model, {ctx.device} ==")
@@ -108,7 +104,7 @@ def router_precision(args: argparse.Namespace, ctx: DemoContext) -> None:
             f"{logit_err:.2e}", f"{score_err:.2e}", f"{times[label]:.1f}",
         ])
         ctx.results.setdefault("router_flip_rate", {})[label] = flips
-    print(_table(
+    print(format_table(
         ["router dtype", "logits", "top-k set flips vs fp64", "max logit err", "max score err",
          "time ms"], rows))
     print("Same bf16 inputs and weights in every row: only the gate GEMM's output precision differs.\n"
@@ -133,24 +129,31 @@ class LayerPreset:
     quick_dims: tuple[int, int]  # (hidden_size, expert intermediate size) under --quick
 
 
+# HF config keys of the expert intermediate size and the expert count, per model_type.
+_HF_KEYS = {"qwen3_moe": ("moe_intermediate_size", "num_experts"),
+            "gpt_oss": ("intermediate_size", "num_local_experts")}
+
+
+def _layer_preset(model: str, title: str, model_type: str, shrink: int, quick_dims: tuple[int, int],
+                  **hf_extra: Any) -> LayerPreset:
+    """PRESETS[model] as an HF config of `model_type`, hidden and intermediate sizes / `shrink`."""
+    s = PRESETS[model]
+    inter_key, experts_key = _HF_KEYS[model_type]
+    cfg = {"model_type": model_type, "hidden_size": s.hidden // shrink, inter_key: s.intermediate // shrink,
+           experts_key: s.experts, "num_experts_per_tok": s.top_k, **hf_extra}
+    return LayerPreset(title, cfg, f"1/{shrink} of {s.hidden} / {s.intermediate}", quick_dims)
+
+
 # Routing (experts, top-k, score function, aux loss) is the real model's; only the widths are
 # cut, to multiples of 32 so the experts can be quantized to MXFP4.
 LAYERS: dict[str, LayerPreset] = {
-    "qwen3-30b-a3b": LayerPreset(
-        "Qwen3-30B-A3B-like",
-        dict(model_type="qwen3_moe", hidden_size=256, moe_intermediate_size=96, num_experts=128,
-             num_experts_per_tok=8, norm_topk_prob=True, router_aux_loss_coef=0.001,
-             output_router_logits=True),
-        "1/8 of 2048 / 768",
-        (64, 32),
+    "qwen3-30b-a3b": _layer_preset(
+        "qwen3-30b-a3b", "Qwen3-30B-A3B-like", "qwen3_moe", 8, (64, 32),
+        norm_topk_prob=True, router_aux_loss_coef=0.001, output_router_logits=True,
     ),
-    "gpt-oss-20b": LayerPreset(
-        "gpt-oss-20b-like",
-        dict(model_type="gpt_oss", hidden_size=288, intermediate_size=288, num_local_experts=32,
-             num_experts_per_tok=4, router_aux_loss_coef=0.9, output_router_logits=True,
-             swiglu_limit=7.0),
-        "1/10 of 2880 / 2880",
-        (64, 64),
+    "gpt-oss-20b": _layer_preset(
+        "gpt-oss-20b", "gpt-oss-20b-like", "gpt_oss", 10, (64, 64),
+        router_aux_loss_coef=0.9, output_router_logits=True, swiglu_limit=7.0,
     ),
 }
 
@@ -201,8 +204,6 @@ def _one_cpu_thread(device: torch.device) -> Iterator[None]:
 
 
 def _rel_l2(out: torch.Tensor, ref: torch.Tensor) -> float:
-    from moeprec.cli.report import error_metrics  # the same metric as `moeprec report`
-
     return error_metrics(out, ref)["rel_l2"]
 
 
@@ -278,7 +279,7 @@ def _layer_forward(ref, bf16, x):
             res[label] = {"same_topk": same, "rel_l2": err, "logits": str(routed.logits.dtype)}
             rows.append([label, str(routed.logits.dtype).replace("torch.", ""),
                          f"{same * 100:.2f}%", f"{err:.2e}"])
-    print(_table(["layer", "router logits", "top-k sets = fp32 layer's", "rel L2 err vs fp32"], rows))
+    print(format_table(["layer", "router logits", "top-k sets = fp32 layer's", "rel L2 err vs fp32"], rows))
     return res
 
 
@@ -325,7 +326,7 @@ def _layer_train(ref, bf16, x, moe_args):
         ["gate grad rel err vs fp32 layer: fp32 router", f"{grad_err['bf16/fp32 router']:.2e}"],
         ["gate grad rel err vs fp32 layer: bf16 router", f"{grad_err['bf16/bf16 router']:.2e}"],
     ]
-    print(_table(["training step (bf16 layer, fp32 router)", "value"], rows))
+    print(format_table(["training step (bf16 layer, fp32 router)", "value"], rows))
     return {
         "model_dtype": main.router.gate.weight.dtype, "gate_grad_dtype": g.dtype,
         "logits_dtype": logits_dtype, "token_count_sum": counts.sum().item(), "tokens": t,
@@ -375,7 +376,7 @@ def _quantized_sweep(ctx, bf16, ref, x_all, token_counts, quants):
         errs = {a: _rel_l2(o, ref_out) for a, o in explicit[quant].items()}
         res["errors"][quant] = errs
         err_rows.append([quant] + [f"{errs[a]:.2e}" for a in _ACTS])
-    print(_table([f"experts ({n} tokens): rel L2 err vs fp32", "act bf16", "act fp8", "act fp4"],
+    print(format_table([f"experts ({n} tokens): rel L2 err vs fp32", "act bf16", "act fp8", "act fp4"],
                  err_rows))
 
     pol_rows = []
@@ -392,7 +393,7 @@ def _quantized_sweep(ctx, bf16, ref, x_all, token_counts, quants):
                                          "auto_error": _rel_l2(auto, ref_out[:m])}
             pol_rows.append([quant, str(m), policy, ran, f"{res['policy'][(quant, m)]['auto_error']:.2e}"])
     print("The layer as built (PrecisionConfig act_dtype \"auto\") at token counts around the bound:")
-    print(_table(["experts", "tokens", "select_act_dtype", "layer ran (act auto)", "rel L2 err"],
+    print(format_table(["experts", "tokens", "select_act_dtype", "layer ran (act auto)", "rel L2 err"],
                  pol_rows))
     return layers, explicit, res
 
@@ -433,7 +434,7 @@ def _overrides(ctx, layer, x, outs_of):
                 layer.precision = base
         res[label] = {"policy": pick, "ran": ran}
         rows.append([label, pick, ran])
-    print(_table([f"setting ({layer.quant} experts, {m} tokens)", "policy pick", "layer ran"], rows))
+    print(format_table([f"setting ({layer.quant} experts, {m} tokens)", "policy pick", "layer ran"], rows))
     return res
 
 
@@ -519,19 +520,10 @@ def _moe_layer(args: argparse.Namespace, ctx: DemoContext) -> None:
 SECTIONS: list[Callable[[argparse.Namespace, DemoContext], None]] = [router_precision, moe_layer]
 
 
-def _device(name: str) -> torch.device:
-    if name == "auto":
-        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
-    device = torch.device(name)
-    if device.type == "cuda" and not torch.cuda.is_available():
-        raise ValueError(f"--device: expected cpu or auto on this machine (no CUDA), got {name!r}")
-    return device
-
-
 def run(args: argparse.Namespace) -> int:
     if _router_tokens(args) < 1:
         raise ValueError(f"--tokens: expected a positive int, got {args.tokens}")
-    ctx = DemoContext(device=_device(args.device), seed=args.seed)
+    ctx = DemoContext(device=parse_device(args.device), seed=args.seed)
     for i, section in enumerate(SECTIONS):
         print(f"[{i + 1}/{len(SECTIONS)}] {(section.__doc__ or section.__name__).splitlines()[0]}", flush=True)
         section(args, ctx)

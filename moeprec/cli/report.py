@@ -30,37 +30,17 @@ import math
 import os
 import sys
 import time
-from dataclasses import asdict, dataclass
+from dataclasses import asdict
 from typing import Any
 
 import torch
 
 from moeprec.act_policy import ENV_BOUND, ENV_FORCE_BF16, device_default_bound, select_act_dtype
-from moeprec.cli.demo import _device  # the same --device parsing as `moeprec demo`
+from moeprec.cli._common import error_metrics, format_table, parse_device
+from moeprec.cli.presets import PRESETS, Shape
 from moeprec.routing.diagnostics import topk_set_flip_rate
 
 
-@dataclass(frozen=True)
-class Shape:
-    hidden: int
-    intermediate: int
-    experts: int
-    top_k: int
-    activation: str = "silu"
-    gate_mode: str = "separated"
-    bias: bool = False
-    score_func: str = "softmax"
-    num_expert_groups: int | None = None
-    num_limited_groups: int | None = None
-
-
-PRESETS: dict[str, Shape] = {
-    "qwen3-30b-a3b": Shape(2048, 768, 128, 8),
-    "mixtral-8x7b": Shape(4096, 14336, 8, 2),
-    "gpt-oss-20b": Shape(2880, 2880, 32, 4, "swiglu_oai", "interleaved", bias=True),
-    "deepseek-v3": Shape(7168, 2048, 256, 8, score_func="sigmoid", num_expert_groups=8,
-                         num_limited_groups=4),
-}
 DEFAULT_TOKENS = (1, 16, 64, 256, 511, 512, 1024, 4096)
 # path name: (weight format, act dtype). The first is the fp32 reference.
 PATHS: dict[str, tuple[str, str]] = {
@@ -171,20 +151,6 @@ def sample_sizes(shape: Shape, args: argparse.Namespace) -> tuple[int, int]:
 # ------------------------------------------------------------------------------ measurements
 
 
-def error_metrics(out: torch.Tensor, ref: torch.Tensor) -> dict[str, float]:
-    """Relative L2 error, max abs error and 1 - 2*sum(xy)/sum(x^2+y^2), in fp64."""
-    x, y = out.double().flatten(), ref.double().flatten()
-    diff = x - y
-    ref_norm = y.norm().item()
-    denom = (x * x + y * y).sum().item()
-    return {
-        "rel_l2": diff.norm().item() / ref_norm if ref_norm else float(diff.norm().item() > 0),
-        "max_abs": diff.abs().max().item() if diff.numel() else 0.0,
-        "cos_diff": 1 - 2 * (x * y).sum().item() / denom if denom else 0.0,
-        "nan": bool(torch.isnan(x).any()),
-    }
-
-
 def expert_errors(shape: Shape, n_exp: int, inter: int, tokens: int, device: torch.device,
                   seed: int, t0: float) -> dict[str, dict[str, float]]:
     """Error of each path vs the fp32 reference on `tokens` tokens routed among n_exp experts."""
@@ -285,12 +251,6 @@ def policy_table(shape: Shape, tokens: list[int], device: torch.device) -> dict[
 # ------------------------------------------------------------------------------ output
 
 
-def _table(header: list[str], rows: list[list[str]]) -> str:
-    widths = [max(len(h), *(len(r[i]) for r in rows)) if rows else len(h) for i, h in enumerate(header)]
-    line = lambda cells: "  ".join(c.rjust(w) for c, w in zip(cells, widths))  # noqa: E731
-    return "\n".join([line(header), line(["-" * w for w in widths])] + [line(r) for r in rows])
-
-
 def _path_of(quant: str, act: str) -> str:
     return next(name for name, (w, a) in PATHS.items() if (w, a) == (quant, act))
 
@@ -311,13 +271,13 @@ def print_report(res: dict[str, Any]) -> None:
             err = res["paths"].get(path, {}).get("rel_l2")
             cells += [picks[q], "n/a" if err is None else f"{err:.2e}"]
         rows.append(cells)
-    print(_table(["M", "mxfp4 act", "rel L2", "fp8 act", "rel L2"], rows))
+    print(format_table(["M", "mxfp4 act", "rel L2", "fp8 act", "rel L2"], rows, markdown=False))
 
     print("\n-- expert path errors vs fp32 reference (fp32 activations and master weights) --")
     rows = [[name, f"{m['rel_l2']:.3e}", f"{m['max_abs']:.3e}", f"{m['cos_diff']:.2e}",
              f"{m['act_rel_l2']:.2e}" if "act_rel_l2" in m else "-", "yes" if m["nan"] else "no"]
             for name, m in res["paths"].items()]
-    print(_table(["path", "rel L2", "max abs", "1-cos", "act-only rel L2", "NaN"], rows))
+    print(format_table(["path", "rel L2", "max abs", "1-cos", "act-only rel L2", "NaN"], rows, markdown=False))
     print(f"measured on {smp['error_tokens']} tokens routed top-{smp['top_k']} among "
           f"{smp['experts']} of {s['experts']} experts, intermediate {smp['intermediate']} of "
           f"{s['intermediate']} (CPU budget {smp['budget_melems']:g}M weight elements; "
@@ -330,7 +290,8 @@ def print_report(res: dict[str, Any]) -> None:
     r = res["router"]
     print(f"\n-- router top-{s['top_k']} set flips over {res['router_tokens']} tokens "
           f"(bf16 inputs and gate weights; only the gate GEMM dtype differs) --")
-    print(_table(["pair", "flip rate"], [[k.replace("_", " "), f"{v * 100:.2f}%"] for k, v in r.items()]))
+    flips = [[k.replace("_", " "), f"{v * 100:.2f}%"] for k, v in r.items()]
+    print(format_table(["pair", "flip rate"], flips, markdown=False))
     print("\nSynthetic Gaussian inputs and weights: compare paths with each other, not with a real "
           "model's accuracy.")
 
@@ -366,7 +327,7 @@ def collect(args: argparse.Namespace) -> dict[str, Any]:
     for flag in ("error_tokens", "router_tokens"):
         if getattr(args, flag) < 1:
             raise ValueError(f"--{flag.replace('_', '-')}: expected a positive int, got {getattr(args, flag)}")
-    device = _device(args.device)
+    device = parse_device(args.device)
     n_exp, inter = sample_sizes(shape, args)
     _progress(f"{model}: policy table for M in {args.tokens}", t0)
     policy = policy_table(shape, args.tokens, device)
