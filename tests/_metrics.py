@@ -7,7 +7,6 @@ direction: `1 - 2*sum(x*y) / sum(x^2 + y^2)` (0 for equal tensors, 1 for orthogo
 
 from __future__ import annotations
 
-import pytest
 import torch
 
 
@@ -52,17 +51,3 @@ def assert_close_aiter(
     assert frac <= max_mismatch, f"{frac:.1%} of elements outside rtol={rtol}, atol={atol} ({where})"
     assert cd <= max_cos_diff, f"cos diff {cd:.3g} > {max_cos_diff} ({where})"
 
-
-@pytest.fixture(autouse=True)
-def single_thread():
-    """Run a test on one intra-op thread (import this fixture into a test module to enable it).
-
-    The fused-MoE tests use tiny tensors: extra threads buy nothing, and on a busy 2-core CI
-    machine OpenMP's spinning threads made them ~10x slower.
-    """
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    try:
-        yield
-    finally:
-        torch.set_num_threads(before)

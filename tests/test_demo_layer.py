@@ -39,20 +39,13 @@ def demo_out():
 
     from moeprec.cli import main
 
-    saved = {k: os.environ.get(k) for k in (ENV_BOUND, ENV_FORCE_BF16)}
-    os.environ[ENV_BOUND] = str(BOUND)
-    os.environ.pop(ENV_FORCE_BF16, None)
     buf = io.StringIO()
-    try:
+    with pytest.MonkeyPatch.context() as mp:  # module scope: the function-scoped fixture can't
+        mp.setenv(ENV_BOUND, str(BOUND))
+        mp.delenv(ENV_FORCE_BF16, raising=False)
         with contextlib.redirect_stdout(buf):
             rc = main(["demo", "--device", "cpu", "--quick", "--tokens", "128"])
         env_after = {k: os.environ.get(k) for k in (ENV_BOUND, ENV_FORCE_BF16)}
-    finally:
-        for k, v in saved.items():
-            if v is None:
-                os.environ.pop(k, None)
-            else:
-                os.environ[k] = v
     return rc, buf.getvalue(), env_after
 
 

@@ -3,7 +3,6 @@ import torch
 
 from moeprec import moe_align_block_size
 from moeprec.dispatch import max_num_tokens_padded
-from tests._metrics import single_thread  # noqa: F401 (autouse fixture)
 
 
 def _check_invariants(topk_ids, E, block, expert_mask=None):

@@ -10,7 +10,7 @@ import pytest
 import torch
 
 from moeprec.fused_moe_op import fused_moe, fused_moe_torch
-from tests._metrics import assert_close_aiter, single_thread  # noqa: F401 (autouse fixture)
+from tests._metrics import assert_close_aiter
 from tests.test_fused_moe import _TRITON_DEVICE, E, M, _on, _on_dict, make_case
 
 # numpy (the interpreter) warns on the NaN/Inf arithmetic these cases are made of

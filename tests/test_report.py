@@ -4,7 +4,6 @@ import pytest
 
 from moeprec.cli import main
 from moeprec.cli.presets import PRESETS
-from tests._metrics import single_thread  # noqa: F401 (autouse fixture)
 
 SMALL = ["report", "--hidden", "64", "--intermediate", "32", "--experts", "4", "--top-k", "2",
          "--error-tokens", "16", "--router-tokens", "64", "--device", "cpu"]

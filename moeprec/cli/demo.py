@@ -168,20 +168,19 @@ def _progress(ctx: DemoContext, msg: str) -> None:
 @contextlib.contextmanager
 def _env(values: dict[str, str | None]) -> Iterator[None]:
     """Set (or unset, for None) env vars for the duration of a block, then restore them."""
+    def apply(env: dict[str, str | None]) -> None:
+        for k, v in env.items():
+            if v is None:
+                os.environ.pop(k, None)
+            else:
+                os.environ[k] = v
+
     saved = {k: os.environ.get(k) for k in values}
     try:
-        for k, v in values.items():
-            if v is None:
-                os.environ.pop(k, None)
-            else:
-                os.environ[k] = v
+        apply(values)
         yield
     finally:
-        for k, v in saved.items():
-            if v is None:
-                os.environ.pop(k, None)
-            else:
-                os.environ[k] = v
+        apply(saved)
 
 
 @contextlib.contextmanager
