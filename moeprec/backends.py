@@ -25,15 +25,21 @@ def triton_available(kernel_module: str | None = None) -> bool:
     return kernel_module is None or importlib.util.find_spec(kernel_module) is not None
 
 
-def resolve_backend(backend: str, device: torch.device, kernel_module: str | None = None) -> str:
+def resolve_backend(
+    backend: str, device: torch.device, kernel_module: str | None = None, available: bool | None = None
+) -> str:
     """"auto" -> "triton" on CUDA when Triton (and `kernel_module`) is there, else "torch".
 
     "triton" off CUDA needs TRITON_INTERPRET=1 (that is how CI tests the kernels on CPU).
+    `available`: `triton_available(kernel_module)` decided beforehand, for callers traced by
+    torch.compile (which cannot trace the import machinery).
     """
     check_choice("backend", backend, BACKENDS)
     device = torch.device(device)
     if backend == "auto":
-        return "triton" if device.type == "cuda" and triton_available(kernel_module) else "torch"
+        if device.type != "cuda":
+            return "torch"
+        return "triton" if (triton_available(kernel_module) if available is None else available) else "torch"
     if backend == "triton" and device.type != "cuda" and not triton_interpret():
         raise ValueError(
             f"backend: 'triton' runs on CUDA tensors, or on CPU with TRITON_INTERPRET=1; got "

@@ -6,7 +6,19 @@ import torch.nn as nn
 import torch.nn.functional as F
 
 from moeprec import RouterGateLinear, RouterGatingLinearFunction, router_gating_linear
+from moeprec.backends import triton_available, triton_interpret
 from moeprec.routing import gate as gate_mod
+
+# Backends of the fast plan's backward that can run its emulation on CPU: the torch plan always,
+# the Triton kernels in the interpreter.
+EMULATED_BACKENDS = [
+    "torch",
+    pytest.param("triton", marks=[
+        pytest.mark.interpret,
+        pytest.mark.skipif(not (triton_interpret() and triton_available()),
+                           reason="Triton on CPU needs TRITON_INTERPRET=1"),
+    ]),
+]
 
 D, E = 96, 24
 
@@ -181,11 +193,13 @@ def test_router_gate_linear_is_an_nn_linear_with_the_same_state_dict():
 
 
 @pytest.mark.parametrize("splits", [1, 2, 3])
-def test_fast_plan_numerics_emulated_on_cpu(monkeypatch, splits):
+@pytest.mark.parametrize("backend", EMULATED_BACKENDS)
+def test_fast_plan_numerics_emulated_on_cpu(monkeypatch, backend, splits):
     """The fast plan's code on CPU, its fp32-output GEMM emulated by an upcast GEMM."""
     monkeypatch.setattr(gate_mod, "_plan", lambda *a: "fast")
     monkeypatch.setattr(gate_mod, "_mm_f32", lambda a, b: a.float() @ b.float())
     monkeypatch.setattr(gate_mod, "BACKWARD_GRAD_SPLITS", splits)
+    monkeypatch.setattr(gate_mod, "BACKWARD_BACKEND", backend)
     x = torch.randn(300, 256).bfloat16().requires_grad_()
     w = (torch.randn(64, 256) * 0.05).bfloat16().requires_grad_()
     y = RouterGatingLinearFunction.apply(x, w, None, torch.float32)
@@ -218,12 +232,14 @@ def test_fast_plan_numerics_emulated_on_cpu(monkeypatch, splits):
 
 @pytest.mark.parametrize("splits", [1, 2])
 @pytest.mark.parametrize("x_grad, w_grad", [(True, False), (False, True), (True, True)])
-def test_fast_plan_when_only_some_inputs_need_grad(monkeypatch, splits, x_grad, w_grad):
+@pytest.mark.parametrize("backend", EMULATED_BACKENDS)
+def test_fast_plan_when_only_some_inputs_need_grad(monkeypatch, backend, splits, x_grad, w_grad):
     """Only what a needed gradient reads is saved (no weight when x needs none, as for a router
     fed by a frozen or detached input): the fast backward must not read what was not saved."""
     monkeypatch.setattr(gate_mod, "_plan", lambda *a: "fast")
     monkeypatch.setattr(gate_mod, "_mm_f32", lambda a, b: a.float() @ b.float())
     monkeypatch.setattr(gate_mod, "BACKWARD_GRAD_SPLITS", splits)
+    monkeypatch.setattr(gate_mod, "BACKWARD_BACKEND", backend)
     x = torch.randn(40, 64).bfloat16().requires_grad_(x_grad)
     w = (torch.randn(16, 64) * 0.05).bfloat16().requires_grad_(w_grad)
     y = RouterGatingLinearFunction.apply(x, w, None, torch.float32)
@@ -240,10 +256,12 @@ def test_fast_plan_when_only_some_inputs_need_grad(monkeypatch, splits, x_grad, 
 
 
 @pytest.mark.parametrize("splits", [2, 3])
-def test_fast_plan_emulated_compiles_fullgraph(monkeypatch, splits):
+@pytest.mark.parametrize("backend", EMULATED_BACKENDS)
+def test_fast_plan_emulated_compiles_fullgraph(monkeypatch, backend, splits):
     monkeypatch.setattr(gate_mod, "_plan", lambda *a: "fast")
     monkeypatch.setattr(gate_mod, "_mm_f32", lambda a, b: a.float() @ b.float())
     monkeypatch.setattr(gate_mod, "BACKWARD_GRAD_SPLITS", splits)
+    monkeypatch.setattr(gate_mod, "BACKWARD_BACKEND", backend)
     torch._dynamo.reset()
     x, w, b = _inputs((17,), torch.bfloat16, True)
     fn = lambda x, w, b: router_gating_linear(x, w, "fp32", bias=b)  # noqa: E731
@@ -261,6 +279,7 @@ def test_fast_plan_shapes_and_dtypes_with_the_real_out_dtype_gemm_on_meta(monkey
     """The fast plan's calls of torch.mm(out_dtype=) as written, checked by torch's meta kernels."""
     monkeypatch.setattr(gate_mod, "_plan", lambda *a: "fast")
     monkeypatch.setattr(gate_mod, "BACKWARD_GRAD_SPLITS", splits)
+    monkeypatch.setattr(gate_mod, "BACKWARD_BACKEND", "torch")  # meta tensors: no kernel runs
     x = torch.empty(4, 7, D, device="meta", dtype=torch.bfloat16, requires_grad=True)
     w = torch.empty(E, D, device="meta", dtype=torch.bfloat16, requires_grad=True)
     b = torch.empty(E, device="meta", dtype=torch.float32, requires_grad=True) if bias else None
@@ -331,8 +350,10 @@ def _ops_of(fn):
 
 
 @pytest.mark.gpu
-def test_gpu_fast_path_takes_the_out_dtype_gemm():
+@pytest.mark.parametrize("backend", ["torch", "triton"])
+def test_gpu_fast_path_takes_the_out_dtype_gemm(monkeypatch, backend):
     assert gate_mod.MM_OUT_DTYPE_ON_CUDA, "this torch build has no CUDA aten::mm.dtype"
+    monkeypatch.setattr(gate_mod, "BACKWARD_BACKEND", backend)
     x = torch.randn(64, 512, device="cuda", dtype=torch.bfloat16, requires_grad=True)
     w = (torch.randn(32, 512, device="cuda") * 0.05).bfloat16().requires_grad_()
     assert gate_mod._plan(x, w, torch.float32) == "fast"
@@ -340,14 +361,20 @@ def test_gpu_fast_path_takes_the_out_dtype_gemm():
     fwd = _ops_of(lambda: holder.setdefault("y", RouterGatingLinearFunction.apply(x, w, None, torch.float32)))
     assert "aten.mm.dtype" in fwd and not any("_to_copy" in op for op in fwd)  # no upcast copies
     bwd = _ops_of(lambda: holder["y"].sum().backward())
-    assert "aten.mm.dtype" in bwd
+    if backend == "torch":
+        assert "aten.mm.dtype" in bwd
+    else:  # the Triton kernels: no torch GEMM and no upcast copy in the backward
+        assert not any(op.startswith("aten.mm") for op in bwd)
+        assert not any("_to_copy" in op for op in bwd)
 
 
 @pytest.mark.gpu
+@pytest.mark.parametrize("backend", ["torch", "triton"])
 @pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
 @pytest.mark.parametrize("shape", [(4096, 2048, 128), (1000, 7168, 256), (1, 64, 8), (0, 64, 8)])
 @pytest.mark.parametrize("bias", [False, True])
-def test_gpu_fast_path_equals_upcast_up_to_summation_order(dtype, shape, bias):
+def test_gpu_fast_path_equals_upcast_up_to_summation_order(monkeypatch, backend, dtype, shape, bias):
+    monkeypatch.setattr(gate_mod, "BACKWARD_BACKEND", backend)
     t, d, e = shape
     x = torch.randn(t, d, device="cuda").to(dtype).requires_grad_()
     w = (torch.randn(e, d, device="cuda") * 0.02).to(dtype).requires_grad_()

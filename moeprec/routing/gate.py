@@ -42,11 +42,19 @@ import torch.nn as nn
 import torch.nn.functional as F
 
 from moeprec._validation import check_bool, check_floating, check_positive_int, check_tensor
+from moeprec.backends import resolve_backend, triton_available
 from moeprec.precision import parse_router_dtype
 
 # Number of bf16 pieces the fp32 output gradient is split into by the fast backward (1, 2 or 3);
-# see the module docstring for the numerics of each. The one knob of the fast path.
+# see the module docstring for the numerics of each. The one numerics knob of the fast path.
 BACKWARD_GRAD_SPLITS = 2
+
+# Who splits g into its bf16 pieces for the fast backward: "triton" (one kernel,
+# moeprec/kernels/router_grad_split.py), "torch" (`_split_to_bf16`, four elementwise passes) or
+# "auto" (Triton on CUDA where installed). Bit-identical; the GEMMs are cuBLAS's either way.
+BACKWARD_BACKEND = "auto"
+_SPLIT_KERNEL = "moeprec.kernels.router_grad_split"
+_HAVE_SPLIT_KERNEL = triton_available(_SPLIT_KERNEL)  # decided at import: compile-safe
 
 # torch.mm(a, b, out_dtype=torch.float32) (aten::mm.dtype) has a CUDA kernel in recent torch
 # builds (not on CPU). Asking the dispatcher needs no CUDA context and no kernel launch, so it
@@ -182,7 +190,12 @@ def _fast_backward(g, x, weight, need_x, need_w, w_dtype):
     `w_dtype`.
     """
     n = BACKWARD_GRAD_SPLITS
-    gs = _split_to_bf16(g, n)  # [T, n*E]
+    if resolve_backend(BACKWARD_BACKEND, g.device, available=_HAVE_SPLIT_KERNEL) == "triton":
+        from moeprec.kernels.router_grad_split import split_grad
+
+        gs = split_grad(g, n)  # [T, n*E]
+    else:
+        gs = _split_to_bf16(g, n)
     grad_x = grad_w = None
     if need_x:
         # [g_1 | g_2 | ...] @ [W; W; ...]: one GEMM whose fp32 accumulator sums the pieces. Its
