@@ -35,7 +35,7 @@ def test_config_lookup_nearest_m_and_fallback(tmp_path, monkeypatch):
     assert name == "fused_moe_Test_GPU_X.json"
     (tmp_path / name).write_text(json.dumps({"bf16": {key: {"1": small, "4096": large}}}))
     monkeypatch.setenv("MOEPREC_FUSED_MOE_CONFIG_DIR", str(tmp_path))
-    tuning._load_table.cache_clear()
+    tuning.clear_caches()
     try:
         assert tuning.get_config("bf16", 2, 8, 64, 32, 2, "Test GPU/X")["BLOCK_M"] == 16
         cfg = tuning.get_config("bf16", 3000, 8, 64, 32, 2, "Test GPU/X")
@@ -46,7 +46,7 @@ def test_config_lookup_nearest_m_and_fallback(tmp_path, monkeypatch):
         assert tuning.get_config("bf16", 2, 8, 64, 48, 2, "Test GPU/X") == tuning.fix_config(
             tuning.default_config("bf16", 2, 8, 64, 48, 2), "bf16")
     finally:
-        tuning._load_table.cache_clear()
+        tuning.clear_caches()
 
 
 @pytest.mark.parametrize("path", tuning.PATHS)

@@ -108,6 +108,16 @@ def _load_table(file_name: str) -> dict[str, Any]:
     return json.loads(text)
 
 
+def clear_caches() -> None:
+    """Forget loaded tables and looked-up configs (after the files or the override dir change)."""
+    _load_table.cache_clear()
+    get_config.cache_clear()
+
+
+# Looked up on every fused_moe call (a decode step calls it per layer): cached, since the search
+# and fix-up cost ~14 us of host time per call on a CPU of this project's machines. Callers
+# share the returned dict and must not change it.
+@functools.lru_cache(maxsize=4096)
 def get_config(path: str, M: int, E: int, H: int, I: int, top_k: int,  # noqa: E741
                device_name: str | None = None) -> dict[str, Any]:
     """The launch configuration for one call: tuned entry for (device, path, shape, nearest M)."""
