@@ -262,3 +262,46 @@ def test_fp32_model(quant):
     x, w1, w2, tw, ti, kw = make_case(M, H, I, E, k, quant, dtype=torch.float32, seed=10)
     out, ref = _run_both(x, w1, w2, tw, ti, quant=quant, act_dtype="bf16", **kw)
     assert_close(out, ref)
+
+
+def _packaged_tables():
+    from importlib import resources
+
+    names = sorted(p.name for p in resources.files("moeprec").joinpath("configs").iterdir()
+                   if p.name.startswith("fused_moe_") and p.name.endswith(".json"))
+    return names
+
+
+# kernel path -> (quant, act_dtype) of fused_moe
+_PATH_ARGS = {"bf16": ("none", "bf16"), "w4a16": ("mxfp4", "bf16"), "w4a8": ("mxfp4", "fp8"),
+              "fp8": ("fp8", "fp8"), "w8a16": ("fp8", "bf16")}
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("table", _packaged_tables())
+def test_gpu_every_packaged_config_matches_reference(table):
+    """Each distinct launch configuration in a tuned table, run on a ragged small case (tiles cut
+    by M, H and I): tuning picks configs by speed alone, this holds them to the reference."""
+    import json
+    from importlib import resources
+
+    from moeprec.kernels.tuning import fix_config
+
+    data = json.loads(resources.files("moeprec").joinpath("configs", table).read_text())
+    M, H, I, E, k = 37, 256, 192, 8, 2  # noqa: E741
+    cases = {}
+    for path, shapes in data.items():
+        if path.startswith("_"):
+            continue
+        for per_m in shapes.values():
+            for cfg in per_m.values():
+                fixed = fix_config(cfg, path)
+                cases[(path, json.dumps(fixed, sort_keys=True))] = fixed
+    assert cases, f"{table}: no configurations"
+    for (path, _), cfg in sorted(cases.items()):
+        quant, act_dtype = _PATH_ARGS[path]
+        x, w1, w2, tw, ti, kw = make_case(M, H, I, E, k, quant, seed=len(cases))
+        ref = fused_moe(x, w1, w2, tw, ti, backend="torch", quant=quant, act_dtype=act_dtype, **kw)
+        out = _kernel_module().fused_moe_triton_impl(x, w1, w2, tw, ti, quant=quant,
+                                                     act_dtype=act_dtype, config=cfg, **kw)
+        assert_close(out, ref, _tol(act_dtype))
