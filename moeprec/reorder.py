@@ -46,9 +46,12 @@ def combine_expert_outputs(
     """
     t, k = top_scores.shape
     acc = torch.promote_types(expert_out.dtype, torch.float32)
-    # Undo the sort (index_copy: a permutation, no atomics), then a [1, k] x [k, D] product per token.
-    unsorted = torch.empty_like(expert_out, dtype=acc).index_copy(0, reordered.order, expert_out.to(acc))
-    per_slot = unsorted.view(t, k, expert_out.shape[-1])
+    # Undo the sort (index_copy: a permutation, no atomics) in the experts' dtype, then upcast (exact:
+    # the order of the two does not change a bit, but permuting first moves half the bytes and
+    # holds one fp32 [T*k, D] copy instead of two, forward and backward), then a [1, k] x [k, D]
+    # product per token.
+    unsorted = torch.empty_like(expert_out).index_copy(0, reordered.order, expert_out)
+    per_slot = unsorted.view(t, k, expert_out.shape[-1]).to(acc)
     if score_before_experts:
         return per_slot.sum(dim=1)
     return torch.bmm(top_scores.to(acc).unsqueeze(1), per_slot).squeeze(1)
