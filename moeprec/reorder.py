@@ -33,6 +33,24 @@ def reorder_tokens(top_scores: torch.Tensor, selected_experts: torch.Tensor) -> 
     return ReorderedTokens(order, order // k, top_scores.reshape(-1)[order])
 
 
+class _UnsortRows(torch.autograd.Function):
+    """out[order[i]] = x[i] (undo the expert sort); backward gathers grad[order].
+
+    Keeps only `order` for backward: `index_copy` would keep its source, a [T*k, D] copy of the
+    experts' outputs, alive until the backward.
+    """
+
+    @staticmethod
+    def forward(ctx, x: torch.Tensor, order: torch.Tensor) -> torch.Tensor:
+        ctx.save_for_backward(order)
+        return torch.empty_like(x).index_copy_(0, order, x)
+
+    @staticmethod
+    def backward(ctx, grad: torch.Tensor):
+        (order,) = ctx.saved_tensors
+        return grad.index_select(0, order), None
+
+
 def combine_expert_outputs(
     expert_out: torch.Tensor,
     reordered: ReorderedTokens,
@@ -46,11 +64,11 @@ def combine_expert_outputs(
     """
     t, k = top_scores.shape
     acc = torch.promote_types(expert_out.dtype, torch.float32)
-    # Undo the sort (index_copy: a permutation, no atomics) in the experts' dtype, then upcast (exact:
-    # the order of the two does not change a bit, but permuting first moves half the bytes and
-    # holds one fp32 [T*k, D] copy instead of two, forward and backward), then a [1, k] x [k, D]
+    # Undo the sort (a permutation, no atomics) in the experts' dtype, then upcast (exact: the
+    # order of the two does not change a bit, but permuting first moves half the bytes and holds
+    # one fp32 [T*k, D] copy instead of two, forward and backward), then a [1, k] x [k, D]
     # product per token.
-    unsorted = torch.empty_like(expert_out).index_copy(0, reordered.order, expert_out)
+    unsorted = _UnsortRows.apply(expert_out, reordered.order)
     per_slot = unsorted.view(t, k, expert_out.shape[-1]).to(acc)
     if score_before_experts:
         return per_slot.sum(dim=1)

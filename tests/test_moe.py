@@ -327,6 +327,25 @@ def test_reorder_and_combine_helpers():
     assert combine_expert_outputs(out.bfloat16(), r, scores).dtype == torch.float32
 
 
+@pytest.mark.parametrize("score_before", [False, True])
+def test_combine_gradients_and_what_it_keeps_for_backward(score_before):
+    t, k, d, e = 7, 3, 5, 4
+    g = torch.Generator().manual_seed(1)
+    selected = torch.stack([torch.randperm(e, generator=g)[:k] for _ in range(t)])
+    scores = torch.rand(t, k, generator=g, dtype=torch.float64).requires_grad_()
+    out = torch.randn(t * k, d, generator=g, dtype=torch.float64).requires_grad_()
+    r = reorder_tokens(scores, selected)
+    torch.autograd.gradcheck(lambda o, s: combine_expert_outputs(o, r, s, score_before), (out, scores))
+    # bf16 expert outputs: the permutation keeps only its int64 order for backward, and the one
+    # fp32 copy of the outputs is what the weighted sum needs (none when unweighted)
+    saved = []
+    with torch.autograd.graph.saved_tensors_hooks(lambda x: saved.append(x) or x, lambda x: x):
+        combine_expert_outputs(out.detach().bfloat16().requires_grad_(), r,
+                               scores.detach().float().requires_grad_(), score_before)
+    big = [(x.dtype, tuple(x.shape)) for x in saved if x.numel() >= t * k * d]
+    assert big == ([] if score_before else [(torch.float32, (t, k, d))]), big
+
+
 def test_balancing_buffers_stay_fp32_under_dtype_casts():
     m = _moe(load_balance_coeff=1e-3).to(torch.bfloat16)
     assert m.experts.w1.dtype == torch.bfloat16
