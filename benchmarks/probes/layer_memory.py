@@ -1,8 +1,7 @@
 """Probe: peak memory of one eager forward + backward of moeprec's MoE or the torchtitan-style
 layer of bench_train.py, one layer per process (run it twice).
 
-On CPU it reads the process's peak RSS growth (large blocks go back to the OS when freed, so the
-peak is the live set at its largest); on CUDA, torch.cuda.max_memory_allocated growth.
+Peak growth as `peak_memory.peak_growth` reads it (CPU: peak RSS; CUDA: the allocator's peak).
 
     python3 benchmarks/probes/layer_memory.py ours  [--experts 32] [--tokens 4096] [--device cpu]
     python3 benchmarks/probes/layer_memory.py peer  ...
@@ -11,13 +10,12 @@ peak is the live set at its largest); on CUDA, torch.cuda.max_memory_allocated g
 from __future__ import annotations
 
 import argparse
-import resource
 import sys
-import time
 from dataclasses import replace
 from pathlib import Path
 
 import torch
+from peak_memory import peak_growth
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 from bench_train import PRESETS, build_layers  # noqa: E402
@@ -41,25 +39,13 @@ def main() -> None:
     g = torch.randn(a.tokens, s.hidden, device=dev, dtype=torch.bfloat16)
     for t in (*layer.parameters(), x):  # gradients exist before the step, as in training
         t.grad = torch.zeros_like(t)
-    if dev.type == "cuda":
-        torch.cuda.synchronize()
-        torch.cuda.reset_peak_memory_stats()
-        base = torch.cuda.max_memory_allocated()
-    else:
-        base = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024
-    t0 = time.perf_counter()
-    for t in (*layer.parameters(), x):
-        t.grad = None
-    layer(x).backward(g)
-    if dev.type == "cuda":
-        torch.cuda.synchronize()
-        peak = torch.cuda.max_memory_allocated()
-    else:
-        peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024
+    with peak_growth(dev) as r:
+        for t in (*layer.parameters(), x):
+            t.grad = None
+        layer(x).backward(g)
     k, d = s.top_k, s.hidden
     print(f"{a.layer} {a.shape} E={a.experts} T={a.tokens} on {dev}: peak growth "
-          f"{(peak - base) / 2**20:.0f} MiB (fp32 [T*k, D] = {a.tokens * k * d * 4 / 2**20:.0f} MiB), "
-          f"{time.perf_counter() - t0:.1f} s")
+          f"{r['mib']:.0f} MiB (fp32 [T*k, D] = {a.tokens * k * d * 4 / 2**20:.0f} MiB), {r['s']:.1f} s")
 
 
 if __name__ == "__main__":
