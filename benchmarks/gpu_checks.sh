@@ -1,6 +1,9 @@
 #!/usr/bin/env bash
-# One device call: the GPU tests and the router / quantizer benchmarks, logs and JSON under $OUT.
-#   bash benchmarks/gpu_checks.sh [pytest selection...]
+# GPU checks in few device calls, logs and JSON under $OUT. Each section fits one 10-minute call:
+#   bash benchmarks/gpu_checks.sh tests        # the whole GPU test suite (~3 min on an H200)
+#   bash benchmarks/gpu_checks.sh router       # router bench + quantizer bench (~2 min)
+#   bash benchmarks/gpu_checks.sh train        # training bench, both shapes, + eager memory probes
+#   bash benchmarks/gpu_checks.sh moe          # fused MoE bench, all shapes and paths (no peers)
 # Uses the machine's own python3 (torch + triton preinstalled); moeprec from this checkout.
 set -uo pipefail
 OUT=${OUT:-out}
@@ -8,8 +11,21 @@ mkdir -p "$OUT"
 export PYTHONPATH=$PWD${PYTHONPATH:+:$PYTHONPATH} PYTHONUNBUFFERED=1
 { nvidia-smi --query-gpu=name,driver_version,memory.total --format=csv,noheader
   python3 -c "import torch, triton; print('torch', torch.__version__, 'triton', triton.__version__)"
-  date -u +%Y-%m-%dT%H:%MZ; } | tee "$OUT/env.txt"
-sel=${*:-tests}
-timeout 300 python3 -m pytest -q -ra -m gpu -p no:cacheprovider $sel 2>&1 | tee "$OUT/gpu_tests.log" | tail -25
-timeout 150 python3 benchmarks/bench_router.py --out "$OUT" 2>&1 | tee "$OUT/router.log" | tail -20
-timeout 120 python3 benchmarks/bench_quant.py --out "$OUT" 2>&1 | tee "$OUT/quant.log" | tail -20
+  date -u +%Y-%m-%dT%H:%MZ; } | tee -a "$OUT/env.txt"
+for section in "${@:-tests}"; do
+  case $section in
+    tests)
+      timeout 400 python3 -m pytest -q -ra -m gpu -p no:cacheprovider tests 2>&1 | tee "$OUT/gpu_tests.log" | tail -15 ;;
+    router)
+      timeout 200 python3 benchmarks/bench_router.py --agree-batches 6 --out "$OUT" 2>&1 | tee "$OUT/router.log" | tail -12
+      timeout 150 python3 benchmarks/bench_quant.py --out "$OUT" 2>&1 | tee "$OUT/quant.log" | tail -12 ;;
+    train)
+      timeout 300 python3 benchmarks/bench_train.py --out "$OUT" 2>&1 | tee "$OUT/bench_train.log" | tail -24
+      for layer in ours peer; do
+        timeout 60 python3 benchmarks/probes/layer_memory.py $layer --experts 128 --tokens 16384 --device cuda
+      done 2>&1 | tee "$OUT/layer_memory.log" ;;
+    moe)
+      timeout 500 python3 -m moeprec bench --no-peers --reps 8 --sets 3 --out "$OUT/moe" 2>&1 | tee "$OUT/moe.log" | tail -40 ;;
+    *) echo "unknown section: $section (tests | router | train | moe)" >&2; exit 2 ;;
+  esac
+done
