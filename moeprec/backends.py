@@ -39,7 +39,9 @@ def resolve_backend(
     if backend == "auto":
         if device.type != "cuda":
             return "torch"
-        return "triton" if (triton_available(kernel_module) if available is None else available) else "torch"
+        if available is None:
+            available = triton_available(kernel_module)
+        return "triton" if available else "torch"
     if backend == "triton" and device.type != "cuda" and not triton_interpret():
         raise ValueError(
             f"backend: 'triton' runs on CUDA tensors, or on CPU with TRITON_INTERPRET=1; got "

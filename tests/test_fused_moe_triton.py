@@ -283,11 +283,10 @@ def test_gpu_every_packaged_config_matches_reference(table):
     """Each distinct launch configuration in a tuned table, run on a ragged small case (tiles cut
     by M, H and I): tuning picks configs by speed alone, this holds them to the reference."""
     import json
-    from importlib import resources
 
-    from moeprec.kernels.tuning import fix_config
+    from moeprec.kernels.tuning import _load_table, fix_config
 
-    data = json.loads(resources.files("moeprec").joinpath("configs", table).read_text())
+    data = _load_table(table)
     M, H, I, E, k = 37, 256, 192, 8, 2  # noqa: E741
     cases = {}
     for path, shapes in data.items():
