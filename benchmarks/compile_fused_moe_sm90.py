@@ -1,6 +1,7 @@
 """Compile the fused MoE GEMM kernel for sm_90 without a GPU and report what the compiler made.
 
 For each variant: shared memory, whether loads are asynchronous copies (cp.async: pipelined),
+and for the CUDA-core (BLOCK_M = 1) variants the SASS instructions per weight of the K loop;
 the MMA instruction (wgmma = Hopper tensor cores; mma.sync = the older path Triton takes for
 BLOCK_M < 64) and the wgmma wait depths (pendings >= 1 means consecutive MMAs overlap; 0 after
 every dot means they are serialized). Pointer and stride divisibility are declared as the
@@ -34,7 +35,8 @@ def compile_variant(stage1, b_fmt, a_fp8, dot_scaled, bm, bn, bk, warps, stages=
         HAS_BIAS=False, MUL_WEIGHT=not stage1, ATOMIC_OUT=True, QUANT_OUT=stage1 and a_fp8,
         COMPUTE_DTYPE=tl.bfloat16, INTERP=False, DOT_SCALED=dot_scaled,
         A_FMT="e4m3" if a_fp8 else "bf16", BLOCK_M=bm, BLOCK_N=bn, BLOCK_K=bk, GROUP_M=8,
-        TILE_ROWS=2 * bn if stage1 else bn, **{s: 1 for s in UNIT_STRIDES},
+        TILE_ROWS=2 * bn if stage1 else bn, GEMV=bm == 1, SPLIT_K=1,
+        **{s: 1 for s in UNIT_STRIDES},
     )
     ptrs = {
         "a_ptr": "*fp8e4nv" if (a_fp8 and stage1) else "*bf16", "a_scale_ptr": "*fp32",
@@ -52,6 +54,30 @@ def compile_variant(stage1, b_fmt, a_fp8, dot_scaled, bm, bn, bk, warps, stages=
                           options=dict(num_warps=warps, num_stages=stages))
 
 
+def loop_sass(cubin: bytes) -> tuple[int, collections.Counter]:
+    """SASS instructions of the kernel's innermost loop (the body of its backward branch)."""
+    import os
+    import subprocess
+    import tempfile
+
+    bin_dir = os.path.join(os.path.dirname(triton.__file__), "backends", "nvidia", "bin")
+    with tempfile.NamedTemporaryFile(suffix=".cubin") as f:
+        f.write(cubin)
+        f.flush()
+        sass = subprocess.run([os.path.join(bin_dir, "cuobjdump"), "-sass", f.name],
+                              capture_output=True, text=True, check=True).stdout
+    ins = [(int(m.group(1), 16), m.group(2), line) for line in sass.splitlines()
+           if (m := re.match(r"\s*/\*([0-9a-f]{4,})\*/\s+(?:@!?P\d+\s+)?([A-Z][A-Z0-9_.]*)", line))]
+    loops = [(int(t.group(1), 16), off) for off, op, line in ins if op.startswith("BRA")
+             and (t := re.search(r"0x([0-9a-f]+)", line.split("BRA", 1)[1]))
+             and int(t.group(1), 16) < off]
+    if not loops:
+        return 0, collections.Counter()
+    a, b = min(loops, key=lambda ab: ab[1] - ab[0])
+    body = [op.split(".")[0] for off, op, _ in ins if a <= off <= b]
+    return len(body), collections.Counter(body)
+
+
 def main() -> None:
     print(f"triton {triton.__version__}")
     variants = [  # (stage1, b_fmt, a_fp8, dot_scaled, BM, BN, BK, warps)
@@ -60,6 +86,8 @@ def main() -> None:
         (True, 1, False, True, 16, 64, 128, 4), (False, 1, False, True, 16, 64, 128, 4),
         (True, 1, False, True, 128, 128, 64, 8), (True, 1, True, True, 128, 128, 128, 8),
         (True, 2, True, False, 128, 128, 128, 8), (False, 2, True, False, 128, 128, 128, 8),
+        # BLOCK_M = 1: the CUDA-core decode blocks (MXFP4 words decoded by inline PTX)
+        (True, 1, False, False, 1, 16, 256, 4), (False, 1, False, False, 1, 16, 256, 4),
     ]
     for v in variants:
         c = compile_variant(*v)
@@ -70,6 +98,11 @@ def main() -> None:
         print(f"stage{'1' if v[0] else '2'} b_fmt={v[1]} a_fp8={v[2]:d} dot_scaled={v[3]:d} "
               f"BM={v[4]} BN={v[5]} BK={v[6]}: smem {c.metadata.shared} B, cp.async {cp}, "
               f"{dict(ops)}, wgmma waits {waits}")
+        if v[4] == 1:  # CUDA cores: what one K step costs per weight decoded
+            n, mix = loop_sass(c.asm["cubin"])
+            weights = (2 * v[5] if v[0] else v[5]) * v[6] // (32 * v[7])
+            print(f"  loop: {n} SASS instructions for {weights} weights per thread "
+                  f"({n / weights:.1f} per weight): {dict(mix.most_common(8))}")
 
 
 if __name__ == "__main__":

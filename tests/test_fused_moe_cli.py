@@ -57,3 +57,28 @@ def test_fixed_configs_are_legal(path):
             s = cfg[st]
             assert s["BLOCK_K"] >= (64 if path.startswith("w4") else 16)
             assert s["num_stages"] >= 2 and s["num_warps"] in (4, 8)
+
+
+def test_one_pair_blocks_do_not_carry_over_to_larger_batches(tmp_path, monkeypatch):
+    # a BLOCK_M = 1 entry streams an expert's weights once per token: tuned at M = 4, it serves
+    # M <= 4 but not M = 64 (16 tokens per expert here), where the heuristic's tiles take over
+    key = tuning.shape_key(8, 64, 32, 2)
+    one = {"BLOCK_M": 1, "s1": {"BLOCK_N": 16, "BLOCK_K": 256}, "s2": {"BLOCK_N": 16, "BLOCK_K": 256}}
+    name = tuning.device_file_name("Test GPU/Y")
+    (tmp_path / name).write_text(json.dumps({"w4a16": {key: {"4": one}}}))
+    monkeypatch.setenv("MOEPREC_FUSED_MOE_CONFIG_DIR", str(tmp_path))
+    tuning.clear_caches()
+    try:
+        assert tuning.get_config("w4a16", 3, 8, 64, 32, 2, "Test GPU/Y")["BLOCK_M"] == 1
+        assert tuning.get_config("w4a16", 64, 8, 64, 32, 2, "Test GPU/Y")["BLOCK_M"] == 32
+    finally:
+        tuning.clear_caches()
+
+
+def test_tune_searches_one_pair_blocks_for_decode_with_16_bit_activations():
+    from moeprec.cli.tune import _block_m_candidates
+
+    assert _block_m_candidates("w4a16", 1, 128, 8) == [1, 16]
+    assert _block_m_candidates("bf16", 16, 128, 8) == [1, 16]
+    assert 1 not in _block_m_candidates("w4a8", 1, 128, 8)  # fp8 activations: tensor cores
+    assert 1 not in _block_m_candidates("w4a16", 1024, 128, 8)

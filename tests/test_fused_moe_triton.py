@@ -240,6 +240,81 @@ def test_fp8_quantization_placement(fuse_quant):
     assert_close(out, ref, _tol("fp8"))
 
 
+# (quant, stage-2 K splits, BLOCK_K): BLOCK_M = 1 runs the CUDA-core product
+GEMV_CASES = [("mxfp4", 1, 64), ("mxfp4", 3, 32), ("none", 2, 64), ("fp8", 1, 128)]
+
+
+@pytest.mark.parametrize("quant,split_k,block_k", GEMV_CASES)
+def test_gemv_product_matches_reference(quant, split_k, block_k):
+    # sizes off every tile (H = 80 for plain weights; MXFP4 needs multiples of 32), biases, one
+    # expert without tokens, one masked expert; split_k > K steps leaves some splits empty
+    m = _kernel_module()
+    from moeprec.kernels.tuning import fix_config
+
+    M, I, E, k = 7, 96, 5, 2  # noqa: E741
+    H = 80 if quant == "none" else 96
+    x, w1, w2, tw, ti, kw = make_case(M, H, I, E, k, quant, bias=True, seed=11 + split_k)
+    ti = torch.where(ti == 4, 3, ti)  # expert 4 gets no token
+    mask = torch.ones(E, dtype=torch.bool, device=x.device)
+    mask[1] = False
+    args = dict(quant=quant, act_dtype="bf16", activation="swiglu_oai", gate_mode="interleaved",
+                expert_mask=mask, **kw)
+    ref = fused_moe(x, w1, w2, tw, ti, backend="torch", **args)
+    st = {"BLOCK_N": 16, "BLOCK_K": block_k, "num_warps": 4, "num_stages": 2}
+    path = {"none": "bf16", "mxfp4": "w4a16", "fp8": "w8a16"}[quant]
+    cfg = fix_config({"BLOCK_M": 1, "s1": dict(st), "s2": dict(st, split_k=split_k)}, path)
+    assert cfg["s2"]["split_k"] == split_k
+    out = m.fused_moe_triton_impl(x, w1, w2, tw, ti, config=cfg, **args)
+    assert_close(out, ref)
+
+
+@pytest.mark.parametrize("block_m", [1, 16])
+def test_unaligned_mxfp4_weights_are_realigned(block_m):
+    # a packed tensor starting off a 4-byte boundary (a view into a larger buffer): the
+    # CUDA-core blocks read int32 words, and on the H200 the tensor-core path gave wrong numbers
+    # for such a tensor; the op copies it to aligned storage (and says so) on both paths
+    m = _kernel_module()
+    from moeprec.kernels.tuning import fix_config
+
+    M, H, I, E, k = 3, 64, 64, 4, 2  # noqa: E741
+    x, w1, w2, tw, ti, kw = make_case(M, H, I, E, k, "mxfp4", seed=21)
+    buf = torch.empty(w1.numel() + 1, dtype=torch.uint8, device=w1.device)
+    w1_odd = buf[1:].view(w1.shape)
+    w1_odd.copy_(w1)
+    assert not m._packed_aligned(w1_odd) and m._packed_aligned(w2)
+    ref = fused_moe(x, w1, w2, tw, ti, backend="torch", quant="mxfp4", **kw)
+    st = {"BLOCK_N": 16, "BLOCK_K": 64, "num_warps": 4, "num_stages": 2}
+    cfg = fix_config({"BLOCK_M": block_m, "s1": dict(st), "s2": dict(st)}, "w4a16")
+    with pytest.warns(UserWarning, match="w1 is not stored"):
+        out = m.fused_moe_triton_impl(x, w1_odd, w2, tw, ti, quant="mxfp4", config=cfg, **kw)
+    assert_close(out, ref)
+
+
+def test_decode_defaults_take_the_cuda_core_blocks_for_mxfp4_only():
+    from moeprec.kernels.tuning import default_config
+
+    assert default_config("w4a16", 1, 128, 2048, 768, 8)["BLOCK_M"] == 1
+    assert default_config("w4a16", 64, 8, 4096, 14336, 2)["BLOCK_M"] > 1  # 16 tokens per expert
+    assert default_config("bf16", 1, 128, 2048, 768, 8)["BLOCK_M"] == 16
+
+
+def test_gemv_config_rules():
+    from moeprec.kernels.tuning import fix_config
+
+    st = {"BLOCK_N": 32, "BLOCK_K": 96, "split_k": 4}
+    one = fix_config({"BLOCK_M": 1, "s1": dict(st), "s2": dict(st)}, "w4a16")
+    # K steps are whole 32-blocks, a power of two of them; K splits only in stage 2
+    assert one["s1"]["BLOCK_K"] == 128 and one["s1"]["split_k"] == 1 and one["s2"]["split_k"] == 4
+    # fp8 activations run on the tensor cores only; K splits need the atomic combine
+    fp8 = fix_config({"BLOCK_M": 1, "s1": dict(st), "s2": dict(st)}, "w4a8")
+    assert fp8["BLOCK_M"] == 16 and fp8["s2"]["split_k"] == 1
+    stored = fix_config({"BLOCK_M": 1, "atomic": False, "s1": dict(st), "s2": dict(st)}, "bf16")
+    assert stored["s2"]["split_k"] == 1
+    for bad in (4, 24):
+        with pytest.raises(ValueError, match="BLOCK_M"):
+            fix_config({"BLOCK_M": bad, "s1": dict(st), "s2": dict(st)}, "bf16")
+
+
 @pytest.mark.parametrize("quant,act_dtype", [("none", "bf16"), ("fp8", "fp8"), ("mxfp4", "bf16")])
 def test_strided_inputs(quant, act_dtype):
     # column-strided activations, transposed-storage biases and a strided expert mask

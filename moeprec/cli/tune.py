@@ -1,7 +1,8 @@
 """`moeprec tune`: search launch configurations of the fused MoE kernels on this GPU.
 
-For each (shape, path, M) it times candidate configurations (coordinate search: BLOCK_M, then
-stage 1's tile with stage 2 fixed, then stage 2's, then the fp8 quantization placement) and
+For each (shape, path, M) it times candidate configurations (coordinate search per BLOCK_M,
+1 = CUDA-core decode blocks, else tensor-core tiles: stage 1's tile with stage 2 fixed, then
+stage 2's; then the fp8 quantization placement) and
 merges the fastest into `moeprec/configs/fused_moe_<device>.json` (or --out), the file
 `tuning.get_config` reads. Points are visited in the given order until --budget-s runs out;
 what was found so far is always written.
@@ -54,10 +55,23 @@ def _stage_candidates(bm: int) -> list[dict[str, int]]:
             for n, k, w, s in shapes]
 
 
-def _block_m_candidates(M: int, E: int, k: int) -> list[int]:
+def _gemv_stage_candidates(stage: str) -> list[dict[str, Any]]:
+    shapes = [(16, 256, 4, 2), (32, 256, 4, 2), (8, 256, 4, 2), (16, 256, 8, 2), (32, 128, 4, 2),
+              (16, 512, 4, 2)]
+    cands = [{"BLOCK_N": n, "BLOCK_K": k, "GROUP_M": 1, "num_warps": w, "num_stages": s}
+             for n, k, w, s in shapes]
+    if stage == "s2":  # K splits: more programs for the few output tiles of small batches
+        cands += [dict(cands[1], split_k=2), dict(cands[0], split_k=4)]
+    return cands
+
+
+def _block_m_candidates(kpath: str, M: int, E: int, k: int) -> list[int]:
+    """BLOCK_M values to search: 1 (one (token, expert) pair per block, CUDA cores) for decode
+    sizes with 16-bit activations, then tensor-core block sizes by tokens per expert."""
     per_expert = M * k / E
+    gemv = [1] if per_expert <= 4 and kpath in ("bf16", "w4a16", "w8a16") else []
     if per_expert <= 4:
-        return [16]
+        return gemv + [16]
     if per_expert <= 24:
         return [16, 32]
     if per_expert <= 96:
@@ -95,14 +109,15 @@ def tune_point(shape: str, path: str, M: int, weights: dict, reps: int, log) -> 
     base = default_config(kpath, M, E, H, I, k)
     best_ms, best = timed(base)
     default_ms = best_ms
-    for bm in _block_m_candidates(M, E, k):
-        cands = _stage_candidates(bm)
+    for bm in _block_m_candidates(kpath, M, E, k):
+        cands = {st: _gemv_stage_candidates(st) if bm == 1 else _stage_candidates(bm)
+                 for st in ("s1", "s2")}
         cur = dict(best, BLOCK_M=bm)
         if bm != best["BLOCK_M"]:
-            cur["s1"], cur["s2"] = cands[0], cands[0]
+            cur["s1"], cur["s2"] = cands["s1"][0], cands["s2"][0]
         cur_ms, cur = timed(cur)
         for st in ("s1", "s2"):
-            for c in cands:
+            for c in cands[st]:
                 ms, cfg = timed(dict(cur, **{st: c}))
                 if ms < cur_ms:
                     cur_ms, cur = ms, cfg

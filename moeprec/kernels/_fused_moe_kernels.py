@@ -7,7 +7,10 @@ Two kernels:
 - `_moe_gemm_kernel`: one grouped GEMM over those blocks. Stage 1 multiplies by the gate and up
   rows of its output columns as one weight tile and applies the gated activation in the epilogue
   (optionally gathering each z row's amax for fp8); stage 2 multiplies by the routed weight and
-  adds its rows into the fp32 output with atomics (no [M, k, H] pass), or stores them.
+  adds its rows into the fp32 output with atomics (no [M, k, H] pass), or stores them. The
+  product itself runs on the tensor cores (`_mma_tiles`) or, for blocks of one (token, expert)
+  pair with 16-bit activations, on the CUDA cores (`_gemv_tiles`, optionally split along K in
+  stage 2).
 
 Weight formats (B_FMT): 0 = plain float (bf16/fp16/fp32), 1 = MXFP4 (packed nibbles + E8M0
 scales, decoded in registers), 2 = fp8 e4m3 with one fp32 scale per output channel.
@@ -271,6 +274,175 @@ def _mx_dot(a, acc, b_base, bs_base, rows, row_mask, k0, K, stride_bn, stride_bk
 
 
 @triton.jit
+def _e2m1_words_to_f32(w, INTERP: tl.constexpr):
+    """Packed MXFP4 words (int32: 4 bytes, 8 E2M1 values) -> [..., 32-lane order] fp32 values
+    times 2^-6 (the caller folds 2^6 into the block scale): a [..., 4] tensor of words becomes
+    [..., 32], value k of a 16-byte scale block at position k (byte k // 2, low nibble first).
+
+    On the GPU, inline PTX decodes a whole word: the nibbles are moved to E4M3 bit positions
+    (sign to bit 7, exponent and mantissa to bits 4..2, so E4M3's exponent bias does the decode
+    and E2M1's subnormal 0.5 lands on an E4M3 subnormal) and Hopper's cvt.rn.f16x2.e4m3x2
+    converts two at a time, exactly: ~2.5 instructions per value instead of ~10 for
+    per-element integer code. The interpreter, which runs no PTX, shifts and masks instead.
+    """
+    if INTERP:
+        vals = []
+        for i in tl.static_range(4):
+            for h in tl.static_range(2):
+                c = (w >> (8 * i + 4 * h)) & 15
+                f16 = (((c & 7) << 9) | ((c & 8) << 12)).to(tl.uint16).to(tl.float16, bitcast=True)
+                vals.append(f16.to(tl.float32) * 256.0)
+        l0, h0, l1, h1, l2, h2, l3, h3 = vals
+    else:
+        l0, l1, l2, l3, h0, h1, h2, h3 = tl.inline_asm_elementwise(
+            asm="""{
+            .reg .b32 t0, t1, lo, hi, d0, d1, d2, d3;
+            .reg .b16 a0, a1, b0, b1, f0, f1, f2, f3, f4, f5, f6, f7;
+            shl.b32 t0, $8, 4;
+            shl.b32 t1, $8, 2;
+            and.b32 t0, t0, 0x80808080;
+            and.b32 t1, t1, 0x1C1C1C1C;
+            or.b32 lo, t0, t1;
+            shr.b32 t1, $8, 2;
+            and.b32 t1, t1, 0x1C1C1C1C;
+            and.b32 t0, $8, 0x80808080;
+            or.b32 hi, t0, t1;
+            mov.b32 {a0, a1}, lo;
+            mov.b32 {b0, b1}, hi;
+            cvt.rn.f16x2.e4m3x2 d0, a0;
+            cvt.rn.f16x2.e4m3x2 d1, a1;
+            cvt.rn.f16x2.e4m3x2 d2, b0;
+            cvt.rn.f16x2.e4m3x2 d3, b1;
+            mov.b32 {f0, f1}, d0;
+            mov.b32 {f2, f3}, d1;
+            mov.b32 {f4, f5}, d2;
+            mov.b32 {f6, f7}, d3;
+            cvt.f32.f16 $0, f0;
+            cvt.f32.f16 $1, f1;
+            cvt.f32.f16 $2, f2;
+            cvt.f32.f16 $3, f3;
+            cvt.f32.f16 $4, f4;
+            cvt.f32.f16 $5, f5;
+            cvt.f32.f16 $6, f6;
+            cvt.f32.f16 $7, f7;
+            }""",
+            constraints="=r,=r,=r,=r,=r,=r,=r,=r,r",
+            args=[w], dtype=(tl.float32,) * 8, is_pure=True, pack=1)
+    # position 8q + 4*i1 + 2*i0 + h for byte i = 2*i1 + i0 of word q, nibble h: tl.join appends
+    # the fastest dim last, so join over i1 first, then i0, then h
+    y00 = tl.join(l0, l2)
+    y01 = tl.join(l1, l3)
+    y10 = tl.join(h0, h2)
+    y11 = tl.join(h1, h3)
+    v = tl.join(tl.join(y00, y01), tl.join(y10, y11))  # [..., 4(q), 2(i1), 2(i0), 2(h)]
+    return tl.reshape(v, (w.shape[0], w.shape[1], w.shape[2] * 8))
+
+
+@triton.jit
+def _gemv_fetch(b_base, bs_base, rows, rows_ok, k0, k_end, a_ok, stride_bn, stride_bk,
+                stride_bsn, stride_bsk, B_FMT: tl.constexpr, BLOCK_K: tl.constexpr):
+    """Weight tile of one K step: MXFP4 packed words [TR, NSB, 4] and E8M0 scales [TR, NSB];
+    plain/fp8 values [TR, NSB, 32] (scales unused). Nothing is read past k_end or for an
+    empty row."""
+    NSB: tl.constexpr = BLOCK_K // 32
+    sb = k0 // 32 + tl.arange(0, NSB)
+    sb_ok = (sb * 32 < k_end) & ((sb * 0 + a_ok) > 0)
+    if B_FMT == 1:  # as int32 words (the caller checked 4-byte alignment, unit K stride)
+        kw = sb[:, None] * 4 + tl.arange(0, 4)[None, :]
+        words = b_base.to(tl.pointer_type(tl.int32))
+        w = tl.load(words + rows[:, None, None] * (stride_bn // 4) + kw[None, :, :],
+                    mask=rows_ok[:, None, None] & sb_ok[None, :, None], other=0)
+        s = tl.load(bs_base + rows[:, None] * stride_bsn + sb[None, :] * stride_bsk,
+                    mask=rows_ok[:, None] & sb_ok[None, :], other=127)
+    else:
+        kk = sb[:, None] * 32 + tl.arange(0, 32)[None, :]
+        k_ok = (kk < k_end) & sb_ok[:, None]
+        w = tl.load(b_base + rows[:, None, None] * stride_bn + kk[None, :, :] * stride_bk,
+                    mask=rows_ok[:, None, None] & k_ok[None, :, :], other=0.0)
+        s = tl.zeros([rows.shape[0], NSB], dtype=tl.uint8)
+    return w, s
+
+
+@triton.jit
+def _gemv_tiles(a_ptr, a_row, a_row_ok, stride_am, b_base, bs_base, rows, rows_ok, k_begin,
+                k_end, stride_ak, stride_bn, stride_bk, stride_bsn, stride_bsk,
+                B_FMT: tl.constexpr, TILE_ROWS: tl.constexpr, BLOCK_K: tl.constexpr,
+                INTERP: tl.constexpr):
+    """[1, TILE_ROWS] = a[k_begin:k_end] @ W[rows, k_begin:k_end]^T for one activation row, on
+    CUDA cores.
+
+    A decode block holds one (token, expert) pair: the tensor cores would idle on padding and
+    their operand shuffles cost. Each thread instead streams whole 32-value blocks of a weight
+    row (MXFP4: 4 packed words, one vector load, one E8M0 scale) and reduces them in its own
+    registers; the product keeps the layout of the weight load (no shared-memory round trip)
+    and the E8M0 scale multiplies per-block partial sums, not each weight. The next step's
+    weights are loaded before this step's arithmetic (these loads feed no tl.dot, so Triton's
+    pipeliner would leave them synchronous). Weights: B_FMT 0 plain float, 1 MXFP4, 2 fp8
+    (per-channel scales go on in the caller's epilogue). MXFP4 K ranges are whole 32-blocks;
+    plain ones are masked per element.
+    """
+    NSB: tl.constexpr = BLOCK_K // 32
+    j = tl.arange(0, NSB)
+    acc = tl.zeros([TILE_ROWS, NSB], dtype=tl.float32)
+    a_ptr += tl.sum(a_row, axis=0) * stride_am  # the block's single row ([1] tensor -> scalar)
+    a_ok = tl.sum(a_row_ok.to(tl.int32), axis=0)
+    w_next, s_next = _gemv_fetch(b_base, bs_base, rows, rows_ok, k_begin, k_end, a_ok, stride_bn,
+                                 stride_bk, stride_bsn, stride_bsk, B_FMT, BLOCK_K)
+    for k0 in range(k_begin, k_end, BLOCK_K):
+        w_cur, s_cur = w_next, s_next
+        w_next, s_next = _gemv_fetch(b_base, bs_base, rows, rows_ok, k0 + BLOCK_K, k_end, a_ok,
+                                     stride_bn, stride_bk, stride_bsn, stride_bsk, B_FMT, BLOCK_K)
+        sb = k0 // 32 + j
+        sb_ok = (sb * 32 < k_end) & ((j * 0 + a_ok) > 0)
+        if B_FMT == 1:
+            kk = sb[:, None] * 32 + tl.arange(0, 32)[None, :]
+            a = tl.load(a_ptr + kk * stride_ak, mask=sb_ok[:, None], other=0.0).to(tl.float32)
+            w = _e2m1_words_to_f32(w_cur, INTERP)                             # [TR, NSB, 32]
+            part = tl.sum(w * a[None, :, :], axis=2)
+            acc += (part * 64.0) * _e8m0_to_f32(s_cur.to(tl.int32))
+        else:
+            kk = sb[:, None] * 32 + tl.arange(0, 32)[None, :]
+            k_ok = (kk < k_end) & sb_ok[:, None]
+            a = tl.load(a_ptr + kk * stride_ak, mask=k_ok, other=0.0).to(tl.float32)
+            acc += tl.sum(_upcast(w_cur, tl.float32, INTERP) * a[None, :, :], axis=2)
+    return tl.sum(acc, axis=1)[None, :]
+
+
+@triton.jit
+def _mma_tiles(a_base, row_ok, a_sc, b_base, bs_base, rows, rows_ok, K, stride_ak,
+               stride_bn, stride_bk, stride_bsn, stride_bsk,
+               B_FMT: tl.constexpr, A_FP8: tl.constexpr, A_QUANT: tl.constexpr,
+               COMPUTE_DTYPE: tl.constexpr, INTERP: tl.constexpr, DOT_SCALED: tl.constexpr,
+               A_FMT: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_K: tl.constexpr,
+               TILE_ROWS: tl.constexpr):
+    """[BLOCK_M, TILE_ROWS] = A @ W[rows]^T over all of K on the tensor cores (fp32)."""
+    PER_ITER: tl.constexpr = A_FP8 and B_FMT == 1 and not DOT_SCALED
+    A_UPCAST: tl.constexpr = A_FP8 and B_FMT == 0
+    acc = tl.zeros([BLOCK_M, TILE_ROWS], dtype=tl.float32)
+    for k0 in range(0, K, BLOCK_K):
+        if DOT_SCALED:
+            # MXFP4 through the compiler's scaled dot: pipelined loads, decode in registers
+            kk = k0 + tl.arange(0, BLOCK_K)
+            a = tl.load(a_base + kk[None, :] * stride_ak,
+                        mask=row_ok[:, None] & (kk[None, :] < K), other=0.0)
+            a = _quant_a(a, a_sc, A_QUANT, INTERP)
+            acc = _mx_dot(a, acc, b_base, bs_base, rows, rows_ok, k0, K, stride_bn, stride_bk,
+                          stride_bsn, stride_bsk, A_FMT, BLOCK_K)
+        else:
+            w_lo, w_hi, w_cs = _load_b_tile(b_base, bs_base, rows, rows_ok, k0, K, stride_bn,
+                                            stride_bk, stride_bsn, stride_bsk, B_FMT, A_FP8,
+                                            BLOCK_K, TILE_ROWS, COMPUTE_DTYPE, INTERP)
+            if PER_ITER:  # per-column power of two of this K block (exact fp8 MXFP4 weights)
+                part = _tile_dot(tl.zeros_like(acc), a_base, row_ok, a_sc, k0, K, stride_ak,
+                                 w_lo, w_hi, B_FMT, A_UPCAST, A_QUANT, BLOCK_K, INTERP)
+                acc += part * w_cs[None, :]
+            else:
+                acc = _tile_dot(acc, a_base, row_ok, a_sc, k0, K, stride_ak, w_lo, w_hi, B_FMT,
+                                A_UPCAST, A_QUANT, BLOCK_K, INTERP)
+    return acc
+
+
+@triton.jit
 def _moe_gemm_kernel(
     a_ptr, a_scale_ptr, b_ptr, bs_ptr, bias_ptr, c_ptr, c_scale_ptr,
     sorted_ids_ptr, expert_ids_ptr, topk_w_ptr,
@@ -295,8 +467,11 @@ def _moe_gemm_kernel(
     A_FMT: tl.constexpr,         # dot_scaled's name of the activation format
     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, GROUP_M: tl.constexpr,
     TILE_ROWS: tl.constexpr,     # weight rows per program: 2 * BLOCK_N in stage 1, else BLOCK_N
+    GEMV: tl.constexpr,          # BLOCK_M = 1: CUDA-core product (16-bit activations)
+    SPLIT_K: tl.constexpr,       # stage 2 with atomics: programs per output tile along K
 ):
     pid = tl.program_id(0)
+    pid_k = tl.program_id(1)
     num_pid_n = tl.cdiv(N, BLOCK_N)
     # grouped order: GROUP_M consecutive blocks share each weight tile while it sits in L2
     width = GROUP_M * num_pid_n
@@ -339,8 +514,6 @@ def _moe_gemm_kernel(
     b_base = b_ptr + expert * stride_be
     bs_base = bs_ptr + expert * stride_bse
 
-    PER_ITER: tl.constexpr = A_FP8 and B_FMT == 1 and not DOT_SCALED
-    A_UPCAST: tl.constexpr = A_FP8 and B_FMT == 0
     if A_FP8:
         a_sc = tl.load(a_scale_ptr + a_row * stride_asm, mask=row_ok, other=1.0)
         if A_QUANT:  # amax -> scale, as formats.fp8.fp8_scale
@@ -348,27 +521,18 @@ def _moe_gemm_kernel(
     else:
         a_sc = tl.full([BLOCK_M], 1.0, tl.float32)
 
-    acc = tl.zeros([BLOCK_M, TILE_ROWS], dtype=tl.float32)
-    for k0 in range(0, K, BLOCK_K):
-        if DOT_SCALED:
-            # MXFP4 through the compiler's scaled dot: pipelined loads, decode in registers
-            kk = k0 + tl.arange(0, BLOCK_K)
-            a = tl.load(a_base + kk[None, :] * stride_ak,
-                        mask=row_ok[:, None] & (kk[None, :] < K), other=0.0)
-            a = _quant_a(a, a_sc, A_QUANT, INTERP)
-            acc = _mx_dot(a, acc, b_base, bs_base, rows, rows_ok, k0, K, stride_bn, stride_bk,
-                          stride_bsn, stride_bsk, A_FMT, BLOCK_K)
-        else:
-            w_lo, w_hi, w_cs = _load_b_tile(b_base, bs_base, rows, rows_ok, k0, K, stride_bn,
-                                            stride_bk, stride_bsn, stride_bsk, B_FMT, A_FP8,
-                                            BLOCK_K, TILE_ROWS, COMPUTE_DTYPE, INTERP)
-            if PER_ITER:  # per-column power of two of this K block (exact fp8 MXFP4 weights)
-                part = _tile_dot(tl.zeros_like(acc), a_base, row_ok, a_sc, k0, K, stride_ak,
-                                 w_lo, w_hi, B_FMT, A_UPCAST, A_QUANT, BLOCK_K, INTERP)
-                acc += part * w_cs[None, :]
-            else:
-                acc = _tile_dot(acc, a_base, row_ok, a_sc, k0, K, stride_ak, w_lo, w_hi, B_FMT,
-                                A_UPCAST, A_QUANT, BLOCK_K, INTERP)
+    if GEMV:
+        # this program's share of K: whole BLOCK_K steps, so MXFP4 scale blocks stay whole
+        k_steps = tl.cdiv(K, BLOCK_K)
+        k_begin = (pid_k * k_steps // SPLIT_K) * BLOCK_K
+        k_end = tl.minimum(((pid_k + 1) * k_steps // SPLIT_K) * BLOCK_K, K)
+        acc = _gemv_tiles(a_ptr, a_row, row_ok, stride_am, b_base, bs_base, rows, rows_ok,
+                          k_begin, k_end, stride_ak, stride_bn, stride_bk, stride_bsn,
+                          stride_bsk, B_FMT, TILE_ROWS, BLOCK_K, INTERP)
+    else:
+        acc = _mma_tiles(a_base, row_ok, a_sc, b_base, bs_base, rows, rows_ok, K, stride_ak,
+                         stride_bn, stride_bk, stride_bsn, stride_bsk, B_FMT, A_FP8, A_QUANT,
+                         COMPUTE_DTYPE, INTERP, DOT_SCALED, A_FMT, BLOCK_M, BLOCK_K, TILE_ROWS)
 
     # epilogue, the same for both stages up to the split: scales, routed weight, bias
     if A_FP8:
@@ -408,8 +572,9 @@ def _moe_gemm_kernel(
             amax = tl.where(amax != amax, float("inf"), amax)
             tl.atomic_max(c_scale_ptr + slot * stride_csm, amax, mask=row_ok, sem="relaxed")
     else:
-        if HAS_BIAS:
-            acc += tl.load(bias_ptr + expert * stride_biase + rows, mask=rows_ok, other=0.0)[None, :]
+        if HAS_BIAS:  # once per output tile: by the first K split
+            b_ok = rows_ok & ((rows * 0 + pid_k) == 0)
+            acc += tl.load(bias_ptr + expert * stride_biase + rows, mask=b_ok, other=0.0)[None, :]
         if MUL_WEIGHT:
             acc = acc * w[:, None]
         c_mask = row_ok[:, None] & rows_ok[None, :]

@@ -14,6 +14,7 @@ fake implementation) so that `torch.compile` traces through it; eager calls skip
 
 from __future__ import annotations
 
+import warnings
 from typing import Any
 
 import torch
@@ -29,6 +30,28 @@ _ALIGN_KERNEL_MAX_SLOTS = 4096
 # Tests set this to fill intermediates with NaN, proving that no unwritten row is ever read.
 _POISON_INTERMEDIATE = False
 
+
+
+def _packed_aligned(w: torch.Tensor) -> bool:
+    """Packed MXFP4 weights as the kernels read them: unit K stride, 16-byte rows and base."""
+    return (w.stride(2) == 1 and w.stride(1) % 16 == 0 and w.stride(0) % 16 == 0
+            and w.data_ptr() % 16 == 0)
+
+
+def _aligned_packed(w: torch.Tensor, name: str) -> torch.Tensor:
+    """`w`, or an aligned copy of it (with a warning: the copy is made on every call).
+
+    The CUDA-core blocks read MXFP4 bytes as int32 words, and on the H200 (Triton 3.6) the
+    tensor-core path gave wrong numbers for packed weights starting off a 4-byte boundary.
+    Rows are K/2 bytes, a multiple of 16 (K is a multiple of 32), so only views into larger
+    buffers and transposed storage land here.
+    """
+    if _packed_aligned(w):
+        return w
+    warnings.warn(f"fused_moe: MXFP4 {name} is not stored with unit K stride on 16-byte "
+                  "boundaries; it is copied on every call (store it contiguous and aligned)",
+                  stacklevel=4)
+    return torch.empty(w.shape, dtype=w.dtype, device=w.device).copy_(w)
 
 
 def _device_name(t: torch.Tensor) -> str | None:
@@ -97,7 +120,9 @@ def _launch_gemm(*, a, a_scale, b, b_scale, bias, c, c_scale, sorted_ids, expert
     dot_scaled = (b_fmt == 1 and not triton_interpret() and a.dtype != torch.float32
                   and st.get("dot_scaled", True))
     a_fmt = "e4m3" if a_fp8 else ("fp16" if a.dtype == torch.float16 else "bf16")
-    grid = (num_pid_m * triton.cdiv(N, st["BLOCK_N"]),)
+    gemv = block_m == 1 and not a_fp8  # one (token, expert) pair per block: CUDA cores
+    split_k = int(st.get("split_k", 1)) if gemv and atomic_out else 1
+    grid = (num_pid_m * triton.cdiv(N, st["BLOCK_N"]), split_k)
     dummy = sorted_ids
     a_scale_t = a_scale if a_scale is not None else dummy
     b_scale_t = b_scale if b_scale is not None else dummy
@@ -119,7 +144,7 @@ def _launch_gemm(*, a, a_scale, b, b_scale, bias, c, c_scale, sorted_ids, expert
         QUANT_OUT=quant_out, COMPUTE_DTYPE=compute_dtype, INTERP=triton_interpret(),
         DOT_SCALED=dot_scaled, A_FMT=a_fmt,
         BLOCK_M=block_m, BLOCK_N=st["BLOCK_N"], BLOCK_K=st["BLOCK_K"], GROUP_M=st["GROUP_M"],
-        TILE_ROWS=2 * st["BLOCK_N"] if stage1 else st["BLOCK_N"],
+        TILE_ROWS=2 * st["BLOCK_N"] if stage1 else st["BLOCK_N"], GEMV=gemv, SPLIT_K=split_k,
         num_warps=st["num_warps"], num_stages=st["num_stages"],
     )
 
@@ -144,6 +169,8 @@ def fused_moe_triton_impl(
     out_dtype = hidden_states.dtype
     path = path_name(quant, act_dtype)
     cfg = config if config is not None else get_config(path, M, E, H, I, k, _device_name(hidden_states))
+    if quant == "mxfp4":
+        w1, w2 = _aligned_packed(w1, "w1"), _aligned_packed(w2, "w2")
     bm = cfg["BLOCK_M"]
     b_fmt = {"none": 0, "mxfp4": 1, "fp8": 2}[quant]
     a_fp8 = act_dtype == "fp8"

@@ -6,9 +6,10 @@ with spaces and slashes turned into underscores), written by `moeprec tune`:
     {"<path>": {"E=128,H=2048,I=768,k=8": {"<M>": <config>, ...}, ...}, ...}
 
 A config is {"BLOCK_M": int, "atomic": bool, "fuse_quant": bool, "s1": {...}, "s2": {...}},
-each stage holding BLOCK_N, BLOCK_K, GROUP_M, num_warps, num_stages (and optionally
-"dot_scaled": false to use the explicit MXFP4 decode on the GPU). BLOCK_M is shared because both stages walk the
-same block layout. Lookup takes the exact shape key and the nearest tuned M (in log scale);
+each stage holding BLOCK_N, BLOCK_K, GROUP_M, num_warps, num_stages and optionally
+"dot_scaled": false (explicit MXFP4 decode on the GPU). BLOCK_M is shared because both stages
+walk the same block layout. BLOCK_M = 1 (paths with 16-bit activations) runs both stages on the
+CUDA cores, one (token, expert) pair per block, and stage 2 may then split K ("split_k"). Lookup takes the exact shape key and the nearest tuned M (in log scale);
 anything missing falls back to `default_config`.
 """
 
@@ -48,11 +49,19 @@ def _stage(bn: int, bk: int, group_m: int, warps: int, stages: int) -> dict[str,
 
 
 def default_config(path: str, M: int, E: int, H: int, I: int, top_k: int) -> dict[str, Any]:  # noqa: E741
-    """Hand-picked H100 starting points by tokens per expert (what `moeprec tune` refines)."""
+    """Hand-picked starting points by tokens per expert (what `moeprec tune` refines).
+
+    MXFP4 with bf16 activations and at most one token per expert on average takes the
+    CUDA-core blocks (BLOCK_M = 1): on the H200 they beat the tensor-core tiles there
+    (benchmarks/results/README.md); with more tokens per expert each pair would stream its
+    expert's weights again.
+    """
     per_expert = M * top_k / E
     fp8_act = path in ("w4a8", "fp8")
     bk_small = 128
-    if per_expert <= 4:
+    if path == "w4a16" and per_expert <= 1:
+        cfg = {"BLOCK_M": 1, "s1": _stage(16, 256, 1, 4, 2), "s2": _stage(16, 256, 1, 4, 2)}
+    elif per_expert <= 4:
         cfg = {"BLOCK_M": 16, "s1": _stage(64, bk_small, 1, 4, 4), "s2": _stage(64, bk_small, 1, 4, 4)}
     elif per_expert <= 24:
         cfg = {"BLOCK_M": 32, "s1": _stage(64, bk_small, 1, 4, 4), "s2": _stage(64, bk_small, 1, 4, 4)}
@@ -74,8 +83,20 @@ def fix_config(cfg: dict[str, Any], path: str) -> dict[str, Any]:
     cfg = {"BLOCK_M": int(cfg["BLOCK_M"]), "atomic": bool(cfg.get("atomic", True)),
            "fuse_quant": bool(cfg.get("fuse_quant", True)),
            "s1": dict(cfg["s1"]), "s2": dict(cfg["s2"])}
+    bm = cfg["BLOCK_M"]
+    if bm != 1 and (bm < 16 or bm & (bm - 1)):
+        raise ValueError(f"BLOCK_M must be 1 or a power of two >= 16, got {bm}")
+    if path in ("w4a8", "fp8"):  # fp8 activations only run on the tensor cores
+        cfg["BLOCK_M"] = max(bm, 16)
+    gemv = cfg["BLOCK_M"] == 1
     for st in ("s1", "s2"):
         s = cfg[st]
+        s.pop("gemv", None)
+        # K splits add into the fp32 output with atomics: stage 2 only, atomic combine only
+        split_ok = gemv and st == "s2" and cfg["atomic"]
+        s["split_k"] = max(1, int(s.get("split_k", 1))) if split_ok else 1
+        if gemv:  # whole 32-value blocks, a power of two of them per step
+            s["BLOCK_K"] = max(32, 1 << (int(s["BLOCK_K"]) - 1).bit_length())
         s.setdefault("GROUP_M", 1)
         s.setdefault("num_warps", 4)
         s.setdefault("num_stages", 3)
@@ -126,5 +147,8 @@ def get_config(path: str, M: int, E: int, H: int, I: int, top_k: int,  # noqa: E
             shape_key(E, H, I, top_k))
         if per_m:
             best = min(per_m, key=lambda m: abs(math.log(max(int(m), 1)) - math.log(max(M, 1))))
-            return fix_config(per_m[best], path)
+            # one-pair blocks stream an expert's weights once per token: tuned at a smaller
+            # batch, they do not carry over to one with more tokens per expert
+            if not (per_m[best]["BLOCK_M"] == 1 and int(best) < M):
+                return fix_config(per_m[best], path)
     return fix_config(default_config(path, M, E, H, I, top_k), path)
