@@ -275,9 +275,9 @@ def _mx_dot(a, acc, b_base, bs_base, rows, row_mask, k0, K, stride_bn, stride_bk
 
 @triton.jit
 def _e2m1_words_to_f32(w, INTERP: tl.constexpr):
-    """Packed MXFP4 words (int32: 4 bytes, 8 E2M1 values) -> [..., 32-lane order] fp32 values
-    times 2^-6 (the caller folds 2^6 into the block scale): a [..., 4] tensor of words becomes
-    [..., 32], value k of a 16-byte scale block at position k (byte k // 2, low nibble first).
+    """Packed MXFP4 words [TR, NSB, 4] (int32: 4 bytes, 8 E2M1 values each) -> their values
+    [TR, NSB, 32] as fp32 times 2^-6 (the caller folds 2^6 into the block scale), in K order:
+    value k of a 32-value scale block comes from byte k // 2, low nibble first.
 
     On the GPU, inline PTX decodes a whole word: the nibbles are moved to E4M3 bit positions
     (sign to bit 7, exponent and mantissa to bits 4..2, so E4M3's exponent bias does the decode
@@ -347,7 +347,7 @@ def _gemv_fetch(b_base, bs_base, rows, rows_ok, k0, k_end, a_ok, stride_bn, stri
     NSB: tl.constexpr = BLOCK_K // 32
     sb = k0 // 32 + tl.arange(0, NSB)
     sb_ok = (sb * 32 < k_end) & ((sb * 0 + a_ok) > 0)
-    if B_FMT == 1:  # as int32 words (the caller checked 4-byte alignment, unit K stride)
+    if B_FMT == 1:  # as int32 words (the wrapper keeps packed weights 16-byte aligned)
         kw = sb[:, None] * 4 + tl.arange(0, 4)[None, :]
         words = b_base.to(tl.pointer_type(tl.int32))
         w = tl.load(words + rows[:, None, None] * (stride_bn // 4) + kw[None, :, :],

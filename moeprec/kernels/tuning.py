@@ -9,8 +9,9 @@ A config is {"BLOCK_M": int, "atomic": bool, "fuse_quant": bool, "s1": {...}, "s
 each stage holding BLOCK_N, BLOCK_K, GROUP_M, num_warps, num_stages and optionally
 "dot_scaled": false (explicit MXFP4 decode on the GPU). BLOCK_M is shared because both stages
 walk the same block layout. BLOCK_M = 1 (paths with 16-bit activations) runs both stages on the
-CUDA cores, one (token, expert) pair per block, and stage 2 may then split K ("split_k"). Lookup takes the exact shape key and the nearest tuned M (in log scale);
-anything missing falls back to `default_config`.
+CUDA cores, one (token, expert) pair per block, and stage 2 may then split K ("split_k").
+Lookup takes the exact shape key and the nearest tuned M (in log scale); anything missing falls
+back to `default_config`.
 """
 
 from __future__ import annotations
@@ -91,7 +92,6 @@ def fix_config(cfg: dict[str, Any], path: str) -> dict[str, Any]:
     gemv = cfg["BLOCK_M"] == 1
     for st in ("s1", "s2"):
         s = cfg[st]
-        s.pop("gemv", None)
         # K splits add into the fp32 output with atomics: stage 2 only, atomic combine only
         split_ok = gemv and st == "s2" and cfg["atomic"]
         s["split_k"] = max(1, int(s.get("split_k", 1))) if split_ok else 1
