@@ -1,12 +1,15 @@
 """Small fused MoE calls on every kernel path, for `compute-sanitizer --tool memcheck`.
 
-Includes out-of-range and masked expert ids, M=1, sizes off the tile. Exit code 0 and the
+Includes out-of-range and masked expert ids, M=1, sizes off the tile, and the CUDA-core decode
+blocks (BLOCK_M = 1) with stage-2 K splits. Exit code 0 and the
 sanitizer's "0 errors" are the check; outputs are also compared with the torch reference.
 """
 
 import torch
 
 from moeprec.fused_moe_op import fused_moe
+from moeprec.kernels.fused_moe_triton import fused_moe_triton_impl
+from moeprec.kernels.tuning import fix_config, path_name
 from tests.test_fused_moe_triton import assert_close, make_case  # noqa: E402
 
 
@@ -27,6 +30,14 @@ def main() -> None:
             ref = fused_moe(x, w1, w2, tw, ti, backend="torch", **args)
             assert_close(out, ref, 1e-2 if act == "bf16" else 2.0**-4)
             print(quant, act, M, "ok", flush=True)
+            if act == "bf16":  # the CUDA-core decode blocks, with stage-2 K splits
+                st = {"BLOCK_N": 16, "BLOCK_K": 64, "num_warps": 4, "num_stages": 2}
+                cfg = fix_config({"BLOCK_M": 1, "s1": dict(st), "s2": dict(st, split_k=3)},
+                                 path_name(quant, act))
+                del args["check_topk_ids"]
+                out = fused_moe_triton_impl(x, w1, w2, tw, ti, config=cfg, **args)
+                assert_close(out, ref)
+                print(quant, act, M, "BLOCK_M=1 split_k=3 ok", flush=True)
 
 
 if __name__ == "__main__":
