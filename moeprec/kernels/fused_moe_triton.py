@@ -246,41 +246,29 @@ def _fused_moe_op(
     bias2: torch.Tensor | None, expert_mask: torch.Tensor | None,
     apply_router_weight_on_input: bool,
 ) -> torch.Tensor:
-    return fused_moe_triton_impl(
-        hidden_states, w1, w2, topk_weights, topk_ids, activation=activation,
-        gate_mode=gate_mode, swiglu_alpha=swiglu_alpha, swiglu_limit=swiglu_limit, quant=quant,
-        w1_scale=w1_scale, w2_scale=w2_scale, act_dtype=act_dtype, bias1=bias1, bias2=bias2,
-        expert_mask=expert_mask, apply_router_weight_on_input=apply_router_weight_on_input,
-    )
+    # the op's schema is read from the annotations above; the arguments pass through unchanged
+    return fused_moe_triton_impl(**locals())
 
 
 @_fused_moe_op.register_fake
-def _fused_moe_fake(hidden_states, w1, w2, topk_weights, topk_ids, activation, gate_mode,
-                    swiglu_alpha, swiglu_limit, quant, w1_scale, w2_scale, act_dtype, bias1,
-                    bias2, expert_mask, apply_router_weight_on_input):
+def _fused_moe_fake(hidden_states, *args, **kwargs):
     return hidden_states.new_empty(hidden_states.shape)
 
 
-def fused_moe_triton(
-    hidden_states: torch.Tensor, w1: torch.Tensor, w2: torch.Tensor,
-    topk_weights: torch.Tensor, topk_ids: torch.Tensor, *, activation: str = "silu",
-    gate_mode: str = "separated", swiglu_alpha: float = 1.702, swiglu_limit: float = 7.0,
-    quant: str = "none", w1_scale: torch.Tensor | None = None,
-    w2_scale: torch.Tensor | None = None, act_dtype: str = "bf16",
-    bias1: torch.Tensor | None = None, bias2: torch.Tensor | None = None,
-    expert_mask: torch.Tensor | None = None, apply_router_weight_on_input: bool = False,
-) -> torch.Tensor:
-    """`fused_moe` on the Triton kernels (arguments validated by the caller, act dtype resolved).
+def fused_moe_triton(hidden_states: torch.Tensor, w1: torch.Tensor, w2: torch.Tensor,
+                     topk_weights: torch.Tensor, topk_ids: torch.Tensor,
+                     **kwargs: Any) -> torch.Tensor:
+    """`fused_moe` on the Triton kernels: `fused_moe`'s arguments, every keyword given, validated
+    by the caller, act dtype resolved.
 
     Under `torch.compile` this goes through the custom op; eagerly it calls the kernels directly
     (the dispatcher would add latency to every decode step).
     """
     args = (hidden_states, w1, w2, topk_weights, topk_ids)
-    kwargs = dict(activation=activation, gate_mode=gate_mode, swiglu_alpha=float(swiglu_alpha),
-                  swiglu_limit=float(swiglu_limit), quant=quant, w1_scale=w1_scale,
-                  w2_scale=w2_scale, act_dtype=act_dtype, bias1=bias1, bias2=bias2,
-                  expert_mask=expert_mask,
-                  apply_router_weight_on_input=bool(apply_router_weight_on_input))
     if torch.compiler.is_compiling():
+        # the schema wants plain Python floats and bools
+        kwargs.update(swiglu_alpha=float(kwargs["swiglu_alpha"]),
+                      swiglu_limit=float(kwargs["swiglu_limit"]),
+                      apply_router_weight_on_input=bool(kwargs["apply_router_weight_on_input"]))
         return _fused_moe_op(*args, **kwargs)
     return fused_moe_triton_impl(*args, **kwargs)
