@@ -4,6 +4,7 @@
 #   bash benchmarks/gpu_checks.sh router       # router bench + quantizer bench (~2 min)
 #   bash benchmarks/gpu_checks.sh train        # training bench, both shapes, + eager memory probes
 #   bash benchmarks/gpu_checks.sh moe          # fused MoE bench, all shapes and paths (no peers)
+#   bash benchmarks/gpu_checks.sh decode       # decode blocks: their tests, memcheck, bench M <= 64
 # Uses the machine's own python3 (torch + triton preinstalled); moeprec from this checkout.
 set -uo pipefail
 OUT=${OUT:-out}
@@ -26,6 +27,13 @@ for section in "${@:-tests}"; do
       done 2>&1 | tee "$OUT/layer_memory.log" ;;
     moe)
       timeout 500 python3 -m moeprec bench --no-peers --reps 8 --sets 3 --out "$OUT/moe" 2>&1 | tee "$OUT/moe.log" | tail -40 ;;
-    *) echo "unknown section: $section (tests | router | train | moe)" >&2; exit 2 ;;
+    decode)
+      timeout 200 python3 -m pytest -q -p no:cacheprovider tests/test_fused_moe_triton.py \
+        -k "gemv or unaligned or packaged or decode" 2>&1 | tee "$OUT/decode_tests.log" | tail -5
+      PYTORCH_NO_CUDA_MEMORY_CACHING=1 timeout 200 compute-sanitizer --tool memcheck \
+        python3 benchmarks/sanitize_fused_moe.py 2>&1 | tee "$OUT/memcheck.log" | tail -5
+      timeout 180 python3 -m moeprec bench --paths bf16,mxfp4-w4a16 --M 1,4,16,64 --no-peers \
+        --reps 8 --sets 3 --no-plot --out "$OUT/decode" 2>&1 | tee "$OUT/decode.log" | tail -34 ;;
+    *) echo "unknown section: $section (tests | router | train | moe | decode)" >&2; exit 2 ;;
   esac
 done
