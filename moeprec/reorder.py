@@ -37,7 +37,8 @@ class _UnsortRows(torch.autograd.Function):
     """out[order[i]] = x[i] (undo the expert sort); backward gathers grad[order].
 
     Keeps only `order` for backward: `index_copy` would keep its source, a [T*k, D] copy of the
-    experts' outputs, alive until the backward.
+    experts' outputs, alive until the backward. No forward-mode AD: a custom `jvp` would make
+    Dynamo break the graph here, and `torch.compile(fullgraph=True)` is what training needs.
     """
 
     @staticmethod
