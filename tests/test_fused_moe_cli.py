@@ -82,3 +82,21 @@ def test_tune_searches_one_pair_blocks_for_decode_with_16_bit_activations():
     assert _block_m_candidates("bf16", 16, 128, 8) == [1, 16]
     assert 1 not in _block_m_candidates("w4a8", 1, 128, 8)  # fp8 activations: tensor cores
     assert 1 not in _block_m_candidates("w4a16", 1024, 128, 8)
+
+
+def test_bench_table_puts_each_path_against_bf16():
+    from moeprec.cli.bench import _table, add_bf16_ratios
+
+    def row(path, M, ms):
+        return {"shape": "qwen3-30b-a3b", "path": path, "M": M, "ms": ms, "TFLOPs": 1.0,
+                "weight_GBps": 1.0, "floor_ms": ms / 2, "pct_floor": 50.0}
+
+    rows = [row("bf16", 1, 0.036), row("mxfp4-w4a16", 1, 0.012), row("mxfp4-w4a16", 4, 0.05),
+            {"shape": "qwen3-30b-a3b", "path": "bf16", "M": 4, "error": "failed"}]
+    add_bf16_ratios(rows)
+    assert rows[1]["x_bf16"] == pytest.approx(3.0) and rows[0]["x_bf16"] == pytest.approx(1.0)
+    assert "x_bf16" not in rows[2]  # its bf16 point failed: no ratio, not a made-up one
+    lines = _table([r for r in rows if "ms" in r]).splitlines()
+    assert "x bf16" in lines[0]
+    assert lines[3].split()[4] == "3.00"
+    assert lines[4].split()[4] == "1.0"  # the ratio column is blank: TFLOP/s comes next

@@ -273,16 +273,28 @@ def bench_point(path, shape, M, weights, ceil, args) -> dict[str, Any]:
     return row
 
 
+def add_bf16_ratios(rows: list[dict[str, Any]]) -> None:
+    """rows[i]["x_bf16"] = bf16 time / this path's time at the same shape and M (the issue's
+    targets compare paths this way), where the run measured bf16 there too."""
+    bf16 = {(r["shape"], r["M"]): r["ms"] for r in rows if r["path"] == "bf16" and "ms" in r}
+    for r in rows:
+        if "ms" in r and (r["shape"], r["M"]) in bf16:
+            r["x_bf16"] = bf16[(r["shape"], r["M"])] / r["ms"]
+
+
 def _table(rows: list[dict[str, Any]]) -> str:
-    head = (f"{'shape':<14}{'path':<12}{'M':>6}{'us':>10}{'TFLOP/s':>9}{'wGB/s':>8}"
+    head = (f"{'shape':<14}{'path':<12}{'M':>6}{'us':>10}{'x bf16':>8}{'TFLOP/s':>9}{'wGB/s':>8}"
             f"{'floor us':>10}{'%floor':>8}{'grouped us':>12}{'x grp':>7}{'loop us':>10}")
     lines = [head, "-" * len(head)]
     for r in rows:
         g = r.get("grouped_ms")
         lp = r.get("loop_ms")
+        xb = r.get("x_bf16")
         lines.append(
-            f"{r['shape']:<14}{r['path']:<12}{r['M']:>6}{r['ms'] * 1e3:>10.1f}{r['TFLOPs']:>9.1f}"
-            f"{r['weight_GBps']:>8.0f}{r['floor_ms'] * 1e3:>10.1f}{r['pct_floor']:>7.0f}%"
+            f"{r['shape']:<14}{r['path']:<12}{r['M']:>6}{r['ms'] * 1e3:>10.1f}"
+            + (f"{xb:>8.2f}" if xb else f"{'':>8}")
+            + f"{r['TFLOPs']:>9.1f}{r['weight_GBps']:>8.0f}{r['floor_ms'] * 1e3:>10.1f}"
+            f"{r['pct_floor']:>7.0f}%"
             + (f"{g * 1e3:>12.1f}{g / r['ms']:>7.2f}" if g else f"{'':>19}")
             + (f"{lp * 1e3:>10.1f}" if lp else ""))
     return "\n".join(lines)
@@ -379,6 +391,8 @@ def run(args: argparse.Namespace) -> int:
                 _save(args.out, device, ceil, rows)  # after every point: a cut-off run keeps its data
             del weights
             torch.cuda.empty_cache()
+    add_bf16_ratios(rows)
+    _save(args.out, device, ceil, rows)
     ok = [r for r in rows if "ms" in r]
     table = _table(ok)
     with open(os.path.join(args.out, "table.txt"), "w") as f:
