@@ -5,8 +5,9 @@
     stage 2: out[token] += w * (Q(z[slot]) @ W2_e^T + b2)  (fp32 atomics into [M, H], one kernel)
 
 Weights stay in the SPEC layout: MXFP4 is decoded in registers (nibbles + E8M0 -> bf16 for the
-w4a16 path; -> exact fp8 with a per-column power of two per K block for the fp8 path), fp8
-weights keep their per-channel scales. Launch configurations come from `tuning.get_config`.
+w4a16 path; -> exact fp8 with a per-column power of two per K block for the fp8 path; -> fp32
+on the CUDA cores for BLOCK_M = 1 decode blocks), fp8 weights keep their per-channel scales.
+Launch configurations come from `tuning.get_config`.
 
 `fused_moe_triton` is registered as the torch custom op `moeprec::fused_moe_triton` (with a
 fake implementation) so that `torch.compile` traces through it; eager calls skip the dispatcher.
