@@ -70,9 +70,8 @@ def _block_m_candidates(kpath: str, M: int, E: int, k: int) -> list[int]:
     """BLOCK_M values to search: 1 (one (token, expert) pair per block, CUDA cores) for decode
     sizes with 16-bit activations, then tensor-core block sizes by tokens per expert."""
     per_expert = M * k / E
-    gemv = [1] if per_expert <= 4 and kpath in ("bf16", "w4a16", "w8a16") else []
     if per_expert <= 4:
-        return gemv + [16]
+        return ([1] if kpath in ("bf16", "w4a16", "w8a16") else []) + [16]
     if per_expert <= 24:
         return [16, 32]
     if per_expert <= 96:

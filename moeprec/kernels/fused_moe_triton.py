@@ -39,7 +39,7 @@ def _packed_aligned(w: torch.Tensor) -> bool:
             and w.data_ptr() % 16 == 0)
 
 
-def _aligned_packed(w: torch.Tensor, name: str) -> torch.Tensor:
+def _with_aligned_storage(w: torch.Tensor, name: str) -> torch.Tensor:
     """`w`, or an aligned copy of it (with a warning: the copy is made on every call).
 
     The CUDA-core blocks read MXFP4 bytes as int32 words, and on the H200 (Triton 3.6) the
@@ -171,7 +171,7 @@ def fused_moe_triton_impl(
     path = path_name(quant, act_dtype)
     cfg = config if config is not None else get_config(path, M, E, H, I, k, _device_name(hidden_states))
     if quant == "mxfp4":
-        w1, w2 = _aligned_packed(w1, "w1"), _aligned_packed(w2, "w2")
+        w1, w2 = _with_aligned_storage(w1, "w1"), _with_aligned_storage(w2, "w2")
     bm = cfg["BLOCK_M"]
     b_fmt = {"none": 0, "mxfp4": 1, "fp8": 2}[quant]
     a_fp8 = act_dtype == "fp8"
