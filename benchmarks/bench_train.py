@@ -192,6 +192,27 @@ def measure(layer: nn.Module, x: torch.Tensor, g: torch.Tensor, warmup: int, ite
             "first_call_s": first_call_s}
 
 
+def kernel_profile(layer: nn.Module, x: torch.Tensor, g: torch.Tensor, iters: int = 3,
+                   top: int = 12) -> list[dict]:
+    """Where one fwd+bwd spends device time: the `top` kernels by total time, us per iteration."""
+    from torch.profiler import ProfilerActivity, profile
+
+    acts = [ProfilerActivity.CUDA] if x.device.type == "cuda" else [ProfilerActivity.CPU]
+    with profile(activities=acts) as prof:
+        for _ in range(iters):
+            _fwd_bwd(layer, x, g)
+        _sync(x.device)
+    per_kernel: dict[str, float] = {}
+    for e in prof.events():
+        if e.device_type == torch.autograd.DeviceType.CUDA or x.device.type != "cuda":
+            per_kernel[e.name] = per_kernel.get(e.name, 0.0) + e.device_time_total \
+                if x.device.type == "cuda" else per_kernel.get(e.name, 0.0) + e.cpu_time_total
+    total = sum(per_kernel.values())
+    ranked = sorted(per_kernel.items(), key=lambda kv: -kv[1])[:top]
+    return [{"kernel": k[:160], "us_per_iter": v / iters, "share": v / total if total else 0.0}
+            for k, v in ranked]
+
+
 def bench_case(name: str, s: Shape, tokens: int, device: torch.device,
                args: argparse.Namespace) -> list[dict]:
     dtype = torch.bfloat16
@@ -229,11 +250,15 @@ def bench_case(name: str, s: Shape, tokens: int, device: torch.device,
                     m = measure(run_layer, x, g, args.warmup, args.iters)
                 row.update(m)
                 row["fullgraph"] = fullgraph
+                if args.profile:
+                    row["profile"] = kernel_profile(run_layer, x, g)
                 row["tflops"] = flops / (m["fwd_bwd_ms"] * 1e-3) / 1e12
             except Exception as exc:
                 row["error"] = f"{type(exc).__name__}: {str(exc)[:500]}"
             rows.append(row)
             print(_row_line(row), flush=True)
+            for k in row.get("profile", []):
+                print(f"    {k['us_per_iter']:9.1f} us {100 * k['share']:5.1f}%  {k['kernel'][:100]}")
             if device.type == "cuda":
                 torch.cuda.empty_cache()
     del ours, peer, x, g
@@ -295,6 +320,8 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--warmup", type=int, default=None)
     ap.add_argument("--iters", type=int, default=None)
     ap.add_argument("--no-compile", action="store_true", help="eager only")
+    ap.add_argument("--profile", action="store_true",
+                    help="also list each case's top kernels (torch.profiler, us per fwd+bwd)")
     args = ap.parse_args(argv)
 
     device = torch.device(args.device or ("cuda" if torch.cuda.is_available() else "cpu"))
