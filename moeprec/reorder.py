@@ -33,12 +33,28 @@ def reorder_tokens(top_scores: torch.Tensor, selected_experts: torch.Tensor) -> 
     return ReorderedTokens(order, order // k, top_scores.reshape(-1)[order])
 
 
+@torch.library.custom_op("moeprec::gather_rows", mutates_args=())
+def _gather_rows(x: torch.Tensor, index: torch.Tensor) -> torch.Tensor:
+    """x[index] as a new row-major tensor."""
+    return x.index_select(0, index)
+
+
+@_gather_rows.register_fake
+def _(x, index):
+    return x.new_empty(index.shape[0], *x.shape[1:])
+
+
 class _UnsortRows(torch.autograd.Function):
     """out[order[i]] = x[i] (undo the expert sort); backward gathers grad[order].
 
     Keeps only `order` for backward: `index_copy` would keep its source, a [T*k, D] copy of the
     experts' outputs, alive until the backward. No forward-mode AD: a custom `jvp` would make
     Dynamo break the graph here, and `torch.compile(fullgraph=True)` is what training needs.
+
+    The backward's gather is an opaque op so that its result stays row-major under
+    torch.compile: it is the down projection's incoming gradient, and `_grouped_mm` on CUDA
+    asserts (device side) when a row-grouped operand is column-major and a group's row count is
+    not a multiple of 8, which Inductor's free choice of layout for a fused gather produced.
     """
 
     @staticmethod
@@ -49,7 +65,7 @@ class _UnsortRows(torch.autograd.Function):
     @staticmethod
     def backward(ctx, grad: torch.Tensor):
         (order,) = ctx.saved_tensors
-        return grad.index_select(0, order), None
+        return _gather_rows(grad, order), None
 
 
 def combine_expert_outputs(
