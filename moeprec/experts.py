@@ -227,8 +227,10 @@ class GroupedExperts(nn.Module):
 
     forward(x [T, D] grouped by expert, num_tokens_per_expert [E]) -> [T, D], in the parameters'
     dtype (x is cast to it). With a single expert `num_tokens_per_expert` may be None (dense MLP:
-    how MoE runs its shared experts). Rows of x past `sum(num_tokens_per_expert)` give zeros.
-    Counts that are negative or sum past T raise on CPU; on GPU (no sync) they are clamped.
+    how MoE runs its shared experts). Rows of x past `sum(num_tokens_per_expert)` give zeros;
+    `zero_uncounted_rows=False` leaves them unspecified and skips that [T, D] pass (MoE does:
+    its counts cover every row). Counts that are negative or sum past T raise on CPU; on GPU
+    (no sync) they are clamped.
     """
 
     def __init__(
@@ -313,10 +315,12 @@ class GroupedExperts(nn.Module):
         )
 
     def forward(
-        self, x: torch.Tensor, num_tokens_per_expert: torch.Tensor | None = None
+        self, x: torch.Tensor, num_tokens_per_expert: torch.Tensor | None = None, *,
+        zero_uncounted_rows: bool = True,
     ) -> torch.Tensor:
         check_floating("x", x)
         check_tensor("x", x, shape=(None, self.dim), device=self.w1.device)
+        check_bool("zero_uncounted_rows", zero_uncounted_rows)
         if self.quant != "none":
             raise RuntimeError(
                 f"GroupedExperts: the weights are quantized ({self.quant!r}); quantized experts run "
@@ -343,16 +347,20 @@ class GroupedExperts(nn.Module):
         offs = torch.cumsum(counts.to(device=x.device).clamp(min=0), 0).clamp(max=x.shape[0])
         offs = offs.to(torch.int32)
         h = grouped_mm(x, self.w1.transpose(-2, -1), offs)
-        # expert of each row, from the offsets on device (no host sync); rows past the last
-        # offset get expert E (out of range): they take expert E-1's bias and are zeroed at the end.
-        rows = torch.arange(x.shape[0], device=x.device, dtype=torch.int32)
-        row_expert = torch.searchsorted(offs, rows, right=True)
+        row_expert = None
+        if self.has_bias or zero_uncounted_rows:
+            # expert of each row, from the offsets on device (no host sync); rows past the last
+            # offset get expert E (out of range): they take expert E-1's bias and are zeroed.
+            rows = torch.arange(x.shape[0], device=x.device, dtype=torch.int32)
+            row_expert = torch.searchsorted(offs, rows, right=True)
         if self.has_bias:
             h = h + self.b1[row_expert.clamp(max=self.num_experts - 1)]
         z = gated_activation(h, self.activation, self.gate_mode, self.swiglu_alpha, self.swiglu_limit)
         y = grouped_mm(z, self.w2.transpose(-2, -1), offs)
         if self.has_bias:
             y = y + self.b2[row_expert.clamp(max=self.num_experts - 1)]
+        if not zero_uncounted_rows:
+            return y
         return torch.where((row_expert < self.num_experts).unsqueeze(-1), y, 0.0)
 
     @torch.no_grad()

@@ -23,7 +23,7 @@ from moeprec._validation import check_choice, check_floating
 from moeprec.args import MoEArgs
 from moeprec.experts import GroupedExperts
 from moeprec.precision import PrecisionConfig
-from moeprec.reorder import combine_expert_outputs, reorder_tokens
+from moeprec.reorder import combine_expert_outputs, gather_tokens, reorder_tokens
 from moeprec.routing.balance import router_z_loss, switch_aux_loss, update_expert_bias
 from moeprec.routing.topk_router import RouterOutput, TokenChoiceTopKRouter
 
@@ -141,11 +141,12 @@ class MoE(nn.Module):
         """reorder -> grouped experts -> combine (fp32 [T, D])."""
         score_before = self.args.score_before_experts
         reordered = reorder_tokens(routed.top_scores, routed.selected_experts)
-        expert_in = tokens[reordered.token_indices]
+        expert_in = gather_tokens(tokens, reordered)
         if score_before:
             scaled = expert_in.to(reordered.scores.dtype) * reordered.scores.unsqueeze(-1)
             expert_in = scaled.to(tokens.dtype)
-        expert_out = self.experts(expert_in, routed.num_tokens_per_expert)
+        # the router's counts cover all T*k rows: no uncounted rows to zero
+        expert_out = self.experts(expert_in, routed.num_tokens_per_expert, zero_uncounted_rows=False)
         return combine_expert_outputs(expert_out, reordered, routed.top_scores, score_before)
 
     def _routed_experts_quantized(self, tokens: torch.Tensor, routed: RouterOutput) -> torch.Tensor:

@@ -3,8 +3,10 @@
 MoE.forward reads `router -> reorder_tokens -> experts -> combine_expert_outputs`; expert
 parallelism calls the same two steps around its all-to-all exchange.
 
-Both steps are device-side and sync-free (stable argsort, gathers, a batched matmul): no host
-sync, no atomics, so the combine is deterministic on GPU too.
+Both steps are device-side and sync-free (stable argsort, gathers, per-token row sums): no host
+sync, no atomics, so dispatch and combine are deterministic on GPU too, forward and backward.
+The row sums run as Triton kernels on CUDA (moeprec/kernels/combine.py): each token reads its k
+rows where they lie, so no un-permuted or fp32 [T*k, D] copy is made.
 """
 
 from __future__ import annotations
@@ -13,6 +15,8 @@ from typing import NamedTuple
 
 import torch
 
+from moeprec.backends import triton_available
+
 
 class ReorderedTokens(NamedTuple):
     """The T*k (token, slot) copies grouped by expert (ascending), token order kept within one."""
@@ -20,6 +24,8 @@ class ReorderedTokens(NamedTuple):
     order: torch.Tensor  # [T*k] int64: flat slot index t*k + j of each sorted copy
     token_indices: torch.Tensor  # [T*k] int64: its token t (= order // k)
     scores: torch.Tensor  # [T*k]: its routing score top_scores[t, j]
+    pos: torch.Tensor  # [T*k] int64: the inverse of order, pos[t*k + j] = sorted row of that copy
+    k: int  # top-k: copies per token
 
 
 def reorder_tokens(top_scores: torch.Tensor, selected_experts: torch.Tensor) -> ReorderedTokens:
@@ -30,42 +36,130 @@ def reorder_tokens(top_scores: torch.Tensor, selected_experts: torch.Tensor) -> 
     k = selected_experts.shape[-1]
     # stable: within an expert, copies stay in (token, slot) order, as in the loop references.
     order = torch.argsort(selected_experts.reshape(-1), stable=True)
-    return ReorderedTokens(order, order // k, top_scores.reshape(-1)[order])
+    return ReorderedTokens(order, order // k, top_scores.reshape(-1)[order], _inverse(order), k)
 
 
-@torch.library.custom_op("moeprec::gather_rows", mutates_args=())
-def _gather_rows(x: torch.Tensor, index: torch.Tensor) -> torch.Tensor:
-    """x[index] as a new row-major tensor."""
-    return x.index_select(0, index)
+def _inverse(order: torch.Tensor) -> torch.Tensor:
+    """pos with pos[order[i]] = i: the sorted row of each (token, slot) copy."""
+    return torch.empty_like(order).index_copy_(0, order, torch.arange(order.numel(), device=order.device))
 
 
-@_gather_rows.register_fake
-def _(x, index):
-    return x.new_empty(index.shape[0], *x.shape[1:])
+# ------------------------------------------------------------------------------------------------
+# The row kernels: Triton on CUDA (moeprec/kernels/combine.py), these torch references elsewhere
+# (and for fp64). Opaque custom ops, so torch.compile neither re-lays out their results (a
+# fused gather once got a layout `_grouped_mm` asserts on) nor splits them into [T*k, D] fp32
+# intermediates.
+
+_KERNELS = "moeprec.kernels.combine"
+_HAVE_KERNELS = triton_available(_KERNELS)  # decided at import: compile-safe
 
 
-class _UnsortRows(torch.autograd.Function):
-    """out[order[i]] = x[i] (undo the expert sort); backward gathers grad[order].
+def _use_kernels(*tensors: torch.Tensor) -> bool:
+    return _HAVE_KERNELS and all(t.is_cuda and t.dtype != torch.float64 for t in tensors)
 
-    Keeps only `order` for backward: `index_copy` would keep its source, a [T*k, D] copy of the
-    experts' outputs, alive until the backward. No forward-mode AD: a custom `jvp` would make
-    Dynamo break the graph here, and `torch.compile(fullgraph=True)` is what training needs.
 
-    The backward's gather is an opaque op so that its result stays row-major under
-    torch.compile: it is the down projection's incoming gradient, and `_grouped_mm` on CUDA
-    asserts (device side) when a row-grouped operand is column-major and a group's row count is
-    not a multiple of 8, which Inductor's free choice of layout for a fused gather produced.
+def _sum_rows_reference(src, pos, w, k, out_dtype):
+    t = pos.numel() // k
+    acc = torch.promote_types(src.dtype, torch.float32)
+    rows = src.index_select(0, pos).view(t, k, src.shape[-1]).to(acc)
+    out = rows.sum(dim=1) if w is None else torch.bmm(w.to(acc).unsqueeze(1), rows).squeeze(1)
+    return out.to(out_dtype)
+
+
+@torch.library.custom_op("moeprec::sum_rows", mutates_args=())
+def _sum_rows(src: torch.Tensor, pos: torch.Tensor, w: torch.Tensor | None, k: int,
+              out_dtype: torch.dtype) -> torch.Tensor:
+    """out[t] = sum_j w[t, j] * src[pos[t*k + j]] (w None: 1), fp32 (fp64) accumulation."""
+    if _use_kernels(src):
+        from moeprec.kernels.combine import sum_rows
+
+        return sum_rows(src.contiguous(), pos, None if w is None else w.contiguous(), k, out_dtype)
+    return _sum_rows_reference(src, pos, w, k, out_dtype)
+
+
+@_sum_rows.register_fake
+def _(src, pos, w, k, out_dtype):
+    return src.new_empty((pos.shape[0] // k, src.shape[-1]), dtype=out_dtype)
+
+
+def _combine_backward_reference(g, src, order, pos, w, k, src_dtype):
+    t = g.shape[0]
+    rows_grad = g.unsqueeze(1).expand(t, k, g.shape[-1])
+    if w is not None:
+        rows_grad = rows_grad * w.to(g.dtype).unsqueeze(-1)
+    grad_src = rows_grad.to(src_dtype).reshape(t * k, g.shape[-1]).index_select(0, order)
+    if w is None:
+        return grad_src, g.new_empty(0)
+    rows = src.index_select(0, pos).view(t, k, src.shape[-1]).to(g.dtype)
+    return grad_src, torch.bmm(rows, g.unsqueeze(-1)).squeeze(-1)
+
+
+@torch.library.custom_op("moeprec::combine_rows_backward", mutates_args=())
+def _combine_rows_backward(g: torch.Tensor, src: torch.Tensor | None, order: torch.Tensor,
+                           pos: torch.Tensor, w: torch.Tensor | None, k: int,
+                           src_dtype: torch.dtype) -> tuple[torch.Tensor, torch.Tensor]:
+    """(grad_src [T*k, D] in src_dtype, grad_w [T, k] in g's dtype, empty when w is None).
+
+    src (the experts' outputs) is only read for grad_w: None when w is None.
     """
+    if _use_kernels(g, *([] if src is None else [src])) and src_dtype != torch.float64:
+        from moeprec.kernels.combine import combine_backward
+
+        grad_src, grad_w = combine_backward(
+            g.contiguous(), None if src is None else src.contiguous(), order,
+            None if w is None else w.contiguous(), k, src_dtype)
+        return grad_src, g.new_empty(0) if grad_w is None else grad_w.to(g.dtype)
+    return _combine_backward_reference(g, src, order, pos, w, k, src_dtype)
+
+
+@_combine_rows_backward.register_fake
+def _(g, src, order, pos, w, k, src_dtype):
+    grad_src = g.new_empty((order.shape[0], g.shape[-1]), dtype=src_dtype)
+    return grad_src, g.new_empty((0,) if w is None else (g.shape[0], k))
+
+
+class _CombineRows(torch.autograd.Function):
+    """out[t] = sum_j w[t, j] * src[pos[t*k + j]] in `acc`; keeps the index pair, and src and w
+    when weighted (for w's gradient), for backward: no [T*k, D] fp32 copy."""
 
     @staticmethod
-    def forward(ctx, x: torch.Tensor, order: torch.Tensor) -> torch.Tensor:
-        ctx.save_for_backward(order)
-        return torch.empty_like(x).index_copy_(0, order, x)
+    def forward(ctx, src, w, order, pos, k, acc):
+        ctx.save_for_backward(None if w is None else src, w, order, pos)
+        ctx.k, ctx.src_dtype = k, src.dtype
+        return _sum_rows(src, pos, w, k, acc)
 
     @staticmethod
-    def backward(ctx, grad: torch.Tensor):
-        (order,) = ctx.saved_tensors
-        return _gather_rows(grad, order), None
+    def backward(ctx, g):
+        src, w, order, pos = ctx.saved_tensors
+        grad_src, grad_w = _combine_rows_backward(g.contiguous(), src, order, pos, w, ctx.k,
+                                                  ctx.src_dtype)
+        if w is None or not ctx.needs_input_grad[1]:
+            return grad_src, None, None, None, None, None
+        return grad_src, grad_w.to(w.dtype), None, None, None, None
+
+
+class _GatherTokens(torch.autograd.Function):
+    """tokens[token_indices]; backward sums each token's k row gradients in fp32 (no atomics)."""
+
+    @staticmethod
+    def forward(ctx, tokens, token_indices, pos, k):
+        ctx.save_for_backward(pos)
+        ctx.k = k
+        return tokens.index_select(0, token_indices)
+
+    @staticmethod
+    def backward(ctx, grad):
+        (pos,) = ctx.saved_tensors
+        return _sum_rows(grad.contiguous(), pos, None, ctx.k, grad.dtype), None, None, None
+
+
+def gather_tokens(tokens: torch.Tensor, reordered: ReorderedTokens) -> torch.Tensor:
+    """[T, D] tokens -> [T*k, D] expert-sorted copies `tokens[reordered.token_indices]`.
+
+    Backward: each token's gradient is the fp32 sum of its k copies' gradients, in slot order,
+    rounded once to the tokens' dtype (deterministic; a scatter-add would round k times).
+    """
+    return _GatherTokens.apply(tokens, reordered.token_indices, reordered.pos, reordered.k)
 
 
 def combine_expert_outputs(
@@ -77,16 +171,11 @@ def combine_expert_outputs(
     """[T*k, D] expert-sorted outputs -> [T, D] `sum_j top_scores[t, j] * out[t, j]`, in fp32.
 
     (fp64 when the outputs are fp64.) With `score_before_experts` the scores were applied to the
-    experts' inputs already, so the copies are summed unweighted.
+    experts' inputs already, so the copies are summed unweighted. Each token reads its k rows
+    where they lie (no un-permuted copy) and sums them in slot order; backward writes the
+    outputs' gradient in their dtype and the scores' gradient in fp32.
     """
     t, k = top_scores.shape
     acc = torch.promote_types(expert_out.dtype, torch.float32)
-    # Undo the sort (a permutation, no atomics) in the experts' dtype, then upcast (exact: the
-    # order of the two does not change a bit, but permuting first moves half the bytes and holds
-    # one fp32 [T*k, D] copy instead of two, forward and backward), then a [1, k] x [k, D]
-    # product per token.
-    unsorted = _UnsortRows.apply(expert_out, reordered.order)
-    per_slot = unsorted.view(t, k, expert_out.shape[-1]).to(acc)
-    if score_before_experts:
-        return per_slot.sum(dim=1)
-    return torch.bmm(top_scores.to(acc).unsqueeze(1), per_slot).squeeze(1)
+    w = None if score_before_experts else top_scores
+    return _CombineRows.apply(expert_out, w, reordered.order, reordered.pos, k, acc)

@@ -336,14 +336,14 @@ def test_combine_gradients_and_what_it_keeps_for_backward(score_before):
     out = torch.randn(t * k, d, generator=g, dtype=torch.float64).requires_grad_()
     r = reorder_tokens(scores, selected)
     torch.autograd.gradcheck(lambda o, s: combine_expert_outputs(o, r, s, score_before), (out, scores))
-    # bf16 expert outputs: the permutation keeps only its int64 order for backward, and the one
-    # fp32 copy of the outputs is what the weighted sum needs (none when unweighted)
+    # bf16 expert outputs: backward keeps the outputs themselves for the scores' gradient (no
+    # un-permuted or fp32 copy), and nothing of their size when the sum is unweighted
     saved = []
     with torch.autograd.graph.saved_tensors_hooks(lambda x: saved.append(x) or x, lambda x: x):
         combine_expert_outputs(out.detach().bfloat16().requires_grad_(), r,
                                scores.detach().float().requires_grad_(), score_before)
     big = [(x.dtype, tuple(x.shape)) for x in saved if x.numel() >= t * k * d]
-    assert big == ([] if score_before else [(torch.float32, (t, k, d))]), big
+    assert big == ([] if score_before else [(torch.bfloat16, (t * k, d))]), big
 
 
 def test_balancing_buffers_stay_fp32_under_dtype_casts():

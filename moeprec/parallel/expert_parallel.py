@@ -171,7 +171,9 @@ class _ExpertParallelExperts:
 
     _ep: _EPState
 
-    def forward(self, x: torch.Tensor, num_tokens_per_expert: torch.Tensor | None = None):
+    def forward(self, x: torch.Tensor, num_tokens_per_expert: torch.Tensor | None = None, *,
+                zero_uncounted_rows: bool = True):
+        # Uncounted rows give zeros here either way (below), so the flag changes nothing.
         ep = self._ep
         if num_tokens_per_expert is None or num_tokens_per_expert.shape != (ep.num_experts,):
             got = None if num_tokens_per_expert is None else tuple(num_tokens_per_expert.shape)
