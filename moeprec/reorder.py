@@ -106,7 +106,7 @@ def _combine_rows_backward(g: torch.Tensor, src: torch.Tensor | None, order: tor
         from moeprec.kernels.combine import combine_backward
 
         grad_src, grad_w = combine_backward(
-            g.contiguous(), None if src is None else src.contiguous(), order,
+            g.contiguous(), None if src is None else src.contiguous(), pos,
             None if w is None else w.contiguous(), k, src_dtype)
         return grad_src, g.new_empty(0) if grad_w is None else grad_w.to(g.dtype)
     return _combine_backward_reference(g, src, order, pos, w, k, src_dtype)

@@ -77,7 +77,7 @@ def test_combine_backward_matches_reference(poisoned, device, cases, dtype, weig
     for t, k, d in cases:
         src, w, order, pos, g = _case(t, k, d, device, dtype, gen)
         w = w if weighted else None
-        got_src, got_w = ck.combine_backward(g, src if weighted else None, order, w, k, dtype)
+        got_src, got_w = ck.combine_backward(g, src if weighted else None, pos, w, k, dtype)
         want_src, want_w = reorder._combine_backward_reference(g, src, order, pos, w, k, dtype)
         torch.testing.assert_close(got_src, want_src, **_tol(dtype), msg=f"{t=} {k=} {d=}")
         if weighted:

@@ -7,9 +7,9 @@ The T*k routed copies of the tokens live in expert-sorted order: sorted row i ho
   slot order j = 0..k-1, written in out's dtype. The combine's forward (w = routing scores, out
   fp32) and the dispatch gather's backward (no w, out in the tokens' dtype): one read of the k
   rows per token, no [T*k, D] fp32 copy, no atomics (deterministic).
-- `combine_backward`: for each sorted row i (copy t*k + j): grad_src[i] = w[t, j] * g[t] (in
-  src's dtype) and grad_w[t, j] = sum_d g[t, d] * src[i, d] in fp32. One read of g's rows and of
-  the experts' outputs, one write of their gradient.
+- `combine_backward`: for each copy t*k + j (sorted row i = pos[t*k + j]): grad_src[i] =
+  w[t, j] * g[t] (in src's dtype) and grad_w[t, j] = sum_d g[t, d] * src[i, d] in fp32. One read
+  of g and of the experts' outputs, one write of their gradient.
 
 The torch references with the same numbers are in moeprec.reorder.
 """
@@ -24,47 +24,46 @@ import triton.language as tl
 @triton.jit
 def _sum_rows_kernel(
     src_ptr, pos_ptr, w_ptr, out_ptr, D,
-    K: tl.constexpr, K_PAD: tl.constexpr, HAS_W: tl.constexpr, BLOCK_D: tl.constexpr,
+    K: tl.constexpr, HAS_W: tl.constexpr, BLOCK_D: tl.constexpr,
 ):
+    # One token per program; each thread keeps its columns of all k rows (no cross-thread sum).
     t = tl.program_id(0).to(tl.int64)
-    slots = tl.arange(0, K_PAD)
-    smask = slots < K
-    rows = tl.load(pos_ptr + t * K + slots, mask=smask, other=0).to(tl.int64)
-    if HAS_W:
-        w = tl.load(w_ptr + t * K + slots, mask=smask, other=0.0).to(tl.float32)
     for d0 in range(0, D, BLOCK_D):
         cols = d0 + tl.arange(0, BLOCK_D)
         cmask = cols < D
-        mask = smask[:, None] & cmask[None, :]
-        x = tl.load(src_ptr + rows[:, None] * D + cols[None, :], mask=mask, other=0.0)
-        x = x.to(tl.float32)
-        if HAS_W:
-            x = x * w[:, None]
-        tl.store(out_ptr + t * D + cols, tl.sum(x, axis=0).to(out_ptr.dtype.element_ty), mask=cmask)
+        acc = tl.zeros([BLOCK_D], dtype=tl.float32)
+        for j in tl.static_range(K):
+            row = tl.load(pos_ptr + t * K + j).to(tl.int64)
+            x = tl.load(src_ptr + row * D + cols, mask=cmask, other=0.0).to(tl.float32)
+            if HAS_W:
+                x = x * tl.load(w_ptr + t * K + j).to(tl.float32)
+            acc += x
+        tl.store(out_ptr + t * D + cols, acc.to(out_ptr.dtype.element_ty), mask=cmask)
 
 
 @triton.jit
 def _combine_backward_kernel(
-    g_ptr, src_ptr, order_ptr, w_ptr, grad_src_ptr, grad_w_ptr, D,
+    g_ptr, src_ptr, pos_ptr, w_ptr, grad_src_ptr, grad_w_ptr, D,
     K: tl.constexpr, HAS_W: tl.constexpr, BLOCK_D: tl.constexpr,
 ):
-    i = tl.program_id(0).to(tl.int64)
-    copy = tl.load(order_ptr + i).to(tl.int64)  # t*k + j
-    t = copy // K
-    if HAS_W:
-        w = tl.load(w_ptr + copy).to(tl.float32)
-        acc = tl.zeros([BLOCK_D], dtype=tl.float32)
-    for d0 in range(0, D, BLOCK_D):
-        cols = d0 + tl.arange(0, BLOCK_D)
-        cmask = cols < D
-        g = tl.load(g_ptr + t * D + cols, mask=cmask, other=0.0).to(tl.float32)
+    # One token per program: its gradient row is read from HBM once (cache hits for the k slots).
+    t = tl.program_id(0).to(tl.int64)
+    for j in tl.static_range(K):
+        row = tl.load(pos_ptr + t * K + j).to(tl.int64)
         if HAS_W:
-            x = tl.load(src_ptr + i * D + cols, mask=cmask, other=0.0).to(tl.float32)
-            acc += g * x
-            g = g * w
-        tl.store(grad_src_ptr + i * D + cols, g.to(grad_src_ptr.dtype.element_ty), mask=cmask)
-    if HAS_W:
-        tl.store(grad_w_ptr + copy, tl.sum(acc, axis=0))
+            w = tl.load(w_ptr + t * K + j).to(tl.float32)
+            acc = tl.zeros([BLOCK_D], dtype=tl.float32)
+        for d0 in range(0, D, BLOCK_D):
+            cols = d0 + tl.arange(0, BLOCK_D)
+            cmask = cols < D
+            g = tl.load(g_ptr + t * D + cols, mask=cmask, other=0.0).to(tl.float32)
+            if HAS_W:
+                x = tl.load(src_ptr + row * D + cols, mask=cmask, other=0.0).to(tl.float32)
+                acc += g * x
+                g = g * w
+            tl.store(grad_src_ptr + row * D + cols, g.to(grad_src_ptr.dtype.element_ty), mask=cmask)
+        if HAS_W:
+            tl.store(grad_w_ptr + t * K + j, tl.sum(acc, axis=0))
 
 
 def _empty(shape, dtype, device) -> torch.Tensor:
@@ -73,7 +72,7 @@ def _empty(shape, dtype, device) -> torch.Tensor:
 
 
 def _block_d(d: int) -> int:
-    return min(1024, triton.next_power_of_2(max(d, 16)))
+    return min(1024, triton.next_power_of_2(max(d, 16)))  # 8 columns per thread at 4 warps
 
 
 def sum_rows(src: torch.Tensor, pos: torch.Tensor, w: torch.Tensor | None, k: int,
@@ -84,29 +83,27 @@ def sum_rows(src: torch.Tensor, pos: torch.Tensor, w: torch.Tensor | None, k: in
     out = _empty((t, d), out_dtype, src.device)
     if out.numel() == 0:
         return out
-    k_pad = triton.next_power_of_2(k)
-    block_d = max(16, min(_block_d(d), 4096 // k_pad))  # k_pad x block_d values per program
     _sum_rows_kernel[(t,)](
         src, pos, w if w is not None else src, out, d,
-        K=k, K_PAD=k_pad, HAS_W=w is not None, BLOCK_D=block_d, num_warps=4,
+        K=k, HAS_W=w is not None, BLOCK_D=_block_d(d), num_warps=4,
     )
     return out
 
 
-def combine_backward(g: torch.Tensor, src: torch.Tensor | None, order: torch.Tensor,
+def combine_backward(g: torch.Tensor, src: torch.Tensor | None, pos: torch.Tensor,
                      w: torch.Tensor | None, k: int,
                      src_dtype: torch.dtype) -> tuple[torch.Tensor, torch.Tensor | None]:
-    """g [T, D] (contiguous), src [T*k, D] (needed with w only), order [T*k], w [T, k] or None ->
+    """g [T, D] (contiguous), src [T*k, D] (needed with w only), pos [T*k], w [T, k] or None ->
     (grad_src [T*k, D] in src_dtype, grad_w [T, k] fp32 or None)."""
-    rows, d = order.shape[0], g.shape[1]
+    rows, d = pos.shape[0], g.shape[1]
     grad_src = _empty((rows, d), src_dtype, g.device)
     grad_w = None if w is None else _empty((rows // k, k), torch.float32, g.device)
     if grad_src.numel() == 0:
         if grad_w is not None:
             grad_w.zero_()
         return grad_src, grad_w
-    _combine_backward_kernel[(rows,)](
-        g, src if src is not None else g, order, w if w is not None else g, grad_src, grad_w if grad_w is not None else g, d,
+    _combine_backward_kernel[(rows // k,)](
+        g, src if src is not None else g, pos, w if w is not None else g, grad_src, grad_w if grad_w is not None else g, d,
         K=k, HAS_W=w is not None, BLOCK_D=_block_d(d), num_warps=4,
     )
     return grad_src, grad_w
