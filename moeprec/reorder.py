@@ -59,10 +59,14 @@ def _use_kernels(*tensors: torch.Tensor) -> bool:
 
 
 def _sum_rows_reference(src, pos, w, k, out_dtype):
+    # one slot at a time, in slot order as the kernel sums: [T, D] temporaries only
     t = pos.numel() // k
     acc = torch.promote_types(src.dtype, torch.float32)
-    rows = src.index_select(0, pos).view(t, k, src.shape[-1]).to(acc)
-    out = rows.sum(dim=1) if w is None else torch.bmm(w.to(acc).unsqueeze(1), rows).squeeze(1)
+    pos = pos.view(t, k)
+    out = torch.zeros((t, src.shape[-1]), dtype=acc, device=src.device)
+    for j in range(k):
+        rows = src.index_select(0, pos[:, j]).to(acc)
+        out += rows if w is None else rows * w[:, j : j + 1].to(acc)
     return out.to(out_dtype)
 
 
@@ -83,15 +87,17 @@ def _(src, pos, w, k, out_dtype):
 
 
 def _combine_backward_reference(g, src, order, pos, w, k, src_dtype):
-    t = g.shape[0]
-    rows_grad = g.unsqueeze(1).expand(t, k, g.shape[-1])
-    if w is not None:
-        rows_grad = rows_grad * w.to(g.dtype).unsqueeze(-1)
-    grad_src = rows_grad.to(src_dtype).reshape(t * k, g.shape[-1]).index_select(0, order)
-    if w is None:
-        return grad_src, g.new_empty(0)
-    rows = src.index_select(0, pos).view(t, k, src.shape[-1]).to(g.dtype)
-    return grad_src, torch.bmm(rows, g.unsqueeze(-1)).squeeze(-1)
+    # one slot at a time: [T, D] temporaries only
+    t, d = g.shape
+    pos = pos.view(t, k)
+    grad_src = torch.empty((t * k, d), dtype=src_dtype, device=g.device)
+    grad_w = g.new_empty((0,) if w is None else (t, k))
+    for j in range(k):
+        rows_grad = g if w is None else g * w[:, j : j + 1].to(g.dtype)
+        grad_src.index_copy_(0, pos[:, j], rows_grad.to(src_dtype))
+        if w is not None:
+            grad_w[:, j] = (g * src.index_select(0, pos[:, j]).to(g.dtype)).sum(-1)
+    return grad_src, grad_w
 
 
 @torch.library.custom_op("moeprec::combine_rows_backward", mutates_args=())
