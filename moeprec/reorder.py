@@ -1,12 +1,14 @@
 """Token reordering around the experts: group the T*k routed copies by expert, then combine.
 
-MoE.forward reads `router -> reorder_tokens -> experts -> combine_expert_outputs`; expert
-parallelism calls the same two steps around its all-to-all exchange.
+MoE.forward reads `router -> reorder_tokens -> gather_tokens -> experts ->
+combine_expert_outputs`; expert parallelism calls the same steps around its all-to-all exchange.
 
-Both steps are device-side and sync-free (stable argsort, gathers, per-token row sums): no host
+All steps are device-side and sync-free (stable argsort, gathers, per-token row sums): no host
 sync, no atomics, so dispatch and combine are deterministic on GPU too, forward and backward.
 The row sums run as Triton kernels on CUDA (moeprec/kernels/combine.py): each token reads its k
-rows where they lie, so no un-permuted or fp32 [T*k, D] copy is made.
+rows where they lie, so no un-permuted or fp32 [T*k, D] copy is made. No forward-mode AD through
+the autograd Functions here: a custom `jvp` makes Dynamo break the graph, and
+`torch.compile(fullgraph=True)` is what training needs.
 """
 
 from __future__ import annotations
