@@ -11,8 +11,8 @@ import torch
 pytest.importorskip("triton")
 
 from moeprec import reorder  # noqa: E402
-from moeprec.backends import triton_interpret  # noqa: E402
 from moeprec.kernels import combine as ck  # noqa: E402
+from tests._kernel_cases import kernel_devices, nan_empty  # noqa: E402
 
 # T, k, D: ragged D (not a multiple of the column block), k not a power of two, one token,
 # no token, a model-like row
@@ -20,22 +20,10 @@ CPU_CASES = [(7, 3, 40), (1, 1, 16), (0, 4, 32), (5, 8, 1100), (9, 2, 5)]
 GPU_CASES = [(4099, 8, 2048), (1, 8, 2048), (0, 8, 64), (513, 4, 2880), (64, 6, 7168)]
 
 
-def _devices():
-    out = []
-    if triton_interpret():
-        out.append(pytest.param("cpu", CPU_CASES, marks=pytest.mark.interpret))
-    out.append(pytest.param("cuda", GPU_CASES, marks=pytest.mark.gpu))
-    return out
-
-
 @pytest.fixture
 def poisoned(monkeypatch):
     """Outputs start as NaN: an unwritten element shows up."""
-
-    def empty(shape, dtype, device):
-        return torch.full(shape, float("nan"), dtype=dtype, device=device)
-
-    monkeypatch.setattr(ck, "_empty", empty)
+    monkeypatch.setattr(ck, "_empty", nan_empty)
 
 
 def _case(t, k, d, device, dtype, gen):
@@ -54,7 +42,7 @@ def _tol(dtype):
     return dict(rtol=2**-7, atol=1e-6) if dtype == torch.bfloat16 else dict(rtol=1e-5, atol=1e-5)
 
 
-@pytest.mark.parametrize("device, cases", _devices())
+@pytest.mark.parametrize("device, cases", kernel_devices(CPU_CASES, GPU_CASES))
 @pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float32])
 @pytest.mark.parametrize("weighted", [True, False])
 def test_sum_rows_matches_reference(poisoned, device, cases, dtype, weighted):
@@ -69,7 +57,7 @@ def test_sum_rows_matches_reference(poisoned, device, cases, dtype, weighted):
             torch.testing.assert_close(got, want, **_tol(out_dtype), msg=f"{t=} {k=} {d=}")
 
 
-@pytest.mark.parametrize("device, cases", _devices())
+@pytest.mark.parametrize("device, cases", kernel_devices(CPU_CASES, GPU_CASES))
 @pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float32])
 @pytest.mark.parametrize("weighted", [True, False])
 def test_combine_backward_matches_reference(poisoned, device, cases, dtype, weighted):
@@ -87,7 +75,7 @@ def test_combine_backward_matches_reference(poisoned, device, cases, dtype, weig
             assert got_w is None
 
 
-@pytest.mark.parametrize("device, cases", _devices())
+@pytest.mark.parametrize("device, cases", kernel_devices(CPU_CASES, GPU_CASES))
 def test_autograd_ops_use_the_kernels_and_match_the_torch_path(device, cases, monkeypatch):
     """combine_expert_outputs and gather_tokens, forward and backward, with the kernels on
     (CUDA, or the interpreter) against the same ops with the kernels off."""

@@ -10,31 +10,19 @@ import torch
 
 pytest.importorskip("triton")
 
-from moeprec.backends import triton_interpret  # noqa: E402
 from moeprec.kernels import router_grad_split as rs  # noqa: E402
 from moeprec.routing.gate import _split_to_bf16  # noqa: E402
+from tests._kernel_cases import kernel_devices, nan_empty  # noqa: E402
 
 # T, E: ragged and tile-multiple sizes, one token, no token, more experts than a tile
 CPU_SHAPES = [(37, 24), (1, 8), (0, 16), (64, 128), (5, 300)]
 GPU_SHAPES = [(16384, 128), (4097, 256), (1, 8), (0, 128), (333, 300)]
 
 
-def _devices():
-    out = []
-    if triton_interpret():
-        out.append(pytest.param("cpu", CPU_SHAPES, marks=pytest.mark.interpret))
-    out.append(pytest.param("cuda", GPU_SHAPES, marks=pytest.mark.gpu))
-    return out
-
-
 @pytest.fixture
 def poisoned(monkeypatch):
-    """The output starts as NaN: an unwritten element shows up."""
-
-    def empty(shape, dtype, device):
-        return torch.full(shape, float("nan"), dtype=dtype, device=device)
-
-    monkeypatch.setattr(rs, "_empty", empty)
+    """Outputs start as NaN: an unwritten element shows up."""
+    monkeypatch.setattr(rs, "_empty", nan_empty)
 
 
 def _gradients(t, e, gen):
@@ -52,7 +40,7 @@ def _gradients(t, e, gen):
     return g
 
 
-@pytest.mark.parametrize("device, shapes", _devices())
+@pytest.mark.parametrize("device, shapes", kernel_devices(CPU_SHAPES, GPU_SHAPES))
 @pytest.mark.parametrize("pieces", [1, 2, 3])
 def test_split_is_bit_identical_to_the_torch_reference(poisoned, device, shapes, pieces):
     gen = torch.Generator().manual_seed(pieces)
@@ -68,7 +56,7 @@ def test_split_is_bit_identical_to_the_torch_reference(poisoned, device, shapes,
             assert torch.equal(pieces_sum[reach], g.cpu().double()[reach])
 
 
-@pytest.mark.parametrize("device, shapes", _devices())
+@pytest.mark.parametrize("device, shapes", kernel_devices(CPU_SHAPES, GPU_SHAPES))
 def test_split_of_a_strided_gradient(device, shapes):
     """An expanded (stride-0) gradient, as `y.sum().backward()` produces, is made contiguous."""
     t, e = shapes[0]
