@@ -338,10 +338,17 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--queued", action="store_true",
                     help="time iterations queued back to back (one sync at the end) instead of "
                          "draining the GPU after each")
+    ap.add_argument("--act-backend", choices=("torch", "triton"), default=None,
+                    help="moeprec's training activation (moeprec.activations."
+                         "TRAINING_ACT_BACKEND; default: the library's)")
     ap.add_argument("--profile", action="store_true",
                     help="also list each case's top kernels (torch.profiler, us per fwd+bwd)")
     args = ap.parse_args(argv)
 
+    import moeprec.activations as activations
+
+    if args.act_backend is not None:
+        activations.TRAINING_ACT_BACKEND = args.act_backend
     device = torch.device(args.device or ("cuda" if torch.cuda.is_available() else "cpu"))
     table = SMOKE_SHAPES if args.smoke else SHAPES
     names = [n.strip() for n in args.shapes.split(",") if n.strip()]
@@ -380,6 +387,7 @@ def main(argv: list[str] | None = None) -> int:
         "moeprec_native_grouped_mm": _native_grouped(device),
         "warmup": args.warmup,
         "iters": args.iters,
+        "moeprec_act_backend": activations.TRAINING_ACT_BACKEND,
         "timing": "queued (one sync at the end)" if args.queued else "drained after each iteration",
         "shapes": {n: asdict(table[n]) for n in names},
         "targets": {"tflops_qwen3_T16384": TARGET_TFLOPS, "speedup_vs_titan_style": TARGET_SPEEDUP,

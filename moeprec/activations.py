@@ -12,6 +12,7 @@ import torch
 import torch.nn.functional as F
 
 from moeprec._validation import check_choice
+from moeprec.backends import triton_available
 
 ACTIVATIONS = ("silu", "swiglu_oai")
 GATE_MODES = ("separated", "interleaved")
@@ -55,6 +56,119 @@ def gated_activation(
     if activation == "silu":
         return silu_and_mul(g, u)
     return swiglu_oai(g, u, alpha, limit)
+
+
+# ------------------------------------------------------------------------------------------------
+# The experts' gated activation in training (GroupedExperts).
+
+# Who computes it: "torch" (the ops of `gated_activation`, which Inductor fuses under
+# torch.compile) or "triton" (moeprec/kernels/gated_act.py on CUDA: one kernel each way, fp32
+# math rounded once, backward reads h and grad_z once; opaque to torch.compile). "torch" until
+# the kernels are measured on a GPU against Inductor's fused code (`benchmarks/bench_train.py
+# --act-backend`).
+TRAINING_ACT_BACKEND = "torch"
+_ACT_KERNELS = "moeprec.kernels.gated_act"
+_HAVE_ACT_KERNELS = triton_available(_ACT_KERNELS)  # decided at import: compile-safe
+
+
+def _split_f32(h: torch.Tensor, interleaved: bool) -> tuple[torch.Tensor, torch.Tensor]:
+    g, u = split_gate_up(h, "interleaved" if interleaved else "separated")
+    return g.float(), u.float()
+
+
+def _gated_act_forward_reference(h, swiglu, interleaved, alpha, limit):
+    g, u = _split_f32(h, interleaved)
+    if swiglu:
+        g, u = g.clamp(max=limit), u.clamp(min=-limit, max=limit)
+        return (g * torch.sigmoid(alpha * g) * (u + 1)).to(h.dtype)
+    return (g * torch.sigmoid(g) * u).to(h.dtype)
+
+
+def _gated_act_backward_reference(h, grad_z, swiglu, interleaved, alpha, limit):
+    g, u = _split_f32(h, interleaved)
+    gz = grad_z.float()
+    if swiglu:
+        gc, uc = g.clamp(max=limit), u.clamp(min=-limit, max=limit)
+        s = torch.sigmoid(alpha * gc)
+        dg = torch.where(g <= limit, gz * (uc + 1) * s * (1 + alpha * gc * (1 - s)), 0.0)
+        du = torch.where((u >= -limit) & (u <= limit), gz * gc * s, 0.0)
+    else:
+        s = torch.sigmoid(g)
+        dg, du = gz * u * s * (1 + g * (1 - s)), gz * g * s
+    if interleaved:
+        return torch.stack((dg, du), dim=-1).flatten(-2).to(h.dtype)
+    return torch.cat((dg, du), dim=-1).to(h.dtype)
+
+
+@torch.library.custom_op("moeprec::gated_act_forward", mutates_args=())
+def _gated_act_forward(h: torch.Tensor, swiglu: bool, interleaved: bool, alpha: float,
+                       limit: float) -> torch.Tensor:
+    if h.is_cuda:
+        from moeprec.kernels.gated_act import gated_act_forward
+
+        return gated_act_forward(h, swiglu, interleaved, alpha, limit)
+    return _gated_act_forward_reference(h, swiglu, interleaved, alpha, limit)
+
+
+@_gated_act_forward.register_fake
+def _(h, swiglu, interleaved, alpha, limit):
+    return h.new_empty((h.shape[0], h.shape[1] // 2))
+
+
+@torch.library.custom_op("moeprec::gated_act_backward", mutates_args=())
+def _gated_act_backward(h: torch.Tensor, grad_z: torch.Tensor, swiglu: bool, interleaved: bool,
+                        alpha: float, limit: float) -> torch.Tensor:
+    if h.is_cuda:
+        from moeprec.kernels.gated_act import gated_act_backward
+
+        return gated_act_backward(h, grad_z.contiguous(), swiglu, interleaved, alpha, limit)
+    return _gated_act_backward_reference(h, grad_z, swiglu, interleaved, alpha, limit)
+
+
+@_gated_act_backward.register_fake
+def _(h, grad_z, swiglu, interleaved, alpha, limit):
+    return torch.empty_like(h, memory_format=torch.contiguous_format)
+
+
+class _GatedActivation(torch.autograd.Function):
+    """The fused gated activation; keeps only h for backward."""
+
+    @staticmethod
+    def forward(ctx, h, swiglu, interleaved, alpha, limit):
+        ctx.save_for_backward(h)
+        ctx.args = (swiglu, interleaved, alpha, limit)
+        return _gated_act_forward(h, swiglu, interleaved, alpha, limit)
+
+    @staticmethod
+    def backward(ctx, grad_z):
+        (h,) = ctx.saved_tensors
+        return _gated_act_backward(h, grad_z, *ctx.args), None, None, None, None
+
+
+def training_gated_activation(
+    h: torch.Tensor,
+    activation: str = "silu",
+    gate_mode: str = "separated",
+    alpha: float = SWIGLU_ALPHA,
+    limit: float = SWIGLU_LIMIT,
+) -> torch.Tensor:
+    """`gated_activation` as the training path runs it: the Triton kernels where
+    `TRAINING_ACT_BACKEND` is "triton" and h is a 2D CUDA tensor of a 16/32-bit float dtype with
+    unit column stride; the torch ops otherwise."""
+    if (
+        TRAINING_ACT_BACKEND == "triton"
+        and _HAVE_ACT_KERNELS
+        and h.is_cuda
+        and h.dim() == 2
+        and h.dtype in (torch.bfloat16, torch.float16, torch.float32)
+        and h.stride(-1) == 1
+        and h.shape[-1] % 2 == 0
+    ):
+        check_choice("activation", activation, ACTIVATIONS)
+        check_choice("gate_mode", gate_mode, GATE_MODES)
+        return _GatedActivation.apply(h, activation == "swiglu_oai", gate_mode == "interleaved",
+                                      float(alpha), float(limit))
+    return gated_activation(h, activation, gate_mode, alpha, limit)
 
 
 def convert_gate_up_order(t: torch.Tensor, src: str, dst: str, dim: int = -2) -> torch.Tensor:

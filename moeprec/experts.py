@@ -35,7 +35,14 @@ from moeprec._validation import (
     check_real,
     check_tensor,
 )
-from moeprec.activations import ACTIVATIONS, GATE_MODES, SWIGLU_ALPHA, SWIGLU_LIMIT, gated_activation
+from moeprec.activations import (
+    ACTIVATIONS,
+    GATE_MODES,
+    SWIGLU_ALPHA,
+    SWIGLU_LIMIT,
+    gated_activation,
+    training_gated_activation,
+)
 
 __all__ = ["GroupedExperts", "grouped_experts_loop", "grouped_mm", "native_grouped_mm_supported"]
 
@@ -355,7 +362,8 @@ class GroupedExperts(nn.Module):
             row_expert = torch.searchsorted(offs, rows, right=True)
         if self.has_bias:
             h = h + self.b1[row_expert.clamp(max=self.num_experts - 1)]
-        z = gated_activation(h, self.activation, self.gate_mode, self.swiglu_alpha, self.swiglu_limit)
+        z = training_gated_activation(h, self.activation, self.gate_mode, self.swiglu_alpha,
+                                      self.swiglu_limit)
         y = grouped_mm(z, self.w2.transpose(-2, -1), offs)
         if self.has_bias:
             y = y + self.b2[row_expert.clamp(max=self.num_experts - 1)]
@@ -427,5 +435,6 @@ class GroupedExperts(nn.Module):
 
     def _dense_forward(self, x: torch.Tensor) -> torch.Tensor:
         h = F.linear(x, self.w1[0], None if self.b1 is None else self.b1[0])
-        z = gated_activation(h, self.activation, self.gate_mode, self.swiglu_alpha, self.swiglu_limit)
+        z = training_gated_activation(h, self.activation, self.gate_mode, self.swiglu_alpha,
+                                      self.swiglu_limit)
         return F.linear(z, self.w2[0], None if self.b2 is None else self.b2[0])
