@@ -338,17 +338,24 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--queued", action="store_true",
                     help="time iterations queued back to back (one sync at the end) instead of "
                          "draining the GPU after each")
-    ap.add_argument("--act-backend", choices=("torch", "triton"), default=None,
-                    help="moeprec's training activation (moeprec.activations."
-                         "TRAINING_ACT_BACKEND; default: the library's)")
+    ap.add_argument("--train-kernels", default=None,
+                    help="moeprec's opt-in Triton training kernels to switch on, comma list of "
+                         "act (activations.TRAINING_ACT_BACKEND), gather "
+                         "(reorder.DISPATCH_GATHER_BACKEND); 'none' for neither; default: the "
+                         "library's settings")
     ap.add_argument("--profile", action="store_true",
                     help="also list each case's top kernels (torch.profiler, us per fwd+bwd)")
     args = ap.parse_args(argv)
 
     import moeprec.activations as activations
+    import moeprec.reorder as reorder
 
-    if args.act_backend is not None:
-        activations.TRAINING_ACT_BACKEND = args.act_backend
+    if args.train_kernels is not None:
+        chosen = {k.strip() for k in args.train_kernels.split(",") if k.strip()} - {"none"}
+        if chosen - {"act", "gather"}:
+            ap.error(f"--train-kernels: unknown {sorted(chosen - {'act', 'gather'})}")
+        activations.TRAINING_ACT_BACKEND = "triton" if "act" in chosen else "torch"
+        reorder.DISPATCH_GATHER_BACKEND = "triton" if "gather" in chosen else "torch"
     device = torch.device(args.device or ("cuda" if torch.cuda.is_available() else "cpu"))
     table = SMOKE_SHAPES if args.smoke else SHAPES
     names = [n.strip() for n in args.shapes.split(",") if n.strip()]
@@ -387,7 +394,8 @@ def main(argv: list[str] | None = None) -> int:
         "moeprec_native_grouped_mm": _native_grouped(device),
         "warmup": args.warmup,
         "iters": args.iters,
-        "moeprec_act_backend": activations.TRAINING_ACT_BACKEND,
+        "moeprec_training_kernels": {"act": activations.TRAINING_ACT_BACKEND,
+                                     "gather": reorder.DISPATCH_GATHER_BACKEND},
         "timing": "queued (one sync at the end)" if args.queued else "drained after each iteration",
         "shapes": {n: asdict(table[n]) for n in names},
         "targets": {"tflops_qwen3_T16384": TARGET_TFLOPS, "speedup_vs_titan_style": TARGET_SPEEDUP,

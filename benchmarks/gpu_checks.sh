@@ -3,7 +3,7 @@
 #   bash benchmarks/gpu_checks.sh tests        # the whole GPU test suite (~5 min on an H200)
 #   bash benchmarks/gpu_checks.sh router       # router bench + quantizer bench (~2 min)
 #   bash benchmarks/gpu_checks.sh train        # training bench, both shapes, + eager memory probes
-#   bash benchmarks/gpu_checks.sh act          # training activation: torch ops vs Triton kernels
+#   bash benchmarks/gpu_checks.sh kernels      # opt-in training kernels (act, gather) off vs on
 #   bash benchmarks/gpu_checks.sh moe          # fused MoE bench, all shapes and paths (no peers)
 #   bash benchmarks/gpu_checks.sh decode       # decode blocks: their tests, memcheck, bench M <= 64
 # Uses the machine's own python3 (torch + triton preinstalled); moeprec from this checkout.
@@ -29,12 +29,14 @@ for section in "${@:-tests}"; do
       for layer in ours peer; do
         timeout 60 python3 benchmarks/probes/layer_memory.py $layer --experts 128 --tokens 16384 --device cuda
       done 2>&1 | tee "$OUT/layer_memory.log" ;;
-    act)  # the training activation kernels against Inductor's / torch's code, queued timing
-      for b in torch triton; do
-        timeout 250 python3 benchmarks/bench_train.py --shapes qwen3-30b-a3b,gpt-oss-20b --tokens 16384 \
-          --queued --act-backend $b --out "$OUT/act_$b" 2>&1 | tee "$OUT/act_$b.log" | tail -6
-      done
-      timeout 60 python3 -m pytest -q -p no:cacheprovider tests/test_gated_act_kernels.py 2>&1 | tail -3 ;;
+    kernels)  # the opt-in training kernels against Inductor's / torch's code, queued timing
+      timeout 90 python3 -m pytest -q -p no:cacheprovider tests/test_gated_act_kernels.py \
+        tests/test_combine_kernels.py 2>&1 | tee "$OUT/train_kernels_tests.log" | tail -3
+      for ks in none act,gather; do
+        timeout 220 python3 benchmarks/bench_train.py --shapes qwen3-30b-a3b,gpt-oss-20b --tokens 16384 \
+          --queued --train-kernels $ks --out "$OUT/kernels_${ks/,/_}" 2>&1 \
+          | tee "$OUT/kernels_${ks/,/_}.log" | tail -6
+      done ;;
     moe)
       timeout 500 python3 -m moeprec bench --no-peers --reps 8 --sets 3 --out "$OUT/moe" 2>&1 | tee "$OUT/moe.log" | tail -40 ;;
     decode)
@@ -44,6 +46,6 @@ for section in "${@:-tests}"; do
         python3 benchmarks/sanitize_fused_moe.py 2>&1 | tee "$OUT/memcheck.log" | tail -5
       timeout 180 python3 -m moeprec bench --paths bf16,mxfp4-w4a16 --M 1,4,16,64 --no-peers \
         --reps 8 --sets 3 --no-plot --out "$OUT/decode" 2>&1 | tee "$OUT/decode.log" | tail -34 ;;
-    *) echo "unknown section: $section (tests | router | train | act | moe | decode)" >&2; exit 2 ;;
+    *) echo "unknown section: $section (tests | router | train | kernels | moe | decode)" >&2; exit 2 ;;
   esac
 done

@@ -65,7 +65,7 @@ def gated_activation(
 # torch.compile) or "triton" (moeprec/kernels/gated_act.py on CUDA: one kernel each way, fp32
 # math rounded once, backward reads h and grad_z once; opaque to torch.compile). "torch" until
 # the kernels are measured on a GPU against Inductor's fused code (`benchmarks/bench_train.py
-# --act-backend`).
+# --train-kernels act`).
 TRAINING_ACT_BACKEND = "torch"
 _ACT_KERNELS = "moeprec.kernels.gated_act"
 _HAVE_ACT_KERNELS = triton_available(_ACT_KERNELS)  # decided at import: compile-safe

@@ -146,6 +146,29 @@ class _CombineRows(torch.autograd.Function):
         return grad_src, grad_w.to(w.dtype), None, None, None, None
 
 
+# Who makes the expert-sorted copies of the tokens: "torch" (`index_select`, which Inductor
+# fuses under torch.compile) or "triton" (`copy_rows` in moeprec/kernels/combine.py on CUDA: each
+# token read once, its k copies written where they go; an opaque op). "torch" until measured on
+# a GPU (`benchmarks/bench_train.py --train-kernels gather`).
+DISPATCH_GATHER_BACKEND = "torch"
+
+
+@torch.library.custom_op("moeprec::copy_rows", mutates_args=())
+def _copy_rows(tokens: torch.Tensor, pos: torch.Tensor, k: int) -> torch.Tensor:
+    """[T*k, D] with row pos[t*k + j] = tokens[t]."""
+    if _use_kernels(tokens):
+        from moeprec.kernels.combine import copy_rows
+
+        return copy_rows(tokens.contiguous(), pos, k)
+    out = torch.empty((pos.numel(), tokens.shape[-1]), dtype=tokens.dtype, device=tokens.device)
+    return out.index_copy_(0, pos, tokens.repeat_interleave(k, dim=0))
+
+
+@_copy_rows.register_fake
+def _(tokens, pos, k):
+    return tokens.new_empty((pos.shape[0], tokens.shape[-1]))
+
+
 class _GatherTokens(torch.autograd.Function):
     """tokens[token_indices]; backward sums each token's k row gradients in fp32 (no atomics)."""
 
@@ -153,6 +176,8 @@ class _GatherTokens(torch.autograd.Function):
     def forward(ctx, tokens, token_indices, pos, k):
         ctx.save_for_backward(pos)
         ctx.k = k
+        if DISPATCH_GATHER_BACKEND == "triton" and _use_kernels(tokens):
+            return _copy_rows(tokens, pos, k)
         return tokens.index_select(0, token_indices)
 
     @staticmethod

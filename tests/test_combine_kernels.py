@@ -76,11 +76,26 @@ def test_combine_backward_matches_reference(poisoned, device, cases, dtype, weig
 
 
 @pytest.mark.parametrize("device, cases", kernel_devices(CPU_CASES, GPU_CASES))
-def test_autograd_ops_use_the_kernels_and_match_the_torch_path(device, cases, monkeypatch):
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float32])
+def test_copy_rows_is_the_dispatch_gather(poisoned, device, cases, dtype):
+    gen = torch.Generator().manual_seed(3)
+    for t, k, d in cases:
+        selected = torch.randint(0, 16, (t, k), generator=gen).to(device)
+        r = reorder.reorder_tokens(torch.rand(t, k, generator=gen).to(device), selected)
+        tokens = torch.randn(t, d, generator=gen).to(device, dtype)
+        got = ck.copy_rows(tokens, r.pos, k)
+        assert torch.equal(got, tokens.index_select(0, r.token_indices)), f"{t=} {k=} {d=}"
+        assert torch.equal(reorder._copy_rows(tokens, r.pos, k), got)
+
+
+@pytest.mark.parametrize("device, cases", kernel_devices(CPU_CASES, GPU_CASES))
+@pytest.mark.parametrize("gather", ["torch", "triton"])
+def test_autograd_ops_use_the_kernels_and_match_the_torch_path(device, cases, gather, monkeypatch):
     """combine_expert_outputs and gather_tokens, forward and backward, with the kernels on
     (CUDA, or the interpreter) against the same ops with the kernels off."""
     if device == "cpu":
         monkeypatch.setattr(reorder, "_use_kernels", lambda *ts: reorder._HAVE_KERNELS)
+    monkeypatch.setattr(reorder, "DISPATCH_GATHER_BACKEND", gather)
     gen = torch.Generator().manual_seed(2)
     for t, k, d in cases[:2]:
         src, w, order, pos, g = _case(t, k, d, device, torch.bfloat16, gen)
@@ -97,12 +112,11 @@ def test_autograd_ops_use_the_kernels_and_match_the_torch_path(device, cases, mo
             out.backward(g)
             return out, x.grad, y.grad, s.grad
 
+        use_kernels = reorder._use_kernels
         fast = run()
         monkeypatch.setattr(reorder, "_use_kernels", lambda *ts: False)
         ref = run()
-        monkeypatch.undo()
-        if device == "cpu":
-            monkeypatch.setattr(reorder, "_use_kernels", lambda *ts: reorder._HAVE_KERNELS)
+        monkeypatch.setattr(reorder, "_use_kernels", use_kernels)
         # x.grad is rounded to bf16 twice (its rows' gradient, then their sum): two bf16 ulps
         # where the interpreter truncates, one where the GPU rounds
         rtol = 2**-6 if device == "cpu" else 2**-7

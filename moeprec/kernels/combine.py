@@ -11,6 +11,9 @@ The T*k routed copies of the tokens live in expert-sorted order: sorted row i ho
   w[t, j] * g[t] (in src's dtype) and grad_w[t, j] = sum_d g[t, d] * src[i, d] in fp32. One read
   of g and of the experts' outputs, one write of their gradient.
 
+- `copy_rows`: dst[pos[t*k + j]] = src[t] for every slot j: the dispatch gather, reading each
+  token once and writing its k copies where they go in expert order.
+
 The torch references with the same numbers are in moeprec.reorder.
 """
 
@@ -66,6 +69,18 @@ def _combine_backward_kernel(
             tl.store(grad_w_ptr + t * K + j, tl.sum(acc, axis=0))
 
 
+@triton.jit
+def _copy_rows_kernel(src_ptr, pos_ptr, dst_ptr, D, K: tl.constexpr, BLOCK_D: tl.constexpr):
+    t = tl.program_id(0).to(tl.int64)
+    for d0 in range(0, D, BLOCK_D):
+        cols = d0 + tl.arange(0, BLOCK_D)
+        cmask = cols < D
+        x = tl.load(src_ptr + t * D + cols, mask=cmask)
+        for j in tl.static_range(K):
+            row = tl.load(pos_ptr + t * K + j).to(tl.int64)
+            tl.store(dst_ptr + row * D + cols, x, mask=cmask)
+
+
 def _empty(shape, dtype, device) -> torch.Tensor:
     """Output allocation (tests swap in a poisoned one to catch unwritten elements)."""
     return torch.empty(shape, dtype=dtype, device=device)
@@ -107,3 +122,13 @@ def combine_backward(g: torch.Tensor, src: torch.Tensor | None, pos: torch.Tenso
         K=k, HAS_W=w is not None, BLOCK_D=_block_d(d), num_warps=4,
     )
     return grad_src, grad_w
+
+
+def copy_rows(src: torch.Tensor, pos: torch.Tensor, k: int) -> torch.Tensor:
+    """src [T, D] (contiguous), pos [T*k] int64 -> dst [T*k, D], dst[pos[t*k + j]] = src[t]."""
+    t, d = src.shape
+    dst = _empty((t * k, d), src.dtype, src.device)
+    if dst.numel() == 0:
+        return dst
+    _copy_rows_kernel[(t,)](src, pos, dst, d, K=k, BLOCK_D=_block_d(d), num_warps=4)
+    return dst
