@@ -266,6 +266,9 @@ def test_gemv_product_matches_reference(quant, split_k, block_k):
     assert cfg["s2"]["split_k"] == split_k
     out = m.fused_moe_triton_impl(x, w1, w2, tw, ti, config=cfg, **args)
     assert_close(out, ref)
+    # fp32 copies of the activations: the same values, so the same bits
+    out32 = m.fused_moe_triton_impl(x, w1, w2, tw, ti, config=dict(cfg, f32_act=True), **args)
+    assert torch.equal(out32, out)
 
 
 @pytest.mark.parametrize("block_m", [1, 16])
@@ -310,6 +313,11 @@ def test_gemv_config_rules():
     assert fp8["BLOCK_M"] == 16 and fp8["s2"]["split_k"] == 1
     stored = fix_config({"BLOCK_M": 1, "atomic": False, "s1": dict(st), "s2": dict(st)}, "bf16")
     assert stored["s2"]["split_k"] == 1
+    # fp32 activation copies: decode blocks only, off unless asked for
+    assert not one["f32_act"]
+    assert fix_config({"BLOCK_M": 1, "f32_act": True, "s1": dict(st), "s2": dict(st)}, "w4a16")["f32_act"]
+    assert not fix_config({"BLOCK_M": 16, "f32_act": True, "s1": dict(st), "s2": dict(st)}, "w4a16")["f32_act"]
+    assert not fp8["f32_act"]
     for bad in (4, 24):
         with pytest.raises(ValueError, match="BLOCK_M"):
             fix_config({"BLOCK_M": bad, "s1": dict(st), "s2": dict(st)}, "bf16")

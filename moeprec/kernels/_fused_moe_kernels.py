@@ -565,7 +565,7 @@ def _moe_gemm_kernel(
         n_ok = offs_n < N
         z = tl.where(n_ok[None, :], z, 0.0)
         c_mask = row_ok[:, None] & n_ok[None, :]
-        zr = z.to(c_ptr.dtype.element_ty)
+        zr = z.to(COMPUTE_DTYPE).to(c_ptr.dtype.element_ty)  # rounded as the model dtype
         tl.store(c_ptr + slot[:, None] * stride_cm + offs_n[None, :] * stride_cn, zr, mask=c_mask)
         if QUANT_OUT:
             # per-token fp8 scale of the rounded z (the reference's): the row max over all

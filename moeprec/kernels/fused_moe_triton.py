@@ -197,8 +197,14 @@ def fused_moe_triton_impl(
         x = fake_quantize_mxfp4(hidden_states.float(), scale_mode="rceil").to(out_dtype)
 
     s1, s2 = cfg["s1"], cfg["s2"]
-    inter = (torch.full((S, I), float("nan"), dtype=out_dtype, device=dev) if _POISON_INTERMEDIATE
-             else torch.empty(S, I, dtype=out_dtype, device=dev))
+    # decode blocks fed fp32 copies of 16-bit activations (same values; see tuning.py)
+    f32_act = (bool(cfg.get("f32_act", False)) and bm == 1 and act_dtype == "bf16"
+               and out_dtype != torch.float32)
+    if f32_act:
+        x = x.float()
+    inter_dtype = torch.float32 if f32_act else out_dtype
+    inter = (torch.full((S, I), float("nan"), dtype=inter_dtype, device=dev)
+             if _POISON_INTERMEDIATE else torch.empty(S, I, dtype=inter_dtype, device=dev))
     # fp8 z, per-token scales as the reference: either stage 1 gathers each z row's amax
     # (atomic max from 0) and stage 2 quantizes as it loads (one pass, but A is no longer a plain
     # pipelined copy), or a row-quantize kernel runs between the stages (extra pass over z)

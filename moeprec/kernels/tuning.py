@@ -9,7 +9,10 @@ A config is {"BLOCK_M": int, "atomic": bool, "fuse_quant": bool, "s1": {...}, "s
 each stage holding BLOCK_N, BLOCK_K, GROUP_M, num_warps, num_stages and optionally
 "dot_scaled": false (explicit MXFP4 decode on the GPU). BLOCK_M is shared because both stages
 walk the same block layout. BLOCK_M = 1 (paths with 16-bit activations) runs both stages on the
-CUDA cores, one (token, expert) pair per block, and stage 2 may then split K ("split_k").
+CUDA cores, one (token, expert) pair per block, and stage 2 may then split K ("split_k");
+"f32_act": true there feeds both stages fp32 copies of their 16-bit activations (the same
+values: x upcast, the intermediate rounded to the model dtype then stored as fp32), which spares
+the loop the per-weight bf16 -> fp32 conversions.
 Lookup takes the exact shape key and the nearest tuned M (in log scale); anything missing falls
 back to `default_config`.
 """
@@ -83,6 +86,7 @@ def fix_config(cfg: dict[str, Any], path: str) -> dict[str, Any]:
     """Make a config legal for the kernels (any file or tuner output goes through here)."""
     cfg = {"BLOCK_M": int(cfg["BLOCK_M"]), "atomic": bool(cfg.get("atomic", True)),
            "fuse_quant": bool(cfg.get("fuse_quant", True)),
+           "f32_act": bool(cfg.get("f32_act", False)),
            "s1": dict(cfg["s1"]), "s2": dict(cfg["s2"])}
     bm = cfg["BLOCK_M"]
     if bm != 1 and (bm < 16 or bm & (bm - 1)):
@@ -90,6 +94,7 @@ def fix_config(cfg: dict[str, Any], path: str) -> dict[str, Any]:
     if path in ("w4a8", "fp8"):  # fp8 activations only run on the tensor cores
         cfg["BLOCK_M"] = max(bm, 16)
     gemv = cfg["BLOCK_M"] == 1
+    cfg["f32_act"] = cfg["f32_act"] and gemv  # the CUDA-core blocks only
     for st in ("s1", "s2"):
         s = cfg[st]
         # K splits add into the fp32 output with atomics: stage 2 only, atomic combine only
