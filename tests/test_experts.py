@@ -138,8 +138,13 @@ def test_bf16_module_close_to_fp32():
 
 def test_rows_past_the_counts_give_zeros():
     m = _experts("silu", "separated", bias=True)
-    out = m(torch.randn(9, 16), torch.tensor([2, 3, 0, 1]))
+    x, counts = torch.randn(9, 16), torch.tensor([2, 3, 0, 1])
+    out = m(x, counts)
     assert out[6:].abs().max() == 0 and out[:6].abs().min() > 0
+    # without the zeroing pass (MoE's counts cover every row) the counted rows are the same
+    assert torch.equal(m(x, counts, zero_uncounted_rows=False)[:6], out[:6])
+    with pytest.raises(TypeError, match="zero_uncounted_rows"):
+        m(x, counts, zero_uncounted_rows=1)
 
 
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
