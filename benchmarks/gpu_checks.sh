@@ -6,6 +6,7 @@
 #   bash benchmarks/gpu_checks.sh kernels      # opt-in training kernels (act, gather) off vs on
 #   bash benchmarks/gpu_checks.sh moe          # fused MoE bench, all shapes and paths (no peers)
 #   bash benchmarks/gpu_checks.sh decode       # decode blocks: their tests, memcheck, bench M <= 64
+#   bash benchmarks/gpu_checks.sh decode-tune  # re-tune decode points (incl. f32_act), bench them
 # Uses the machine's own python3 (torch + triton preinstalled); moeprec from this checkout.
 set -uo pipefail
 OUT=${OUT:-out}
@@ -46,6 +47,15 @@ for section in "${@:-tests}"; do
         python3 benchmarks/sanitize_fused_moe.py 2>&1 | tee "$OUT/memcheck.log" | tail -5
       timeout 180 python3 -m moeprec bench --paths bf16,mxfp4-w4a16 --M 1,4,16,64 --no-peers \
         --reps 8 --sets 3 --no-plot --out "$OUT/decode" 2>&1 | tee "$OUT/decode.log" | tail -34 ;;
-    *) echo "unknown section: $section (tests | router | train | kernels | moe | decode)" >&2; exit 2 ;;
+    decode-tune)  # re-tune the decode points (tries f32_act), then bench with that table
+      mkdir -p "$OUT/configs"
+      cp moeprec/configs/fused_moe_NVIDIA_H200.json "$OUT/configs/" 2>/dev/null
+      timeout 330 python3 -m moeprec tune --shapes qwen3-30b-a3b,mixtral-8x7b,gpt-oss-20b,deepseek-v3 \
+        --paths mxfp4-w4a16 --M 1,4,16 --budget-s 300 --out "$OUT/configs/fused_moe_NVIDIA_H200.json" \
+        --log "$OUT/decode_tune.jsonl" 2>&1 | tee "$OUT/decode_tune.log" | tail -14
+      MOEPREC_FUSED_MOE_CONFIG_DIR="$OUT/configs" timeout 200 python3 -m moeprec bench \
+        --paths bf16,mxfp4-w4a16 --M 1,4,16 --no-peers --reps 8 --sets 3 --no-plot \
+        --out "$OUT/decode_tuned" 2>&1 | tee "$OUT/decode_tuned.log" | tail -16 ;;
+    *) echo "unknown section: $section (tests | router | train | kernels | moe | decode | decode-tune)" >&2; exit 2 ;;
   esac
 done
