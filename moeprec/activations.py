@@ -71,21 +71,14 @@ _ACT_KERNELS = "moeprec.kernels.gated_act"
 _HAVE_ACT_KERNELS = triton_available(_ACT_KERNELS)  # decided at import: compile-safe
 
 
-def _split_f32(h: torch.Tensor, interleaved: bool) -> tuple[torch.Tensor, torch.Tensor]:
-    g, u = split_gate_up(h, "interleaved" if interleaved else "separated")
-    return g.float(), u.float()
-
-
 def _gated_act_forward_reference(h, swiglu, interleaved, alpha, limit):
-    g, u = _split_f32(h, interleaved)
-    if swiglu:
-        g, u = g.clamp(max=limit), u.clamp(min=-limit, max=limit)
-        return (g * torch.sigmoid(alpha * g) * (u + 1)).to(h.dtype)
-    return (g * torch.sigmoid(g) * u).to(h.dtype)
+    # the torch ops in fp32, rounded once to h's dtype (as the kernel)
+    return gated_activation(h.float(), "swiglu_oai" if swiglu else "silu",
+                            "interleaved" if interleaved else "separated", alpha, limit).to(h.dtype)
 
 
 def _gated_act_backward_reference(h, grad_z, swiglu, interleaved, alpha, limit):
-    g, u = _split_f32(h, interleaved)
+    g, u = (t.float() for t in split_gate_up(h, "interleaved" if interleaved else "separated"))
     gz = grad_z.float()
     if swiglu:
         gc, uc = g.clamp(max=limit), u.clamp(min=-limit, max=limit)

@@ -43,7 +43,8 @@ def reorder_tokens(top_scores: torch.Tensor, selected_experts: torch.Tensor) -> 
 
 def _inverse(order: torch.Tensor) -> torch.Tensor:
     """pos with pos[order[i]] = i: the sorted row of each (token, slot) copy."""
-    return torch.empty_like(order).index_copy_(0, order, torch.arange(order.numel(), device=order.device))
+    rows = torch.arange(order.numel(), device=order.device)
+    return torch.empty_like(order).index_copy_(0, order, rows)
 
 
 # ------------------------------------------------------------------------------------------------
@@ -88,7 +89,7 @@ def _(src, pos, w, k, out_dtype):
     return src.new_empty((pos.shape[0] // k, src.shape[-1]), dtype=out_dtype)
 
 
-def _combine_backward_reference(g, src, order, pos, w, k, src_dtype):
+def _combine_backward_reference(g, src, pos, w, k, src_dtype):
     # one slot at a time: [T, D] temporaries only
     t, d = g.shape
     pos = pos.view(t, k)
@@ -103,8 +104,8 @@ def _combine_backward_reference(g, src, order, pos, w, k, src_dtype):
 
 
 @torch.library.custom_op("moeprec::combine_rows_backward", mutates_args=())
-def _combine_rows_backward(g: torch.Tensor, src: torch.Tensor | None, order: torch.Tensor,
-                           pos: torch.Tensor, w: torch.Tensor | None, k: int,
+def _combine_rows_backward(g: torch.Tensor, src: torch.Tensor | None, pos: torch.Tensor,
+                           w: torch.Tensor | None, k: int,
                            src_dtype: torch.dtype) -> tuple[torch.Tensor, torch.Tensor]:
     """(grad_src [T*k, D] in src_dtype, grad_w [T, k] in g's dtype, empty when w is None).
 
@@ -117,33 +118,32 @@ def _combine_rows_backward(g: torch.Tensor, src: torch.Tensor | None, order: tor
             g.contiguous(), None if src is None else src.contiguous(), pos,
             None if w is None else w.contiguous(), k, src_dtype)
         return grad_src, g.new_empty(0) if grad_w is None else grad_w.to(g.dtype)
-    return _combine_backward_reference(g, src, order, pos, w, k, src_dtype)
+    return _combine_backward_reference(g, src, pos, w, k, src_dtype)
 
 
 @_combine_rows_backward.register_fake
-def _(g, src, order, pos, w, k, src_dtype):
-    grad_src = g.new_empty((order.shape[0], g.shape[-1]), dtype=src_dtype)
+def _(g, src, pos, w, k, src_dtype):
+    grad_src = g.new_empty((pos.shape[0], g.shape[-1]), dtype=src_dtype)
     return grad_src, g.new_empty((0,) if w is None else (g.shape[0], k))
 
 
 class _CombineRows(torch.autograd.Function):
-    """out[t] = sum_j w[t, j] * src[pos[t*k + j]] in `acc`; keeps the index pair, and src and w
-    when weighted (for w's gradient), for backward: no [T*k, D] fp32 copy."""
+    """out[t] = sum_j w[t, j] * src[pos[t*k + j]] in `acc`; keeps pos, and src and w when
+    weighted (for w's gradient), for backward: no [T*k, D] fp32 copy."""
 
     @staticmethod
-    def forward(ctx, src, w, order, pos, k, acc):
-        ctx.save_for_backward(None if w is None else src, w, order, pos)
+    def forward(ctx, src, w, pos, k, acc):
+        ctx.save_for_backward(None if w is None else src, w, pos)
         ctx.k, ctx.src_dtype = k, src.dtype
         return _sum_rows(src, pos, w, k, acc)
 
     @staticmethod
     def backward(ctx, g):
-        src, w, order, pos = ctx.saved_tensors
-        grad_src, grad_w = _combine_rows_backward(g.contiguous(), src, order, pos, w, ctx.k,
-                                                  ctx.src_dtype)
+        src, w, pos = ctx.saved_tensors
+        grad_src, grad_w = _combine_rows_backward(g, src, pos, w, ctx.k, ctx.src_dtype)
         if w is None or not ctx.needs_input_grad[1]:
-            return grad_src, None, None, None, None, None
-        return grad_src, grad_w.to(w.dtype), None, None, None, None
+            return grad_src, None, None, None, None
+        return grad_src, grad_w.to(w.dtype), None, None, None
 
 
 # Who makes the expert-sorted copies of the tokens: "torch" (`index_select`, which Inductor
@@ -183,7 +183,7 @@ class _GatherTokens(torch.autograd.Function):
     @staticmethod
     def backward(ctx, grad):
         (pos,) = ctx.saved_tensors
-        return _sum_rows(grad.contiguous(), pos, None, ctx.k, grad.dtype), None, None, None
+        return _sum_rows(grad, pos, None, ctx.k, grad.dtype), None, None, None
 
 
 def gather_tokens(tokens: torch.Tensor, reordered: ReorderedTokens) -> torch.Tensor:
@@ -211,4 +211,4 @@ def combine_expert_outputs(
     t, k = top_scores.shape
     acc = torch.promote_types(expert_out.dtype, torch.float32)
     w = None if score_before_experts else top_scores
-    return _CombineRows.apply(expert_out, w, reordered.order, reordered.pos, k, acc)
+    return _CombineRows.apply(expert_out, w, reordered.pos, k, acc)

@@ -34,7 +34,7 @@ def _case(t, k, d, device, dtype, gen):
     src = torch.randn(t * k, d, generator=gen).to(dtype)
     g = torch.randn(t, d, generator=gen)
     to = lambda x: x.to(device)  # noqa: E731
-    return to(src), to(scores), to(r.order), to(r.pos), to(g)
+    return to(src), to(scores), to(r.pos), to(g)
 
 
 def _tol(dtype):
@@ -48,7 +48,7 @@ def _tol(dtype):
 def test_sum_rows_matches_reference(poisoned, device, cases, dtype, weighted):
     gen = torch.Generator().manual_seed(0)
     for t, k, d in cases:
-        src, w, order, pos, _ = _case(t, k, d, device, dtype, gen)
+        src, w, pos, _ = _case(t, k, d, device, dtype, gen)
         w = w if weighted else None
         for out_dtype in (torch.float32, dtype):
             got = ck.sum_rows(src, pos, w, k, out_dtype)
@@ -63,10 +63,10 @@ def test_sum_rows_matches_reference(poisoned, device, cases, dtype, weighted):
 def test_combine_backward_matches_reference(poisoned, device, cases, dtype, weighted):
     gen = torch.Generator().manual_seed(1)
     for t, k, d in cases:
-        src, w, order, pos, g = _case(t, k, d, device, dtype, gen)
+        src, w, pos, g = _case(t, k, d, device, dtype, gen)
         w = w if weighted else None
         got_src, got_w = ck.combine_backward(g, src if weighted else None, pos, w, k, dtype)
-        want_src, want_w = reorder._combine_backward_reference(g, src, order, pos, w, k, dtype)
+        want_src, want_w = reorder._combine_backward_reference(g, src, pos, w, k, dtype)
         torch.testing.assert_close(got_src, want_src, **_tol(dtype), msg=f"{t=} {k=} {d=}")
         if weighted:
             # a dot product over D in another order
@@ -98,7 +98,7 @@ def test_autograd_ops_use_the_kernels_and_match_the_torch_path(device, cases, ga
     monkeypatch.setattr(reorder, "DISPATCH_GATHER_BACKEND", gather)
     gen = torch.Generator().manual_seed(2)
     for t, k, d in cases[:2]:
-        src, w, order, pos, g = _case(t, k, d, device, torch.bfloat16, gen)
+        src, w, _, g = _case(t, k, d, device, torch.bfloat16, gen)
         selected = torch.randint(0, 16, (t, k), generator=gen).to(device)
         r = reorder.reorder_tokens(w, selected)
         tokens = torch.randn(t, d, generator=gen).to(device, torch.bfloat16)

@@ -10,7 +10,6 @@ The T*k routed copies of the tokens live in expert-sorted order: sorted row i ho
 - `combine_backward`: for each copy t*k + j (sorted row i = pos[t*k + j]): grad_src[i] =
   w[t, j] * g[t] (in src's dtype) and grad_w[t, j] = sum_d g[t, d] * src[i, d] in fp32. One read
   of g and of the experts' outputs, one write of their gradient.
-
 - `copy_rows`: dst[pos[t*k + j]] = src[t] for every slot j: the dispatch gather, reading each
   token once and writing its k copies where they go in expert order.
 
@@ -118,7 +117,8 @@ def combine_backward(g: torch.Tensor, src: torch.Tensor | None, pos: torch.Tenso
             grad_w.zero_()
         return grad_src, grad_w
     _combine_backward_kernel[(rows // k,)](
-        g, src if src is not None else g, pos, w if w is not None else g, grad_src, grad_w if grad_w is not None else g, d,
+        g, src if src is not None else g, pos, w if w is not None else g, grad_src,
+        grad_w if grad_w is not None else g, d,
         K=k, HAS_W=w is not None, BLOCK_D=_block_d(d), num_warps=4,
     )
     return grad_src, grad_w
