@@ -43,6 +43,7 @@ from moeprec.activations import (
     gated_activation,
     training_gated_activation,
 )
+from moeprec.init import trunc_normal_
 
 __all__ = ["GroupedExperts", "grouped_experts_loop", "grouped_mm", "native_grouped_mm_supported"]
 
@@ -309,8 +310,8 @@ class GroupedExperts(nn.Module):
     def init_weights(self, init_std: float = 0.02) -> None:
         """Normal(0, init_std) weights (w1 and w2), zero biases, as torchtitan's experts."""
         with torch.no_grad():
-            nn.init.trunc_normal_(self.w1, mean=0.0, std=init_std)
-            nn.init.trunc_normal_(self.w2, mean=0.0, std=init_std)
+            trunc_normal_(self.w1, std=init_std)  # in fp32: see moeprec.init
+            trunc_normal_(self.w2, std=init_std)
             if self.has_bias:
                 self.b1.zero_()
                 self.b2.zero_()

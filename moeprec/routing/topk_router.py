@@ -21,6 +21,7 @@ from moeprec._validation import (
     check_real,
     check_tensor,
 )
+from moeprec.init import trunc_normal_
 from moeprec.routing.balance import count_tokens_per_expert
 from moeprec.routing.gate import RouterGateLinear
 
@@ -121,7 +122,7 @@ class TokenChoiceTopKRouter(nn.Module):
         return self.gate.router_dtype
 
     def init_weights(self, init_std: float) -> None:
-        nn.init.trunc_normal_(self.gate.weight, mean=0.0, std=init_std)
+        trunc_normal_(self.gate.weight, std=init_std)  # in fp32: see moeprec.init
         if self.gate.bias is not None:
             nn.init.zeros_(self.gate.bias)
 
