@@ -339,8 +339,8 @@ def main(argv: list[str] | None = None) -> int:
                     help="time iterations queued back to back (one sync at the end) instead of "
                          "draining the GPU after each")
     ap.add_argument("--train-kernels", default=None,
-                    help="moeprec's opt-in Triton training kernels to switch on, comma list of "
-                         "act (activations.TRAINING_ACT_BACKEND), gather "
+                    help="moeprec's Triton training kernels to run (the others run torch "
+                         "ops), comma list of act (activations.TRAINING_ACT_BACKEND), gather "
                          "(reorder.DISPATCH_GATHER_BACKEND); 'none' for neither; default: the "
                          "library's settings")
     ap.add_argument("--profile", action="store_true",

@@ -3,7 +3,7 @@
 #   bash benchmarks/gpu_checks.sh tests        # the whole GPU test suite (~5 min on an H200)
 #   bash benchmarks/gpu_checks.sh router       # router bench + quantizer bench (~2 min)
 #   bash benchmarks/gpu_checks.sh train        # training bench, both shapes, + eager memory probes
-#   bash benchmarks/gpu_checks.sh kernels      # opt-in training kernels (act, gather) off vs on
+#   bash benchmarks/gpu_checks.sh kernels      # training kernels (act, gather) off vs on
 #   bash benchmarks/gpu_checks.sh moe          # fused MoE bench, all shapes and paths (no peers)
 #   bash benchmarks/gpu_checks.sh decode       # decode blocks: their tests, memcheck, bench M <= 64
 #   bash benchmarks/gpu_checks.sh decode-tune  # re-tune decode points (incl. f32_act), bench them
@@ -30,8 +30,8 @@ for section in "${@:-tests}"; do
       for layer in ours peer; do
         timeout 60 python3 benchmarks/probes/layer_memory.py $layer --experts 128 --tokens 16384 --device cuda
       done 2>&1 | tee "$OUT/layer_memory.log" ;;
-    kernels)  # the opt-in training kernels against Inductor's / torch's code, queued timing
-      timeout 90 python3 -m pytest -q -p no:cacheprovider tests/test_gated_act_kernels.py \
+    kernels)  # the training kernels against Inductor's / torch's code, queued timing
+      timeout 150 python3 -m pytest -q -p no:cacheprovider tests/test_gated_act_kernels.py \
         tests/test_combine_kernels.py 2>&1 | tee "$OUT/train_kernels_tests.log" | tail -3
       for ks in none act,gather; do
         timeout 220 python3 benchmarks/bench_train.py --shapes qwen3-30b-a3b,gpt-oss-20b --tokens 16384 \

@@ -146,11 +146,12 @@ class _CombineRows(torch.autograd.Function):
         return grad_src, grad_w.to(w.dtype), None, None, None
 
 
-# Who makes the expert-sorted copies of the tokens: "torch" (`index_select`, which Inductor
-# fuses under torch.compile) or "triton" (`copy_rows` in moeprec/kernels/combine.py on CUDA: each
-# token read once, its k copies written where they go; an opaque op). "torch" until measured on
-# a GPU (`benchmarks/bench_train.py --train-kernels gather`).
-DISPATCH_GATHER_BACKEND = "torch"
+# Who makes the expert-sorted copies of the tokens: "triton" (`copy_rows` in
+# moeprec/kernels/combine.py, on CUDA when Triton is installed: each token read once, its k
+# copies written where they go; an opaque op) or "torch" (`index_select`, which Inductor fuses
+# under torch.compile). "triton": within 1-3% either way on an H200, ahead where it counts most
+# (Qwen3-30B-A3B compiled with the activation kernels, docs/training.md).
+DISPATCH_GATHER_BACKEND = "triton"
 
 
 @torch.library.custom_op("moeprec::copy_rows", mutates_args=())

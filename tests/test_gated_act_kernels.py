@@ -105,13 +105,13 @@ def test_autograd_op_compiles_and_matches_gated_activation(swiglu, interleaved):
         torch.testing.assert_close(g, results[0][1], rtol=1e-5, atol=1e-5)
 
 
-def test_training_path_keeps_torch_ops_by_default_and_off_cuda(monkeypatch):
+def test_training_path_runs_the_kernels_only_on_cuda(monkeypatch):
     h = torch.randn(4, 8)
     calls = []
     monkeypatch.setattr(act._GatedActivation, "apply", lambda *a: calls.append(a))
-    act.training_gated_activation(h)
-    monkeypatch.setattr(act, "TRAINING_ACT_BACKEND", "triton")
-    act.training_gated_activation(h)  # a CPU tensor: the torch ops
+    for backend in ("triton", "torch"):  # a CPU tensor: the torch ops either way
+        monkeypatch.setattr(act, "TRAINING_ACT_BACKEND", backend)
+        torch.testing.assert_close(act.training_gated_activation(h), act.gated_activation(h))
     assert calls == []
 
 
@@ -139,5 +139,6 @@ def test_gpu_moe_trains_the_same_with_the_activation_kernels(monkeypatch, activa
         m.zero_grad()
     for run in runs[1:]:
         for a, b in zip(run, runs[0]):
-            # one rounding of z (kernels) against two (torch ops in bf16)
-            torch.testing.assert_close(a, b, rtol=2e-2, atol=2e-3)
+            # one rounding of z (kernels) against two (torch ops in bf16): a bf16 ulp of z moves
+            # an output by ~2^-9 of the tensor's scale, more than 2^-9 of a near-zero element
+            torch.testing.assert_close(a, b, rtol=2e-2, atol=2**-7 * b.abs().max().item())
