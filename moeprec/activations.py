@@ -61,10 +61,10 @@ def gated_activation(
 # ------------------------------------------------------------------------------------------------
 # The experts' gated activation in training (GroupedExperts).
 
-# Who computes it: "triton" (moeprec/kernels/gated_act.py, on CUDA tensors when Triton is
-# installed; the torch ops otherwise: one kernel each way, fp32 math rounded once, backward reads
-# h and grad_z once; opaque to torch.compile) or "torch" (the ops of `gated_activation`, which
-# Inductor fuses under torch.compile). "triton" as measured on an H200 (docs/training.md): eager
+# Who computes it: "triton" (moeprec/kernels/gated_act.py: one kernel each way, fp32 math
+# rounded once, backward reads h and grad_z once; opaque to torch.compile; used for CUDA tensors
+# when Triton is installed, the torch ops otherwise) or "torch" (the ops of `gated_activation`,
+# which Inductor fuses under torch.compile). "triton" as measured on an H200 (docs/training.md): eager
 # fwd+bwd 1.12x (Qwen3-30B-A3B) and 1.25x (gpt-oss-20b) faster, compiled 1.02x and 0.98x.
 TRAINING_ACT_BACKEND = "triton"
 _ACT_KERNELS = "moeprec.kernels.gated_act"
