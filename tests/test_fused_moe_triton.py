@@ -293,6 +293,63 @@ def test_unaligned_mxfp4_weights_are_realigned(block_m):
     assert_close(out, ref)
 
 
+@pytest.mark.parametrize("workspace_experts", [1, 2, 5])
+@pytest.mark.parametrize("atomic", [True, False])
+def test_mxfp4_weights_decoded_before_the_gemms(workspace_experts, atomic, monkeypatch):
+    # "dequant": MXFP4 weights decoded to bf16 a chunk of experts at a time, then the plain
+    # kernels; sizes off the tile, biases, an expert without tokens, a masked expert
+    m = _kernel_module()
+    from moeprec.kernels import quantize as kq
+    from moeprec.kernels.tuning import fix_config
+
+    M, H, I, E, k = 9, 96, 160, 5, 2  # noqa: E741 (I = 160: 5 tiles of 32, K of stage 2 too)
+    x, w1, w2, tw, ti, kw = make_case(M, H, I, E, k, "mxfp4", bias=True, seed=31)
+    ti = torch.where(ti == 2, 0, ti)  # expert 2 gets no token
+    mask = torch.ones(E, dtype=torch.bool, device=x.device)
+    mask[3] = False
+    args = dict(quant="mxfp4", act_dtype="bf16", activation="swiglu_oai", gate_mode="interleaved",
+                expert_mask=mask, **kw)
+    ref = fused_moe(x, w1, w2, tw, ti, backend="torch", **args)
+    st = {"BLOCK_N": 32, "BLOCK_K": 32, "num_warps": 4, "num_stages": 2}
+    cfg = fix_config({"BLOCK_M": 16, "atomic": atomic, "dequant": True, "s1": dict(st),
+                      "s2": dict(st)}, "w4a16")
+    assert cfg["dequant"] and cfg["s1"]["BLOCK_K"] == 32  # plain tiles: no MXFP4 minimum
+    # a workspace of `workspace_experts` experts' stage-1 weights; count what gets decoded
+    workspace = workspace_experts * 2 * I * H * 2
+    monkeypatch.setattr(m, "DEQUANT_WORKSPACE_BYTES", workspace)
+    decoded = []  # (experts, bytes decoded) per call
+    real = kq.dequantize_mxfp4_triton
+
+    def spy(packed, scales, dtype):
+        decoded.append((packed.shape[0], packed.numel() * 2 * dtype.itemsize))
+        return real(packed, scales, dtype)
+
+    monkeypatch.setattr(kq, "dequantize_mxfp4_triton", spy)
+    out = m.fused_moe_triton_impl(x, w1, w2, tw, ti, config=cfg, **args)
+    assert_close(out, ref)
+    # each stage decodes every expert once, in chunks within the workspace
+    assert sum(e for e, _ in decoded) == 2 * E
+    assert all(b <= workspace for _, b in decoded)
+    assert len(decoded) == 2 if workspace_experts >= E else len(decoded) > 2
+    # the same values as the MXFP4 tiles' in-kernel decode: equal up to summation order
+    tiles = m.fused_moe_triton_impl(x, w1, w2, tw, ti, config=dict(cfg, dequant=False), **args)
+    torch.testing.assert_close(out, tiles, rtol=1e-2, atol=1e-2)
+
+
+def test_dequant_config_rules():
+    from moeprec.kernels.tuning import fix_config
+
+    st = {"BLOCK_N": 64, "BLOCK_K": 32}
+    cfg = {"BLOCK_M": 64, "dequant": True, "s1": dict(st), "s2": dict(st)}
+    assert fix_config(cfg, "w4a16")["dequant"]
+    assert not fix_config(cfg, "w4a16")["f32_act"]
+    for path in ("bf16", "w4a8", "fp8", "w8a16"):  # MXFP4 weights with 16-bit activations only
+        assert not fix_config(cfg, path)["dequant"]
+    assert not fix_config(dict(cfg, BLOCK_M=1), "w4a16")["dequant"]  # decode blocks read MXFP4
+    assert not fix_config(dict(cfg, dequant=False), "w4a16")["dequant"]
+    assert fix_config(dict(cfg, dequant=False), "w4a16")["s1"]["BLOCK_K"] == 64
+
+
 def test_decode_defaults_take_the_cuda_core_blocks_for_mxfp4_only():
     from moeprec.kernels.tuning import default_config
 

@@ -11,7 +11,7 @@ import torch
 pytest.importorskip("triton")
 
 from moeprec.formats.fp8 import quantize_fp8  # noqa: E402
-from moeprec.formats.mxfp4 import SCALE_MODES, quantize_mxfp4  # noqa: E402
+from moeprec.formats.mxfp4 import SCALE_MODES, dequantize_mxfp4, quantize_mxfp4  # noqa: E402
 
 GRANULARITIES = ("per_token", "per_tensor", "per_channel", "block")
 interpret = pytest.mark.interpret
@@ -163,6 +163,54 @@ def test_mxfp4_other_launch_parameters(launch, poisoned, monkeypatch):
     assert_same_mx(special_blocks(), "floor")
 
 
+def every_code_and_scale(rows=256, blocks=2):
+    """Packed bytes holding every (low, high) nibble pair (both orders) next to every scale byte
+    0..255 (0: a subnormal 2^-127; 254 with 4 and 6: overflow to inf; 255: NaN)."""
+    g = torch.Generator().manual_seed(6)
+    pairs = torch.arange(256, dtype=torch.uint8)
+    packed = pairs[torch.randint(0, 256, (rows, blocks * 16), generator=g)]
+    packed[: rows // 16, :16] = pairs.reshape(16, 16)[: rows // 16].repeat(1, 1)
+    scales = torch.arange(rows * blocks).remainder(256).to(torch.uint8).reshape(rows, blocks)
+    return packed, scales
+
+
+def assert_same_dequant(packed, scales, dtype, device="cpu"):
+    ref = dequantize_mxfp4(packed.cpu(), scales.cpu(), dtype, backend="torch")
+    got = dequantize_mxfp4(packed.to(device), scales.to(device), dtype, backend="triton")
+    assert got.dtype == dtype and got.shape == ref.shape
+    got = got.cpu()
+    assert torch.equal(got.isnan(), ref.isnan()), "NaN blocks differ"
+    # bit-identical, -0.0 and subnormals included
+    assert torch.equal(got[~ref.isnan()].view(torch.int16 if dtype.itemsize == 2 else torch.int32),
+                       ref[~ref.isnan()].view(torch.int16 if dtype.itemsize == 2 else torch.int32))
+
+
+@interpret
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16, torch.float32])
+def test_mxfp4_dequant_every_code_and_scale(dtype, poisoned):
+    packed, scales = every_code_and_scale()
+    assert_same_dequant(packed, scales, dtype)
+
+
+@interpret
+@pytest.mark.parametrize("shape", [(1, 32), (3, 5, 96), (0, 64), (7, 0), (130, 64)],
+                         ids=lambda s: "x".join(map(str, s)))
+def test_mxfp4_dequant_shapes_and_round_trip(shape, poisoned):
+    x = torch.randn(shape) * torch.exp2(torch.randint(-20, 20, (*shape[:-1], 1)).float())
+    packed, scales = quantize_mxfp4(x, backend="torch")
+    assert_same_dequant(packed, scales, torch.bfloat16)
+    # not contiguous: a slice of experts' weights, transposed storage
+    if x.dim() == 3:
+        assert_same_dequant(packed[:, 1:4], scales[:, 1:4], torch.float32)
+
+
+@interpret
+def test_mxfp4_dequant_other_launch_parameters(poisoned, monkeypatch):
+    monkeypatch.setitem(poisoned.LAUNCH, "mx_blocks", 2)
+    packed, scales = every_code_and_scale(rows=17, blocks=3)
+    assert_same_dequant(packed, scales, torch.bfloat16)
+
+
 # ----------------------------------------------------------------------------- FP8
 
 
@@ -285,6 +333,17 @@ def test_gpu_mxfp4_matches_reference(mode, poisoned):
     a = quantize_mxfp4(x, mode, backend="triton")
     b = quantize_mxfp4(x.cpu(), mode, backend="torch")
     assert torch.equal(a[0].cpu(), b[0]) and torch.equal(a[1].cpu(), b[1])
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16, torch.float32])
+def test_gpu_mxfp4_dequant_matches_reference(dtype, poisoned):
+    packed, scales = every_code_and_scale(rows=4096, blocks=4)
+    assert_same_dequant(packed, scales, dtype, "cuda")
+    w = torch.randn(4, 576, 2880, device="cuda", dtype=torch.bfloat16)  # expert weights
+    packed, scales = quantize_mxfp4(w)
+    assert_same_dequant(packed, scales, dtype, "cuda")
+    assert_same_dequant(packed[1:3], scales[1:3], dtype, "cuda")
 
 
 @pytest.mark.gpu

@@ -193,16 +193,22 @@ def check_mxfp4_pair(packed: torch.Tensor, scales: torch.Tensor) -> tuple[torch.
 
 
 def dequantize_mxfp4(
-    packed: torch.Tensor, scales: torch.Tensor, dtype: torch.dtype = torch.bfloat16
+    packed: torch.Tensor, scales: torch.Tensor, dtype: torch.dtype = torch.bfloat16, *,
+    backend: str = "auto",
 ) -> torch.Tensor:
     """MXFP4 -> [..., K] in `dtype`. A 0xFF scale gives a NaN block.
 
     Each value E2M1 * 2^(b-127) is exact in float32 (overflow to inf aside), so the result is
-    rounded once, to `dtype`.
+    rounded once, to `dtype`. `backend`: "torch", "triton" or "auto" (Triton on CUDA; float64
+    output always takes the torch code).
     """
     packed, scales = check_mxfp4_pair(packed, scales)
     if dtype not in (torch.float16, torch.bfloat16, torch.float32, torch.float64):
         raise TypeError(f"dtype: expected a floating dtype (fp16, bf16, fp32, fp64), got {dtype}")
+    if dtype != torch.float64 and resolve_backend(backend, packed.device) == "triton":
+        from moeprec.kernels.quantize import dequantize_mxfp4_triton
+
+        return dequantize_mxfp4_triton(packed, scales, dtype)
     lead, half = packed.shape[:-1], packed.shape[-1]
     p = packed.reshape(-1, MX_BLOCK // 2)
     s = scales.reshape(-1)

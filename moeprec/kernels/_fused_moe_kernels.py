@@ -21,6 +21,8 @@ from __future__ import annotations
 import triton
 import triton.language as tl
 
+from moeprec.kernels.quantize import _e2m1_to_f32
+
 
 @triton.jit
 def _load_local_ids(topk_ids_ptr, expert_mask_ptr, offs, num_slots, num_experts,
@@ -78,17 +80,6 @@ def _align_kernel(
         owner = tl.sum((ends[None, :] <= p[:, None]).to(tl.int32), axis=1)
         owner = tl.where(p < total, owner, -1)
         tl.store(expert_ids_ptr + b, owner, mask=b < max_blocks)
-
-
-@triton.jit
-def _e2m1_to_f32(code):
-    """E2M1 code (int32, 0..15) -> fp32 value, built from bits (no table, no denormals)."""
-    mag = code & 7
-    e = mag >> 1
-    mt = mag & 1
-    bits = tl.where(e > 0, ((e + 126) << 23) | (mt << 22), mt * 0x3F000000)
-    bits = bits | ((code & 8) << 28)
-    return bits.to(tl.float32, bitcast=True)
 
 
 @triton.jit

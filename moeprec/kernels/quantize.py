@@ -1,5 +1,5 @@
-"""Triton kernels for the MXFP4 and FP8 quantizers (private: call moeprec.formats with
-backend="triton").
+"""Triton kernels for the MXFP4 and FP8 quantizers and the MXFP4 decoder (private: call
+moeprec.formats with backend="triton").
 
 Bit-identical to the torch reference in moeprec/formats by construction. MXFP4: amax and the
 scale exponent come from integer arithmetic on float32 bit patterns; |x| / 2^e is one multiply by
@@ -117,6 +117,46 @@ def _mxfp4_quant_kernel(x_ptr, packed_ptr, scales_ptr, NB, MODE: tl.constexpr, B
     byte = (lo | (hi << 4)) & tl.where(bad, 0, 0xFF)[:, None]
     pcols = blk[:, None] * 16 + tl.arange(0, 16)[None, :]
     tl.store(packed_ptr + b0 * 16 + pcols, byte.to(tl.uint8), mask=bmask[:, None])
+
+
+@triton.jit
+def _e2m1_to_f32(code):
+    """E2M1 code (int32, 0..15) -> fp32 value, built from bits (no table, no denormals)."""
+    mag = code & 7
+    e = mag >> 1
+    mt = mag & 1
+    bits = tl.where(e > 0, ((e + 126) << 23) | (mt << 22), mt * 0x3F000000)
+    bits = bits | ((code & 8) << 28)
+    return bits.to(tl.float32, bitcast=True)
+
+
+@triton.jit
+def _mxfp4_dequant_kernel(packed_ptr, scales_ptr, out_ptr, NB, OUT_BF16: tl.constexpr,
+                          BLOCK_B: tl.constexpr):
+    """BLOCK_B consecutive 32-blocks per program, the quantizer's tile read backwards: 16 packed
+    bytes and one scale byte in, 32 values out. E2M1 * 2^(s-127) is exact in fp32 (a 2^-127
+    scale is subnormal: applied as 0.5 * 2^-126) and is rounded once, to the output dtype."""
+    b0 = tl.program_id(0).to(tl.int64) * BLOCK_B
+    blk = tl.arange(0, BLOCK_B)
+    bmask = blk < NB - b0
+    pcols = blk[:, None] * 16 + tl.arange(0, 16)[None, :]
+    byte = tl.load(packed_ptr + b0 * 16 + pcols, mask=bmask[:, None], other=0).to(tl.int32)
+    s = tl.load(scales_ptr + b0 + blk, mask=bmask, other=127).to(tl.int32)
+    scale = (tl.maximum(s, 1) << 23).to(tl.float32, bitcast=True)
+    scale = tl.where(s == _NAN_BYTE, float("nan"), scale)
+    half = tl.where(s == 0, 0.5, 1.0)
+    lo = _e2m1_to_f32(byte & 15)
+    hi = _e2m1_to_f32(byte >> 4)
+    v = tl.reshape(tl.join(lo, hi), (BLOCK_B, 32))  # low nibble first, as the bytes hold them
+    v = v * half[:, None] * scale[:, None]
+    if OUT_BF16:
+        # v has at most 2 significant bits, so its bf16 is its fp32 top half: exact, subnormals
+        # included (the interpreter's own fp32 -> bf16 cast flushes those)
+        y = (v.to(tl.int32, bitcast=True) >> 16).to(tl.int16).to(tl.bfloat16, bitcast=True)
+    else:
+        y = v.to(out_ptr.dtype.element_ty)
+    offs = blk[:, None] * 32 + tl.arange(0, 32)[None, :]
+    tl.store(out_ptr + b0 * 32 + offs, y, mask=bmask[:, None])
 
 
 @triton.jit
@@ -261,6 +301,22 @@ def quantize_mxfp4_triton(x: torch.Tensor, scale_mode: str = "rceil") -> tuple[t
         )
     lead = x.shape[:-1]
     return packed.reshape(*lead, k // 2), scales.reshape(*lead, k // MX_BLOCK)
+
+
+def dequantize_mxfp4_triton(packed: torch.Tensor, scales: torch.Tensor,
+                            dtype: torch.dtype = torch.bfloat16) -> torch.Tensor:
+    """Triton twin of dequantize_mxfp4 for fp16/bf16/fp32 outputs (arguments are checked by
+    the public function)."""
+    half = packed.shape[-1]
+    p2, s2 = _rows(packed), _rows(scales)
+    out = _empty((p2.shape[0], half * 2), dtype, packed.device)
+    nb = s2.numel()  # both contiguous: block b is scale b and packed bytes 16b..16b+15
+    if nb:
+        block_b = LAUNCH["mx_blocks"]
+        _mxfp4_dequant_kernel[(triton.cdiv(nb, block_b),)](
+            p2, s2, out, nb, OUT_BF16=dtype == torch.bfloat16, BLOCK_B=block_b,
+            num_warps=LAUNCH["mx_warps"])
+    return out.reshape(*packed.shape[:-1], half * 2)
 
 
 def quantize_fp8_triton(

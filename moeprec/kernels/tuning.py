@@ -87,10 +87,14 @@ def fix_config(cfg: dict[str, Any], path: str) -> dict[str, Any]:
     cfg = {"BLOCK_M": int(cfg["BLOCK_M"]), "atomic": bool(cfg.get("atomic", True)),
            "fuse_quant": bool(cfg.get("fuse_quant", True)),
            "f32_act": bool(cfg.get("f32_act", False)),
+           "dequant": bool(cfg.get("dequant", False)),
            "s1": dict(cfg["s1"]), "s2": dict(cfg["s2"])}
     bm = cfg["BLOCK_M"]
     if bm != 1 and (bm < 16 or bm & (bm - 1)):
         raise ValueError(f"BLOCK_M must be 1 or a power of two >= 16, got {bm}")
+    # weights decoded before the GEMMs: MXFP4 with 16-bit activations, tensor-core tiles only
+    cfg["dequant"] = cfg["dequant"] and path == "w4a16" and bm != 1
+    dequant = cfg["dequant"]
     if path in ("w4a8", "fp8"):  # fp8 activations only run on the tensor cores
         cfg["BLOCK_M"] = max(bm, 16)
     gemv = cfg["BLOCK_M"] == 1
@@ -106,14 +110,15 @@ def fix_config(cfg: dict[str, Any], path: str) -> dict[str, Any]:
         s.setdefault("num_warps", 4)
         s.setdefault("num_stages", 3)
         # MXFP4 decodes K in blocks of 32; tl.dot needs K >= 16 per half (>= 32 for fp8).
-        if path in ("w4a16", "w4a8"):
+        if path in ("w4a16", "w4a8") and not dequant:
             s["BLOCK_K"] = max(s["BLOCK_K"], 64)
         if path in ("fp8", "w4a8"):
             s["BLOCK_K"] = max(s["BLOCK_K"], 32)
         # shared memory per pipeline stage: the A tile plus the weight tile (stage 1 loads the
         # gate and up rows, 2 x BLOCK_N); drop stages until it fits the 227 KiB of an H100 SM
         a_bytes = 1 if path in ("fp8", "w4a8") else 2
-        b_bytes = {"bf16": 2, "w4a16": 0.5, "w4a8": 0.5, "fp8": 1, "w8a16": 1}.get(path, 2)
+        b_bytes = 2 if dequant else {"bf16": 2, "w4a16": 0.5, "w4a8": 0.5, "fp8": 1,
+                                     "w8a16": 1}.get(path, 2)
         rows = s["BLOCK_N"] * (2 if st == "s1" else 1)
         per_stage = cfg["BLOCK_M"] * s["BLOCK_K"] * a_bytes + rows * s["BLOCK_K"] * b_bytes
         while s["num_stages"] > 2 and s["num_stages"] * per_stage > 200 * 1024:
