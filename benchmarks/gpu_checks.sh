@@ -7,7 +7,8 @@
 #   bash benchmarks/gpu_checks.sh moe          # fused MoE bench, all shapes and paths (no peers)
 #   bash benchmarks/gpu_checks.sh decode       # decode blocks: their tests, memcheck, bench M <= 64
 #   bash benchmarks/gpu_checks.sh decode-tune  # re-tune decode points (incl. f32_act), bench them
-#   bash benchmarks/gpu_checks.sh dequant      # MXFP4 prefill: weights decoded first vs the MXFP4 tiles
+#   bash benchmarks/gpu_checks.sh dequant      # MXFP4 prefill: its tests, bench bf16 + w4a16 M >= 256
+#   bash benchmarks/gpu_checks.sh dequant-probe  # weights decoded first vs the MXFP4 tiles
 # Uses the machine's own python3 (torch + triton preinstalled); moeprec from this checkout.
 set -uo pipefail
 OUT=${OUT:-out}
@@ -58,11 +59,14 @@ for section in "${@:-tests}"; do
         --paths bf16,mxfp4-w4a16 --M 1,4,16 --no-peers --reps 8 --sets 3 --no-plot \
         --out "$OUT/decode_tuned" 2>&1 | tee "$OUT/decode_tuned.log" | tail -16 ;;
     dequant)
-      timeout 200 python3 -m pytest -q -p no:cacheprovider tests/test_quantize_triton.py \
-        tests/test_fused_moe_triton.py -k "dequant or decoded or packaged or model_shapes" 2>&1 \
-        | tee "$OUT/dequant_tests.log" | tail -5
+      { timeout 100 python3 -m pytest -q -p no:cacheprovider -m gpu tests/test_quantize_triton.py -k dequant
+        timeout 200 python3 -m pytest -q -p no:cacheprovider tests/test_fused_moe_triton.py \
+          -k "dequant or decoded or packaged or model_shapes"; } 2>&1 | tee "$OUT/dequant_tests.log" | tail -6
+      timeout 330 python3 -m moeprec bench --paths bf16,mxfp4-w4a16 --M 256,1024,4096,16384 \
+        --loop-max-m 0 --reps 8 --sets 3 --out "$OUT/prefill" 2>&1 | tee "$OUT/prefill.log" | tail -36 ;;
+    dequant-probe)  # the probe: MXFP4 tiles, decoded first with bf16's and w4a16's settings, bf16
       timeout 330 python3 benchmarks/probes/w4a16_dequant.py --out "$OUT" 2>&1 \
         | tee "$OUT/w4a16_dequant.log" | tail -20 ;;
-    *) echo "unknown section: $section (tests | router | train | kernels | moe | decode | decode-tune | dequant)" >&2; exit 2 ;;
+    *) echo "unknown section: $section (tests | router | train | kernels | moe | decode | decode-tune | dequant | dequant-probe)" >&2; exit 2 ;;
   esac
 done

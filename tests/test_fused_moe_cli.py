@@ -55,7 +55,7 @@ def test_fixed_configs_are_legal(path):
         cfg = tuning.get_config(path, M, 128, 2048, 768, 8)
         for st in ("s1", "s2"):
             s = cfg[st]
-            assert s["BLOCK_K"] >= (64 if path.startswith("w4") else 16)
+            assert s["BLOCK_K"] >= (64 if path.startswith("w4") and not cfg["dequant"] else 16)
             assert s["num_stages"] >= 2 and s["num_warps"] in (4, 8)
 
 
@@ -71,6 +71,50 @@ def test_one_pair_blocks_do_not_carry_over_to_larger_batches(tmp_path, monkeypat
     try:
         assert tuning.get_config("w4a16", 3, 8, 64, 32, 2, "Test GPU/Y")["BLOCK_M"] == 1
         assert tuning.get_config("w4a16", 64, 8, 64, 32, 2, "Test GPU/Y")["BLOCK_M"] == 32
+    finally:
+        tuning.clear_caches()
+
+
+def test_tuned_entries_serve_batches_within_a_factor_of_4(tmp_path, monkeypatch):
+    # a table tuned at M = 16 only must not set launch settings for prefill batches
+    key = tuning.shape_key(8, 64, 32, 2)
+    tiny = {"BLOCK_M": 16, "s1": {"BLOCK_N": 32, "BLOCK_K": 32}, "s2": {"BLOCK_N": 32, "BLOCK_K": 32}}
+    name = tuning.device_file_name("Test GPU/Z")
+    (tmp_path / name).write_text(json.dumps({"bf16": {key: {"16": tiny}}}))
+    monkeypatch.setenv("MOEPREC_FUSED_MOE_CONFIG_DIR", str(tmp_path))
+    tuning.clear_caches()
+    try:
+        for M in (4, 16, 64):
+            assert tuning.get_config("bf16", M, 8, 64, 32, 2, "Test GPU/Z")["s1"]["BLOCK_N"] == 32
+        for M in (3, 65, 4096):
+            assert tuning.get_config("bf16", M, 8, 64, 32, 2, "Test GPU/Z") == tuning.fix_config(
+                tuning.default_config("bf16", M, 8, 64, 32, 2), "bf16")
+    finally:
+        tuning.clear_caches()
+
+
+def test_mxfp4_prefill_decodes_the_weights_first(tmp_path, monkeypatch):
+    # from DEQUANT_MIN_TOKENS_PER_EXPERT tokens per expert on, unless a tuned entry says otherwise
+    E, H, I, k = 8, 64, 32, 2  # noqa: E741
+    edge = tuning.DEQUANT_MIN_TOKENS_PER_EXPERT * E // k
+    assert not tuning.get_config("w4a16", edge - 1, E, H, I, k)["dequant"]
+    big = tuning.get_config("w4a16", edge, E, H, I, k)
+    assert big["dequant"] and big["s1"] == tuning.get_config("bf16", edge, E, H, I, k)["s1"]
+    for path in ("bf16", "w4a8", "w8a16"):
+        assert not tuning.get_config(path, 16 * edge, E, H, I, k)["dequant"]
+    key = tuning.shape_key(E, H, I, k)
+    tiles = {"BLOCK_M": 128, "s1": {"BLOCK_N": 64, "BLOCK_K": 128}, "s2": {"BLOCK_N": 64, "BLOCK_K": 128}}
+    name = tuning.device_file_name("Test GPU/D")
+    table = {"w4a16": {key: {str(edge): dict(tiles, dequant=False), str(4 * edge): tiles}},
+             "bf16": {key: {str(4 * edge): dict(tiles, BLOCK_M=64)}}}
+    (tmp_path / name).write_text(json.dumps(table))
+    monkeypatch.setenv("MOEPREC_FUSED_MOE_CONFIG_DIR", str(tmp_path))
+    tuning.clear_caches()
+    try:
+        assert not tuning.get_config("w4a16", edge, E, H, I, k, "Test GPU/D")["dequant"]
+        # an entry from before the choice existed: decoded, with the bf16 path's tuned settings
+        cfg = tuning.get_config("w4a16", 4 * edge, E, H, I, k, "Test GPU/D")
+        assert cfg["dequant"] and cfg["BLOCK_M"] == 64
     finally:
         tuning.clear_caches()
 

@@ -127,6 +127,11 @@ def tune_point(shape: str, path: str, M: int, weights: dict, reps: int, log) -> 
                 cur_ms, cur = ms, cfg
         if cur_ms < best_ms:
             best_ms, best = cur_ms, cur
+    if kpath == "w4a16" and M * k > 96 * E:  # MXFP4 decoded first, then the plain kernels
+        for cand in (dict(best, dequant=True), dict(default_config("bf16", M, E, H, I, k), dequant=True)):
+            ms, cfg = timed(cand)
+            if ms < best_ms:
+                best_ms, best = ms, cfg
     if act == "fp8":
         ms, cfg = timed(dict(best, fuse_quant=not best.get("fuse_quant", True)))
         if ms < best_ms:

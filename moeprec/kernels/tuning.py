@@ -13,8 +13,12 @@ CUDA cores, one (token, expert) pair per block, and stage 2 may then split K ("s
 "f32_act": true there feeds both stages fp32 copies of their 16-bit activations (the same
 values: x upcast, the intermediate rounded to the model dtype then stored as fp32), which spares
 the loop the per-weight bf16 -> fp32 conversions.
-Lookup takes the exact shape key and the nearest tuned M (in log scale); anything missing falls
-back to `default_config`.
+"dequant": true (MXFP4 with 16-bit activations, tensor-core tiles) decodes the weights to the
+model dtype before each stage and runs the plain kernels with the config's settings.
+Lookup takes the exact shape key and the nearest tuned M (in log scale) if it is within a factor
+of 4; anything missing falls back to `default_config`. MXFP4 entries that do not say whether to
+decode first (tables written before that choice existed, or none at all) do so from
+DEQUANT_MIN_TOKENS_PER_EXPERT routed tokens per expert on, with the bf16 path's configuration.
 """
 
 from __future__ import annotations
@@ -28,6 +32,14 @@ from typing import Any
 
 # kernel paths: (weight format, activation dtype)
 PATHS = ("bf16", "w4a16", "w4a8", "fp8", "w8a16")
+# A tuned entry stands for batches at most this factor away from the M it was tuned at: a
+# table tuned for decode only must not pick launch settings for prefill (on the H200 an M = 16
+# entry ran Mixtral-8x7B w4a16 at M = 16384 3.5x slower than the heuristic).
+NEAREST_M_FACTOR = 4
+# From this many routed tokens per expert on, MXFP4 weights with bf16 activations are decoded
+# to bf16 before the GEMMs (H200, 2026-12-02: 1.0-1.9x faster than the MXFP4 tiles at 256-1024
+# tokens per expert on all four bench shapes, slower at 32-128; benchmarks/results/README.md).
+DEQUANT_MIN_TOKENS_PER_EXPERT = 256
 
 
 def path_name(quant: str, act_dtype: str) -> str:
@@ -152,13 +164,20 @@ def clear_caches() -> None:
 def get_config(path: str, M: int, E: int, H: int, I: int, top_k: int,  # noqa: E741
                device_name: str | None = None) -> dict[str, Any]:
     """The launch configuration for one call: tuned entry for (device, path, shape, nearest M)."""
+    entry = None
     if device_name is not None:
         per_m = _load_table(device_file_name(device_name)).get(path, {}).get(
             shape_key(E, H, I, top_k))
         if per_m:
-            best = min(per_m, key=lambda m: abs(math.log(max(int(m), 1)) - math.log(max(M, 1))))
+            dist = {m: abs(math.log(max(int(m), 1)) - math.log(max(M, 1))) for m in per_m}
+            best = min(per_m, key=dist.__getitem__)
             # one-pair blocks stream an expert's weights once per token: tuned at a smaller
             # batch, they do not carry over to one with more tokens per expert
-            if not (per_m[best]["BLOCK_M"] == 1 and int(best) < M):
-                return fix_config(per_m[best], path)
-    return fix_config(default_config(path, M, E, H, I, top_k), path)
+            if (dist[best] <= math.log(NEAREST_M_FACTOR) + 1e-9
+                    and not (per_m[best]["BLOCK_M"] == 1 and int(best) < M)):
+                entry = per_m[best]
+    if (path == "w4a16" and (entry is None or "dequant" not in entry)
+            and M * top_k >= DEQUANT_MIN_TOKENS_PER_EXPERT * E):
+        bf16 = get_config("bf16", M, E, H, I, top_k, device_name)
+        return fix_config(dict(bf16, dequant=True), path)
+    return fix_config(entry if entry is not None else default_config(path, M, E, H, I, top_k), path)
