@@ -9,6 +9,7 @@
 #   bash benchmarks/gpu_checks.sh decode-tune  # re-tune decode points (incl. f32_act), bench them
 #   bash benchmarks/gpu_checks.sh dequant      # MXFP4 prefill: its tests, bench bf16 + w4a16 M >= 256
 #   bash benchmarks/gpu_checks.sh dequant-probe  # weights decoded first vs the MXFP4 tiles
+#   bash benchmarks/gpu_checks.sh prefill-tune # tune bf16 at M = 1024, 16384, bench with that table
 # Uses the machine's own python3 (torch + triton preinstalled); moeprec from this checkout.
 set -uo pipefail
 OUT=${OUT:-out}
@@ -64,9 +65,18 @@ for section in "${@:-tests}"; do
           -k "dequant or decoded or packaged or model_shapes"; } 2>&1 | tee "$OUT/dequant_tests.log" | tail -6
       timeout 330 python3 -m moeprec bench --paths bf16,mxfp4-w4a16 --M 256,1024,4096,16384 \
         --loop-max-m 0 --reps 8 --sets 3 --out "$OUT/prefill" 2>&1 | tee "$OUT/prefill.log" | tail -36 ;;
+    prefill-tune)  # tune bf16 prefill points into a copy of the H200 table, then bench with it
+      mkdir -p "$OUT/configs"
+      cp moeprec/configs/fused_moe_NVIDIA_H200.json "$OUT/configs/" 2>/dev/null
+      timeout 470 python3 -m moeprec tune --shapes qwen3-30b-a3b,mixtral-8x7b,gpt-oss-20b,deepseek-v3 \
+        --paths bf16 --M 1024,16384 --reps 5 --budget-s 380 --out "$OUT/configs/fused_moe_NVIDIA_H200.json" \
+        --log "$OUT/prefill_tune.jsonl" 2>&1 | tee "$OUT/prefill_tune.log" | grep -v "^\[" | tail -12
+      MOEPREC_FUSED_MOE_CONFIG_DIR="$OUT/configs" timeout 110 python3 -m moeprec bench \
+        --paths bf16,mxfp4-w4a16 --M 1024,4096,16384 --loop-max-m 0 --reps 8 --sets 3 --no-plot \
+        --out "$OUT/prefill_tuned" 2>&1 | tee "$OUT/prefill_tuned.log" | tail -26 ;;
     dequant-probe)  # the probe: MXFP4 tiles, decoded first with bf16's and w4a16's settings, bf16
       timeout 330 python3 benchmarks/probes/w4a16_dequant.py --out "$OUT" 2>&1 \
         | tee "$OUT/w4a16_dequant.log" | tail -20 ;;
-    *) echo "unknown section: $section (tests | router | train | kernels | moe | decode | decode-tune | dequant | dequant-probe)" >&2; exit 2 ;;
+    *) echo "unknown section: $section (tests | router | train | kernels | moe | decode | decode-tune | dequant | dequant-probe | prefill-tune)" >&2; exit 2 ;;
   esac
 done
