@@ -86,9 +86,25 @@ def test_tuned_entries_serve_batches_within_a_factor_of_4(tmp_path, monkeypatch)
     try:
         for M in (4, 16, 64):
             assert tuning.get_config("bf16", M, 8, 64, 32, 2, "Test GPU/Z")["s1"]["BLOCK_N"] == 32
-        for M in (3, 65, 4096):
+        for M in (3, 65, 4096):  # more than 4x away: the heuristic
             assert tuning.get_config("bf16", M, 8, 64, 32, 2, "Test GPU/Z") == tuning.fix_config(
                 tuning.default_config("bf16", M, 8, 64, 32, 2), "bf16")
+    finally:
+        tuning.clear_caches()
+
+
+def test_equally_near_tuned_batches_pick_the_larger(tmp_path, monkeypatch):
+    key = tuning.shape_key(8, 64, 32, 2)
+    st = {"BLOCK_N": 32, "BLOCK_K": 64}
+    table = {"bf16": {key: {"256": {"BLOCK_M": 32, "s1": st, "s2": st},
+                            "4096": {"BLOCK_M": 128, "s1": st, "s2": st}}}}
+    name = tuning.device_file_name("Test GPU/T")
+    (tmp_path / name).write_text(json.dumps(table))
+    monkeypatch.setenv("MOEPREC_FUSED_MOE_CONFIG_DIR", str(tmp_path))
+    tuning.clear_caches()
+    try:
+        assert tuning.get_config("bf16", 1024, 8, 64, 32, 2, "Test GPU/T")["BLOCK_M"] == 128
+        assert tuning.get_config("bf16", 1000, 8, 64, 32, 2, "Test GPU/T")["BLOCK_M"] == 32
     finally:
         tuning.clear_caches()
 

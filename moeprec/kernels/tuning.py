@@ -170,7 +170,7 @@ def get_config(path: str, M: int, E: int, H: int, I: int, top_k: int,  # noqa: E
             shape_key(E, H, I, top_k))
         if per_m:
             dist = {m: abs(math.log(max(int(m), 1)) - math.log(max(M, 1))) for m in per_m}
-            best = min(per_m, key=dist.__getitem__)
+            best = min(per_m, key=lambda m: (dist[m], -int(m)))  # a tie: the larger batch's
             # one-pair blocks stream an expert's weights once per token: tuned at a smaller
             # batch, they do not carry over to one with more tokens per expert
             if (dist[best] <= math.log(NEAREST_M_FACTOR) + 1e-9

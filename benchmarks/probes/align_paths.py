@@ -1,0 +1,69 @@
+"""Probe: the two block-alignment paths of the fused MoE op, host and GPU time per call.
+
+    python3 benchmarks/probes/align_paths.py
+
+"kernel": the single-program Triton kernel (used up to fused_moe_triton._ALIGN_KERNEL_MAX_SLOTS
+slots); "torch": moeprec.dispatch.moe_align_block_size (a sort and ~25 small ops). Host time is
+the CPU wall time per call in a loop of 50 (no sync inside); GPU time is a CUDA-graph replay.
+"""
+import time
+
+import torch
+
+import moeprec.kernels.fused_moe_triton as m
+
+
+def host_us(f, n=50):
+    for _ in range(5):
+        f()
+    torch.cuda.synchronize()
+    t0 = time.perf_counter()
+    for _ in range(n):
+        f()
+    t1 = time.perf_counter()
+    torch.cuda.synchronize()
+    return (t1 - t0) / n * 1e6
+
+
+def graph_us(f, n=50):
+    f()
+    torch.cuda.synchronize()
+    g = torch.cuda.CUDAGraph()
+    with torch.cuda.graph(g):
+        f()
+    s, e = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+    g.replay()
+    s.record()
+    for _ in range(n):
+        g.replay()
+    e.record()
+    torch.cuda.synchronize()
+    return s.elapsed_time(e) / n * 1e3
+
+
+def _used(sorted_ids, expert_ids, bm):
+    """The blocks the GEMMs run (the two paths size their buffers differently)."""
+    keep = expert_ids >= 0
+    n = expert_ids.numel() * bm
+    rows = torch.nn.functional.pad(sorted_ids[:n], (0, n - min(n, sorted_ids.numel())), value=-1)
+    return expert_ids[keep], rows.view(-1, bm)[keep]
+
+
+print(f"{'E':>4}{'k':>3}{'M':>7}{'slots':>8}{'BM':>5}  {'kernel host':>11}{'kernel gpu':>11}"
+      f"{'torch host':>11}{'torch gpu':>10}", flush=True)
+for E, k in ((128, 8), (32, 4), (256, 8)):
+    for M in (512, 1024, 4096, 16384):
+        ti = torch.randint(0, E, (M, k), device="cuda", dtype=torch.int32)
+        bm = 64 if M * k / E < 128 else 128
+        row = []
+        for limit in (1 << 30, 0):  # every size through the kernel, then through torch
+            m._ALIGN_KERNEL_MAX_SLOTS = limit
+            f = lambda: m.align_blocks(ti, E, bm, None)  # noqa: E731
+            row += [host_us(f), graph_us(f)]
+        m._ALIGN_KERNEL_MAX_SLOTS = 1 << 30
+        a = m.align_blocks(ti, E, bm, None)
+        m._ALIGN_KERNEL_MAX_SLOTS = 0
+        b = m.align_blocks(ti, E, bm, None)
+        same = all(torch.equal(x, y) for x, y in zip(_used(*a, bm), _used(*b, bm)))
+        print(f"{E:>4}{k:>3}{M:>7}{M * k:>8}{bm:>5}  " + "".join(f"{v:>11.1f}" for v in row)
+              + ("" if same else "  DIFFERENT"), flush=True)
