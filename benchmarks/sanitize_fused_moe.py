@@ -1,7 +1,8 @@
 """Small fused MoE calls on every kernel path, for `compute-sanitizer --tool memcheck`.
 
-Includes out-of-range and masked expert ids, M=1, sizes off the tile, and the CUDA-core decode
-blocks (BLOCK_M = 1) with stage-2 K splits. Exit code 0 and the
+Includes out-of-range and masked expert ids, M=1, sizes off the tile, the CUDA-core decode
+blocks (BLOCK_M = 1) with stage-2 K splits, the three-launch block alignment (M = 200: 600
+slots) and MXFP4 weights decoded before the GEMMs ("dequant", two experts at a time). Exit code 0 and the
 sanitizer's "0 errors" are the check; outputs are also compared with the torch reference.
 """
 
@@ -16,7 +17,7 @@ from tests.test_fused_moe_triton import assert_close, make_case  # noqa: E402
 def main() -> None:
     for quant, act, H, I in (("none", "bf16", 80, 48), ("mxfp4", "bf16", 96, 64),  # noqa: E741
                              ("mxfp4", "fp8", 64, 96), ("fp8", "fp8", 80, 48)):
-        for M in (1, 7):
+        for M in (1, 7, 200):
             E, k = 6, 3
             x, w1, w2, tw, ti, kw = make_case(M, H, I, E, k, quant, bias=True, seed=M)
             ti = ti.clone()
@@ -38,6 +39,17 @@ def main() -> None:
                 out = fused_moe_triton_impl(x, w1, w2, tw, ti, config=cfg, **args)
                 assert_close(out, ref)
                 print(quant, act, M, "BLOCK_M=1 split_k=3 ok", flush=True)
+            if quant == "mxfp4" and act == "bf16":  # decoded first, in chunks of 2 experts
+                import moeprec.kernels.fused_moe_triton as m
+
+                st = {"BLOCK_N": 32, "BLOCK_K": 32, "num_warps": 4, "num_stages": 2}
+                cfg = fix_config({"BLOCK_M": 16, "dequant": True, "s1": dict(st), "s2": dict(st)},
+                                 "w4a16")
+                m.DEQUANT_WORKSPACE_BYTES = 2 * 2 * I * H * 2
+                out = fused_moe_triton_impl(x, w1, w2, tw, ti, config=cfg, **args)
+                m.DEQUANT_WORKSPACE_BYTES = 1 << 30
+                assert_close(out, ref)
+                print(quant, act, M, "dequant ok", flush=True)
 
 
 if __name__ == "__main__":

@@ -135,11 +135,11 @@ def test_experts_without_tokens_and_fp16():
     assert_close(out, ref)
 
 
-def test_torch_align_path_and_store_reduction(monkeypatch):
-    # batches past the single-program align kernel take the torch sort path; the non-atomic
+def test_multi_program_align_path_and_store_reduction(monkeypatch):
+    # batches past the single-program align kernel take the three-launch one; the non-atomic
     # combine writes [M*k, H] rows and sums them
     m = _kernel_module()
-    monkeypatch.setattr(m, "_ALIGN_KERNEL_MAX_SLOTS", 0)
+    monkeypatch.setattr(m, "_ALIGN_ONE_PROGRAM_MAX_SLOTS", 0)
     M, H, I, E, k = 5, 64, 48, 4, 2  # noqa: E741
     x, w1, w2, tw, ti, kw = make_case(M, H, I, E, k, seed=3)
     ref = fused_moe(x, w1, w2, tw, ti, backend="torch")
@@ -152,15 +152,26 @@ def test_torch_align_path_and_store_reduction(monkeypatch):
         assert_close(out, ref)
 
 
-def test_align_blocks_layout():
+@pytest.mark.parametrize("one_program", [True, False])
+@pytest.mark.parametrize("M,k,E,bm", [(9, 3, 6, 4), (50, 3, 6, 16), (70, 4, 40, 16)])
+def test_align_blocks_layout(one_program, M, k, E, bm, monkeypatch):
+    # both align paths; 150 and 280 slots span several chunks of the three-launch path
     m = _kernel_module()
-    g = torch.Generator().manual_seed(4)
-    M, k, E, bm = 9, 3, 6, 4
+    monkeypatch.setattr(m, "_ALIGN_ONE_PROGRAM_MAX_SLOTS", 1 << 30 if one_program else 0)
+    g = torch.Generator().manual_seed(4 + M)
     ti = torch.randint(0, E, (M, k), generator=g).to(DEV)
     ti[0, 1] = E  # out of range
+    ti[1, 0] = -1
+    ti[2:4] = 1  # a crowded expert: several blocks
     mask = torch.ones(E, dtype=torch.bool, device=ti.device)
     mask[2] = False
     sorted_ids, expert_ids = m.align_blocks(ti, E, bm, mask)
+    # the two paths give the same layout (ascending flat ids within an expert)
+    monkeypatch.setattr(m, "_ALIGN_ONE_PROGRAM_MAX_SLOTS", 0 if one_program else 1 << 30)
+    other = m.align_blocks(ti, E, bm, mask)
+    used = int((expert_ids >= 0).sum())  # rows of unused blocks are never written nor read
+    assert torch.equal(other[1], expert_ids)
+    assert torch.equal(other[0][: used * bm], sorted_ids[: used * bm])
     flat = ti.reshape(-1).cpu()
     S = flat.numel()
     sorted_ids, expert_ids = sorted_ids.cpu(), expert_ids.cpu()
@@ -173,9 +184,10 @@ def test_align_blocks_layout():
         real = ids[ids < S]
         assert len(real) > 0 or b == 0
         assert (flat[real.long()] == expert_ids[b]).all()
+        assert (real.diff() > 0).all()
         assert (ids[ids >= S] == S).all()
         seen += real.tolist()
-    keep = [i for i in range(S) if flat[i] < E and mask[flat[i]]]
+    keep = [i for i in range(S) if 0 <= flat[i] < E and mask[flat[i]]]
     assert sorted(seen) == keep and len(seen) == len(set(seen))
 
 

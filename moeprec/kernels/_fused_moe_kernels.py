@@ -1,9 +1,9 @@
 """Triton kernels of the fused MoE op (private: `fused_moe_triton.py` is the only caller).
 
-Two kernels:
-- `_align_kernel`: one program groups the flat (token, slot) ids by expert into blocks of
-  BLOCK_M rows (vLLM's moe_align_block_size layout, masked experts and out-of-range ids left out
-  entirely). Small batches only: large ones take the torch sort path in the wrapper.
+The kernels:
+- `_align_kernel` (one program, small batches) or `_align_count/scan/place_kernel` (three
+  launches): group the flat (token, slot) ids by expert into blocks of BLOCK_M rows (vLLM's
+  moe_align_block_size layout, masked experts and out-of-range ids left out entirely).
 - `_moe_gemm_kernel`: one grouped GEMM over those blocks. Stage 1 multiplies by the gate and up
   rows of its output columns as one weight tile and applies the gated activation in the epilogue
   (optionally gathering each z row's amax for fp8); stage 2 multiplies by the routed weight and
@@ -40,11 +40,49 @@ def _load_local_ids(topk_ids_ptr, expert_mask_ptr, offs, num_slots, num_experts,
 
 
 @triton.jit
+def _write_block_table(sorted_ids_ptr, expert_ids_ptr, counts, num_slots, max_blocks,
+                       BLOCK_M: tl.constexpr, CHUNK: tl.constexpr):
+    """From the tokens per expert: pad each expert's last block with `num_slots` and write the
+    expert of every block (-1 past the used ones: the GEMMs skip those programs). Returns the
+    start of each expert's segment."""
+    padded = (counts + BLOCK_M - 1) // BLOCK_M * BLOCK_M
+    ends = tl.cumsum(padded, axis=0)
+    starts = ends - padded
+    total = tl.sum(padded, axis=0)
+    # pad slots of each expert's last block (disjoint from the slots the placing writes)
+    j = tl.arange(0, BLOCK_M)
+    pad_pos = (starts + counts)[:, None] + j[None, :]
+    tl.store(sorted_ids_ptr + pad_pos, num_slots, mask=j[None, :] < (padded - counts)[:, None])
+    for b0 in range(0, max_blocks, CHUNK):
+        b = b0 + tl.arange(0, CHUNK)
+        p = b * BLOCK_M
+        owner = tl.sum((ends[None, :] <= p[:, None]).to(tl.int32), axis=1)
+        owner = tl.where(p < total, owner, -1)
+        tl.store(expert_ids_ptr + b, owner, mask=b < max_blocks)
+    return starts
+
+
+@triton.jit
+def _place_chunk(topk_ids_ptr, expert_mask_ptr, sorted_ids_ptr, offs, base, num_slots,
+                 num_experts, HAS_MASK: tl.constexpr, E_PAD: tl.constexpr):
+    """Store the flat ids `offs` at base[e] + their rank among this chunk's slots of expert e
+    (ascending flat id within an expert); returns the chunk's count per expert."""
+    ids, valid = _load_local_ids(topk_ids_ptr, expert_mask_ptr, offs, num_slots, num_experts,
+                                 HAS_MASK)
+    onehot = (ids[:, None] == tl.arange(0, E_PAD)[None, :]).to(tl.int32)
+    csum = tl.cumsum(onehot, axis=0)
+    pos = tl.sum(onehot * (csum - 1 + base[None, :]), axis=1)
+    tl.store(sorted_ids_ptr + pos, offs, mask=valid)
+    return tl.sum(onehot, axis=0)
+
+
+@triton.jit
 def _align_kernel(
     topk_ids_ptr, expert_mask_ptr, sorted_ids_ptr, expert_ids_ptr,
     num_slots, num_experts, max_blocks,
     HAS_MASK: tl.constexpr, BLOCK_M: tl.constexpr, E_PAD: tl.constexpr, CHUNK: tl.constexpr,
 ):
+    """Small batches: the whole alignment in one program (one launch, for decode)."""
     e_range = tl.arange(0, E_PAD)
     # pass 1: tokens per expert
     counts = tl.zeros([E_PAD], dtype=tl.int32)
@@ -53,33 +91,66 @@ def _align_kernel(
         ids, valid = _load_local_ids(topk_ids_ptr, expert_mask_ptr, offs, num_slots, num_experts,
                                      HAS_MASK)
         counts += tl.sum((ids[:, None] == e_range[None, :]).to(tl.int32), axis=0)
-    padded = (counts + BLOCK_M - 1) // BLOCK_M * BLOCK_M
-    ends = tl.cumsum(padded, axis=0)
-    starts = ends - padded
-    total = tl.sum(padded, axis=0)
-    # pass 2: place each slot at its expert's start + rank (ascending flat id within an expert)
-    base = tl.zeros([E_PAD], dtype=tl.int32)
+    starts = _write_block_table(sorted_ids_ptr, expert_ids_ptr, counts, num_slots, max_blocks,
+                                BLOCK_M, CHUNK)
+    # pass 2: place each slot at its expert's start + rank
+    base = starts
     for c0 in range(0, num_slots, CHUNK):
         offs = c0 + tl.arange(0, CHUNK)
-        ids, valid = _load_local_ids(topk_ids_ptr, expert_mask_ptr, offs, num_slots, num_experts,
-                                     HAS_MASK)
-        onehot = (ids[:, None] == e_range[None, :]).to(tl.int32)
-        csum = tl.cumsum(onehot, axis=0)
-        rank = tl.sum(onehot * (csum - 1 + base[None, :]), axis=1)
-        pos = tl.sum(onehot * starts[None, :], axis=1) + rank
-        tl.store(sorted_ids_ptr + pos, offs, mask=valid)
-        base += tl.sum(onehot, axis=0)
-    # pad slots of each expert's last block (disjoint from the slots written above)
-    j = tl.arange(0, BLOCK_M)
-    pad_pos = (starts + counts)[:, None] + j[None, :]
-    tl.store(sorted_ids_ptr + pad_pos, num_slots, mask=j[None, :] < (padded - counts)[:, None])
-    # expert of each block; -1 past the used blocks (the GEMM skips those programs)
-    for b0 in range(0, max_blocks, CHUNK):
-        b = b0 + tl.arange(0, CHUNK)
-        p = b * BLOCK_M
-        owner = tl.sum((ends[None, :] <= p[:, None]).to(tl.int32), axis=1)
-        owner = tl.where(p < total, owner, -1)
-        tl.store(expert_ids_ptr + b, owner, mask=b < max_blocks)
+        base += _place_chunk(topk_ids_ptr, expert_mask_ptr, sorted_ids_ptr, offs, base,
+                             num_slots, num_experts, HAS_MASK, E_PAD)
+
+
+# Larger batches: the same layout in three launches, the per-slot work spread over programs of
+# CHUNK slots: count per chunk; one program scans the counts over chunks (each chunk's offset
+# per expert) and writes the block table; each chunk places its slots.
+
+
+@triton.jit
+def _align_count_kernel(topk_ids_ptr, expert_mask_ptr, chunk_counts_ptr, num_slots,
+                        num_experts, HAS_MASK: tl.constexpr, E_PAD: tl.constexpr,
+                        CHUNK: tl.constexpr):
+    c = tl.program_id(0)
+    offs = c * CHUNK + tl.arange(0, CHUNK)
+    ids, valid = _load_local_ids(topk_ids_ptr, expert_mask_ptr, offs, num_slots, num_experts,
+                                 HAS_MASK)
+    e_range = tl.arange(0, E_PAD)
+    tl.store(chunk_counts_ptr + c * E_PAD + e_range,
+             tl.sum((ids[:, None] == e_range[None, :]).to(tl.int32), axis=0))
+
+
+@triton.jit
+def _align_scan_kernel(chunk_counts_ptr, sorted_ids_ptr, expert_ids_ptr, num_chunks, num_slots,
+                       max_blocks, BLOCK_M: tl.constexpr, E_PAD: tl.constexpr,
+                       CHUNK: tl.constexpr):
+    """chunk_counts [num_chunks, E_PAD] becomes each chunk's first position per expert."""
+    e_range = tl.arange(0, E_PAD)
+    counts = tl.zeros([E_PAD], dtype=tl.int32)
+    for c0 in range(0, num_chunks, CHUNK):  # exclusive prefix over chunks, CHUNK rows a step
+        c = c0 + tl.arange(0, CHUNK)
+        ptrs = chunk_counts_ptr + c[:, None] * E_PAD + e_range[None, :]
+        m = c[:, None] < num_chunks
+        n = tl.load(ptrs, mask=m, other=0)
+        tl.store(ptrs, tl.cumsum(n, axis=0) - n + counts[None, :], mask=m)
+        counts += tl.sum(n, axis=0)
+    starts = _write_block_table(sorted_ids_ptr, expert_ids_ptr, counts, num_slots, max_blocks,
+                                BLOCK_M, CHUNK)
+    for c0 in range(0, num_chunks, CHUNK):
+        c = c0 + tl.arange(0, CHUNK)
+        ptrs = chunk_counts_ptr + c[:, None] * E_PAD + e_range[None, :]
+        m = c[:, None] < num_chunks
+        tl.store(ptrs, tl.load(ptrs, mask=m, other=0) + starts[None, :], mask=m)
+
+
+@triton.jit
+def _align_place_kernel(topk_ids_ptr, expert_mask_ptr, chunk_base_ptr, sorted_ids_ptr,
+                        num_slots, num_experts, HAS_MASK: tl.constexpr, E_PAD: tl.constexpr,
+                        CHUNK: tl.constexpr):
+    c = tl.program_id(0)
+    offs = c * CHUNK + tl.arange(0, CHUNK)
+    base = tl.load(chunk_base_ptr + c * E_PAD + tl.arange(0, E_PAD))
+    _place_chunk(topk_ids_ptr, expert_mask_ptr, sorted_ids_ptr, offs, base, num_slots,
+                 num_experts, HAS_MASK, E_PAD)
 
 
 @triton.jit

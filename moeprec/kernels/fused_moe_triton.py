@@ -25,9 +25,10 @@ from moeprec.backends import triton_interpret
 from moeprec.kernels import _fused_moe_kernels as K
 from moeprec.kernels.tuning import get_config, path_name
 
-# Largest M*k that the single-program align kernel handles; beyond it the torch sort path
-# (a dozen launches, negligible next to the GEMMs of such batches) takes over.
-_ALIGN_KERNEL_MAX_SLOTS = 4096
+# Largest M*k that the single-program align kernel handles (one launch for decode); beyond it
+# three launches spread the work over the GPU (one program took 240 us of GPU time at 4096
+# slots and 128 experts on the H200, the torch sort path ~450 us of host time).
+_ALIGN_ONE_PROGRAM_MAX_SLOTS = 256
 # Tests set this to fill intermediates with NaN, proving that no unwritten row is ever read.
 _POISON_INTERMEDIATE = False
 # Configs with "dequant" (large MXFP4 batches, see `_gemm_dequantized`) decode at most this many
@@ -74,24 +75,27 @@ def align_blocks(topk_ids: torch.Tensor, num_experts: int, block_m: int,
     expert_ids is -1 for every block the GEMMs must skip. Sizes depend on shapes only.
     """
     num_slots = topk_ids.numel()
-    if num_slots > _ALIGN_KERNEL_MAX_SLOTS:
-        from moeprec.dispatch import moe_align_block_size
-
-        # masked experts keep their blocks there, marked -1: the GEMMs skip them as well
-        sorted_ids, expert_ids, _ = moe_align_block_size(topk_ids, num_experts, block_m, expert_mask)
-        return sorted_ids, expert_ids
     nb = max_blocks(num_slots, num_experts, block_m)
     dev = topk_ids.device
     sorted_ids = torch.empty(nb * block_m, dtype=torch.int32, device=dev)
     expert_ids = torch.empty(nb, dtype=torch.int32, device=dev)
     mask = expert_mask.to(torch.int32).contiguous() if expert_mask is not None else sorted_ids
+    ids = topk_ids.reshape(-1)
     e_pad = triton.next_power_of_2(num_experts)
-    chunk = max(16, min(64, 16384 // e_pad))
-    K._align_kernel[(1,)](
-        topk_ids.reshape(-1), mask, sorted_ids, expert_ids, num_slots, num_experts, nb,
-        HAS_MASK=expert_mask is not None, BLOCK_M=block_m, E_PAD=e_pad, CHUNK=chunk,
-        num_warps=4 if e_pad <= 64 else 8,
-    )
+    chunk = max(16, min(64, 16384 // e_pad))  # a [chunk, e_pad] one-hot tile per step
+    warps = 4 if e_pad <= 64 else 8
+    common = dict(HAS_MASK=expert_mask is not None, E_PAD=e_pad, CHUNK=chunk, num_warps=warps)
+    if num_slots <= _ALIGN_ONE_PROGRAM_MAX_SLOTS:
+        K._align_kernel[(1,)](ids, mask, sorted_ids, expert_ids, num_slots, num_experts, nb,
+                              BLOCK_M=block_m, **common)
+        return sorted_ids, expert_ids
+    num_chunks = triton.cdiv(num_slots, chunk)
+    chunk_base = torch.empty(num_chunks, e_pad, dtype=torch.int32, device=dev)
+    K._align_count_kernel[(num_chunks,)](ids, mask, chunk_base, num_slots, num_experts, **common)
+    K._align_scan_kernel[(1,)](chunk_base, sorted_ids, expert_ids, num_chunks, num_slots, nb,
+                               BLOCK_M=block_m, E_PAD=e_pad, CHUNK=chunk, num_warps=warps)
+    K._align_place_kernel[(num_chunks,)](ids, mask, chunk_base, sorted_ids, num_slots,
+                                         num_experts, **common)
     return sorted_ids, expert_ids
 
 
