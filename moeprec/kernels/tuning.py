@@ -37,8 +37,9 @@ PATHS = ("bf16", "w4a16", "w4a8", "fp8", "w8a16")
 # entry ran Mixtral-8x7B w4a16 at M = 16384 3.5x slower than the heuristic).
 NEAREST_M_FACTOR = 4
 # From this many routed tokens per expert on, MXFP4 weights with bf16 activations are decoded
-# to bf16 before the GEMMs (H200, 2026-12-02: 1.0-1.9x faster than the MXFP4 tiles at 256-1024
-# tokens per expert on all four bench shapes, slower at 32-128; benchmarks/results/README.md).
+# to bf16 before the GEMMs (H200, 2026-12-02, four bench shapes: 1.0-1.5x faster than the MXFP4
+# tiles at 256 tokens per expert, 1.5-2.3x at 512-2048, even at 128, slower at 64 and below;
+# benchmarks/results/README.md).
 DEQUANT_MIN_TOKENS_PER_EXPERT = 256
 
 
