@@ -26,27 +26,35 @@ def test_bad_selection_names_the_flag(flag, value, name):
         main(["bench", flag, value])
 
 
-def test_config_lookup_nearest_m_and_fallback(tmp_path, monkeypatch):
+@pytest.fixture
+def tuned_table(tmp_path, monkeypatch):
+    """install(device_name, table): serve `table` as that device's tuned file (caches cleared
+    before and after)."""
+    monkeypatch.setenv("MOEPREC_FUSED_MOE_CONFIG_DIR", str(tmp_path))
+
+    def install(device_name, table):
+        (tmp_path / tuning.device_file_name(device_name)).write_text(json.dumps(table))
+        tuning.clear_caches()
+
+    yield install
+    tuning.clear_caches()
+
+
+def test_config_lookup_nearest_m_and_fallback(tuned_table):
     key = tuning.shape_key(8, 64, 32, 2)
     small = {"BLOCK_M": 16, "s1": {"BLOCK_N": 32, "BLOCK_K": 64}, "s2": {"BLOCK_N": 64, "BLOCK_K": 64}}
     large = {"BLOCK_M": 128, "s1": {"BLOCK_N": 128, "BLOCK_K": 128, "num_stages": 6},
              "s2": {"BLOCK_N": 128, "BLOCK_K": 64}}
-    name = tuning.device_file_name("Test GPU/X")
-    assert name == "fused_moe_Test_GPU_X.json"
-    (tmp_path / name).write_text(json.dumps({"bf16": {key: {"1": small, "4096": large}}}))
-    monkeypatch.setenv("MOEPREC_FUSED_MOE_CONFIG_DIR", str(tmp_path))
-    tuning.clear_caches()
-    try:
-        assert tuning.get_config("bf16", 2, 8, 64, 32, 2, "Test GPU/X")["BLOCK_M"] == 16
-        cfg = tuning.get_config("bf16", 3000, 8, 64, 32, 2, "Test GPU/X")
-        assert cfg["BLOCK_M"] == 128
-        # 6 stages of a 128 x 128 A tile + 256 x 128 weight rows cannot fit: cut down
-        assert cfg["s1"]["num_stages"] < 6
-        # another shape or device: the heuristic
-        assert tuning.get_config("bf16", 2, 8, 64, 48, 2, "Test GPU/X") == tuning.fix_config(
-            tuning.default_config("bf16", 2, 8, 64, 48, 2), "bf16")
-    finally:
-        tuning.clear_caches()
+    assert tuning.device_file_name("Test GPU/X") == "fused_moe_Test_GPU_X.json"
+    tuned_table("Test GPU/X", {"bf16": {key: {"1": small, "4096": large}}})
+    assert tuning.get_config("bf16", 2, 8, 64, 32, 2, "Test GPU/X")["BLOCK_M"] == 16
+    cfg = tuning.get_config("bf16", 3000, 8, 64, 32, 2, "Test GPU/X")
+    assert cfg["BLOCK_M"] == 128
+    # 6 stages of a 128 x 128 A tile + 256 x 128 weight rows cannot fit: cut down
+    assert cfg["s1"]["num_stages"] < 6
+    # another shape or device: the heuristic
+    assert tuning.get_config("bf16", 2, 8, 64, 48, 2, "Test GPU/X") == tuning.fix_config(
+        tuning.default_config("bf16", 2, 8, 64, 48, 2), "bf16")
 
 
 @pytest.mark.parametrize("path", tuning.PATHS)
@@ -59,57 +67,39 @@ def test_fixed_configs_are_legal(path):
             assert s["num_stages"] >= 2 and s["num_warps"] in (4, 8)
 
 
-def test_one_pair_blocks_do_not_carry_over_to_larger_batches(tmp_path, monkeypatch):
+def test_one_pair_blocks_do_not_carry_over_to_larger_batches(tuned_table):
     # a BLOCK_M = 1 entry streams an expert's weights once per token: tuned at M = 4, it serves
     # M <= 4 but not M = 64 (16 tokens per expert here), where the heuristic's tiles take over
     key = tuning.shape_key(8, 64, 32, 2)
     one = {"BLOCK_M": 1, "s1": {"BLOCK_N": 16, "BLOCK_K": 256}, "s2": {"BLOCK_N": 16, "BLOCK_K": 256}}
-    name = tuning.device_file_name("Test GPU/Y")
-    (tmp_path / name).write_text(json.dumps({"w4a16": {key: {"4": one}}}))
-    monkeypatch.setenv("MOEPREC_FUSED_MOE_CONFIG_DIR", str(tmp_path))
-    tuning.clear_caches()
-    try:
-        assert tuning.get_config("w4a16", 3, 8, 64, 32, 2, "Test GPU/Y")["BLOCK_M"] == 1
-        assert tuning.get_config("w4a16", 64, 8, 64, 32, 2, "Test GPU/Y")["BLOCK_M"] == 32
-    finally:
-        tuning.clear_caches()
+    tuned_table("Test GPU/Y", {"w4a16": {key: {"4": one}}})
+    assert tuning.get_config("w4a16", 3, 8, 64, 32, 2, "Test GPU/Y")["BLOCK_M"] == 1
+    assert tuning.get_config("w4a16", 64, 8, 64, 32, 2, "Test GPU/Y")["BLOCK_M"] == 32
 
 
-def test_tuned_entries_serve_batches_within_a_factor_of_4(tmp_path, monkeypatch):
+def test_tuned_entries_serve_batches_within_a_factor_of_4(tuned_table):
     # a table tuned at M = 16 only must not set launch settings for prefill batches
     key = tuning.shape_key(8, 64, 32, 2)
     tiny = {"BLOCK_M": 16, "s1": {"BLOCK_N": 32, "BLOCK_K": 32}, "s2": {"BLOCK_N": 32, "BLOCK_K": 32}}
-    name = tuning.device_file_name("Test GPU/Z")
-    (tmp_path / name).write_text(json.dumps({"bf16": {key: {"16": tiny}}}))
-    monkeypatch.setenv("MOEPREC_FUSED_MOE_CONFIG_DIR", str(tmp_path))
-    tuning.clear_caches()
-    try:
-        for M in (4, 16, 64):
-            assert tuning.get_config("bf16", M, 8, 64, 32, 2, "Test GPU/Z")["s1"]["BLOCK_N"] == 32
-        for M in (3, 65, 4096):  # more than 4x away: the heuristic
-            assert tuning.get_config("bf16", M, 8, 64, 32, 2, "Test GPU/Z") == tuning.fix_config(
-                tuning.default_config("bf16", M, 8, 64, 32, 2), "bf16")
-    finally:
-        tuning.clear_caches()
+    tuned_table("Test GPU/Z", {"bf16": {key: {"16": tiny}}})
+    for M in (4, 16, 64):
+        assert tuning.get_config("bf16", M, 8, 64, 32, 2, "Test GPU/Z")["s1"]["BLOCK_N"] == 32
+    for M in (3, 65, 4096):  # more than 4x away: the heuristic
+        assert tuning.get_config("bf16", M, 8, 64, 32, 2, "Test GPU/Z") == tuning.fix_config(
+            tuning.default_config("bf16", M, 8, 64, 32, 2), "bf16")
 
 
-def test_equally_near_tuned_batches_pick_the_larger(tmp_path, monkeypatch):
+def test_equally_near_tuned_batches_pick_the_larger(tuned_table):
     key = tuning.shape_key(8, 64, 32, 2)
     st = {"BLOCK_N": 32, "BLOCK_K": 64}
     table = {"bf16": {key: {"256": {"BLOCK_M": 32, "s1": st, "s2": st},
                             "4096": {"BLOCK_M": 128, "s1": st, "s2": st}}}}
-    name = tuning.device_file_name("Test GPU/T")
-    (tmp_path / name).write_text(json.dumps(table))
-    monkeypatch.setenv("MOEPREC_FUSED_MOE_CONFIG_DIR", str(tmp_path))
-    tuning.clear_caches()
-    try:
-        assert tuning.get_config("bf16", 1024, 8, 64, 32, 2, "Test GPU/T")["BLOCK_M"] == 128
-        assert tuning.get_config("bf16", 1000, 8, 64, 32, 2, "Test GPU/T")["BLOCK_M"] == 32
-    finally:
-        tuning.clear_caches()
+    tuned_table("Test GPU/T", table)
+    assert tuning.get_config("bf16", 1024, 8, 64, 32, 2, "Test GPU/T")["BLOCK_M"] == 128
+    assert tuning.get_config("bf16", 1000, 8, 64, 32, 2, "Test GPU/T")["BLOCK_M"] == 32
 
 
-def test_mxfp4_prefill_decodes_the_weights_first(tmp_path, monkeypatch):
+def test_mxfp4_prefill_decodes_the_weights_first(tuned_table):
     # from DEQUANT_MIN_TOKENS_PER_EXPERT tokens per expert on, unless a tuned entry says otherwise
     E, H, I, k = 8, 64, 32, 2  # noqa: E741
     edge = tuning.DEQUANT_MIN_TOKENS_PER_EXPERT * E // k
@@ -120,19 +110,13 @@ def test_mxfp4_prefill_decodes_the_weights_first(tmp_path, monkeypatch):
         assert not tuning.get_config(path, 16 * edge, E, H, I, k)["dequant"]
     key = tuning.shape_key(E, H, I, k)
     tiles = {"BLOCK_M": 128, "s1": {"BLOCK_N": 64, "BLOCK_K": 128}, "s2": {"BLOCK_N": 64, "BLOCK_K": 128}}
-    name = tuning.device_file_name("Test GPU/D")
-    table = {"w4a16": {key: {str(edge): dict(tiles, dequant=False), str(4 * edge): tiles}},
-             "bf16": {key: {str(4 * edge): dict(tiles, BLOCK_M=64)}}}
-    (tmp_path / name).write_text(json.dumps(table))
-    monkeypatch.setenv("MOEPREC_FUSED_MOE_CONFIG_DIR", str(tmp_path))
-    tuning.clear_caches()
-    try:
-        assert not tuning.get_config("w4a16", edge, E, H, I, k, "Test GPU/D")["dequant"]
-        # an entry from before the choice existed: decoded, with the bf16 path's tuned settings
-        cfg = tuning.get_config("w4a16", 4 * edge, E, H, I, k, "Test GPU/D")
-        assert cfg["dequant"] and cfg["BLOCK_M"] == 64
-    finally:
-        tuning.clear_caches()
+    tuned_table("Test GPU/D", {
+        "w4a16": {key: {str(edge): dict(tiles, dequant=False), str(4 * edge): tiles}},
+        "bf16": {key: {str(4 * edge): dict(tiles, BLOCK_M=64)}}})
+    assert not tuning.get_config("w4a16", edge, E, H, I, k, "Test GPU/D")["dequant"]
+    # an entry from before the choice existed: decoded, with the bf16 path's tuned settings
+    cfg = tuning.get_config("w4a16", 4 * edge, E, H, I, k, "Test GPU/D")
+    assert cfg["dequant"] and cfg["BLOCK_M"] == 64
 
 
 def test_tune_searches_one_pair_blocks_for_decode_with_16_bit_activations():

@@ -7,40 +7,11 @@ fused_moe_triton._ALIGN_ONE_PROGRAM_MAX_SLOTS slots); "three": the count / scan 
 "torch": moeprec.dispatch.moe_align_block_size (a sort and ~25 small ops). Host time is the CPU
 wall time per call in a loop of 50 (no sync inside); GPU time is a CUDA-graph replay.
 """
-import time
-
 import torch
+from _timing import graph_us, host_us  # noqa: E402 (this folder)
 
 import moeprec.kernels.fused_moe_triton as m
 from moeprec.dispatch import moe_align_block_size
-
-
-def host_us(f, n=50):
-    for _ in range(5):
-        f()
-    torch.cuda.synchronize()
-    t0 = time.perf_counter()
-    for _ in range(n):
-        f()
-    t1 = time.perf_counter()
-    torch.cuda.synchronize()
-    return (t1 - t0) / n * 1e6
-
-
-def graph_us(f, n=50):
-    f()
-    torch.cuda.synchronize()
-    g = torch.cuda.CUDAGraph()
-    with torch.cuda.graph(g):
-        f()
-    s, e = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
-    g.replay()
-    s.record()
-    for _ in range(n):
-        g.replay()
-    e.record()
-    torch.cuda.synchronize()
-    return s.elapsed_time(e) / n * 1e3
 
 
 def _used(sorted_ids, expert_ids, bm):

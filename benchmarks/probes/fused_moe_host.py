@@ -7,44 +7,14 @@ the GPU time, eager timing measures the CPU, not the kernels). GPU time: the sam
 from a CUDA graph (no host work at all).
 """
 import argparse
-import time
 
 import torch
+from _timing import graph_us, host_us  # noqa: E402 (this folder)
 
 from moeprec.cli.bench import SHAPES, make_inputs, make_weights
 from moeprec.fused_moe_op import _validate, fused_moe
 from moeprec.kernels.fused_moe_triton import align_blocks, fused_moe_triton_impl
 from moeprec.kernels.tuning import get_config
-
-
-def host_us(f, n=50):
-    for _ in range(5):
-        f()
-    torch.cuda.synchronize()
-    t0 = time.perf_counter()
-    for _ in range(n):
-        f()
-    t1 = time.perf_counter()
-    torch.cuda.synchronize()
-    return (t1 - t0) / n * 1e6
-
-
-def graph_us(f, n=20):
-    for _ in range(3):
-        f()
-    torch.cuda.synchronize()
-    g = torch.cuda.CUDAGraph()
-    with torch.cuda.graph(g):
-        f()
-    start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
-    g.replay()
-    start.record()
-    for _ in range(n):
-        g.replay()
-    end.record()
-    torch.cuda.synchronize()
-    return start.elapsed_time(end) / n * 1e3
-
 
 p = argparse.ArgumentParser()
 p.add_argument("--shapes", default="qwen3-30b-a3b,gpt-oss-20b")

@@ -1,0 +1,35 @@
+"""Timing helpers shared by the probes (run them as `python3 benchmarks/probes/<name>.py`)."""
+import time
+
+import torch
+
+
+def host_us(f, n=50):
+    """CPU wall time per call over n back-to-back calls, stopped before the final sync."""
+    for _ in range(5):
+        f()
+    torch.cuda.synchronize()
+    t0 = time.perf_counter()
+    for _ in range(n):
+        f()
+    t1 = time.perf_counter()
+    torch.cuda.synchronize()
+    return (t1 - t0) / n * 1e6
+
+
+def graph_us(f, n=20):
+    """GPU time per call: f captured once in a CUDA graph, replayed n times."""
+    for _ in range(3):
+        f()
+    torch.cuda.synchronize()
+    g = torch.cuda.CUDAGraph()
+    with torch.cuda.graph(g):
+        f()
+    start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+    g.replay()
+    start.record()
+    for _ in range(n):
+        g.replay()
+    end.record()
+    torch.cuda.synchronize()
+    return start.elapsed_time(end) / n * 1e3
