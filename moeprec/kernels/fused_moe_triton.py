@@ -165,7 +165,8 @@ def _gemm_dequantized(*, b, b_scale, bias, expert_ids, b_fmt, **kw) -> None:
     main loop; the product is then the plain bf16 kernel's. The decoded values are the ones the
     in-kernel decode feeds the MMAs (E2M1 * 2^(s-127) is exact in bf16), so results agree
     with the MXFP4 tiles up to summation order. Blocks of experts outside the chunk are marked
-    -1 and skipped; the chunking depends on shapes only (no host sync).
+    -1 and skipped; the chunking depends on shapes only (no host sync). Takes `_launch_gemm`'s
+    arguments; the MXFP4 ones (`b`, `b_scale`, `b_fmt`) are replaced by the decoded chunk.
     """
     from moeprec.kernels.quantize import dequantize_mxfp4_triton
 
