@@ -362,6 +362,23 @@ def test_dequant_config_rules():
     assert fix_config(dict(cfg, dequant=False), "w4a16")["s1"]["BLOCK_K"] == 64
 
 
+@pytest.mark.parametrize("dtype", [torch.float16, torch.float32])
+def test_dequant_with_fp16_and_fp32_models(dtype):
+    # fp16: the weights are decoded to fp16 (rounded once, as the tiles' decode); fp32 models
+    # keep the MXFP4 tiles (their explicit fp32 decode), whatever the config says
+    m = _kernel_module()
+    from moeprec.kernels.tuning import fix_config
+
+    M, H, I, E, k = 6, 64, 96, 3, 2  # noqa: E741
+    x, w1, w2, tw, ti, kw = make_case(M, H, I, E, k, "mxfp4", dtype=dtype, seed=41)
+    ref = fused_moe(x, w1, w2, tw, ti, backend="torch", quant="mxfp4", **kw)
+    st = {"BLOCK_N": 32, "BLOCK_K": 64, "num_warps": 4, "num_stages": 2}
+    cfg = fix_config({"BLOCK_M": 16, "dequant": True, "s1": dict(st), "s2": dict(st)}, "w4a16")
+    out = m.fused_moe_triton_impl(x, w1, w2, tw, ti, quant="mxfp4", config=cfg, **kw)
+    assert out.dtype == dtype
+    assert_close(out, ref)
+
+
 def test_decode_defaults_take_the_cuda_core_blocks_for_mxfp4_only():
     from moeprec.kernels.tuning import default_config
 
