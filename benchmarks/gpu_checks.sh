@@ -6,7 +6,7 @@
 #   bash benchmarks/gpu_checks.sh kernels      # training kernels (act, gather) off vs on
 #   bash benchmarks/gpu_checks.sh moe          # fused MoE bench, all shapes and paths (no peers)
 #   bash benchmarks/gpu_checks.sh decode       # decode blocks: their tests, memcheck, bench M <= 64
-#   bash benchmarks/gpu_checks.sh decode-tune  # re-tune decode points (incl. f32_act), bench them
+#   bash benchmarks/gpu_checks.sh decode-tune  # re-tune decode points (f32_act, pair_blocks), bench
 #   bash benchmarks/gpu_checks.sh dequant      # MXFP4 prefill: its tests, bench bf16 + w4a16 M >= 256
 #   bash benchmarks/gpu_checks.sh dequant-probe  # weights decoded first vs the MXFP4 tiles
 #   bash benchmarks/gpu_checks.sh prefill-tune # tune bf16 at M = 1024, 16384, bench with that table
@@ -52,7 +52,7 @@ for section in "${@:-tests}"; do
         python3 benchmarks/sanitize_fused_moe.py 2>&1 | tee "$OUT/memcheck.log" | tail -5
       timeout 180 python3 -m moeprec bench --paths bf16,mxfp4-w4a16 --M 1,4,16,64 --no-peers \
         --reps 8 --sets 3 --no-plot --out "$OUT/decode" 2>&1 | tee "$OUT/decode.log" | tail -34 ;;
-    decode-tune)  # re-tune the decode points (tries f32_act), then bench with that table
+    decode-tune)  # re-tune the decode points (tries f32_act, pair_blocks), bench with that table
       mkdir -p "$OUT/configs"
       cp moeprec/configs/fused_moe_NVIDIA_H200.json "$OUT/configs/" 2>/dev/null
       timeout 330 python3 -m moeprec tune --shapes qwen3-30b-a3b,mixtral-8x7b,gpt-oss-20b,deepseek-v3 \

@@ -1,8 +1,9 @@
 """Small fused MoE calls on every kernel path, for `compute-sanitizer --tool memcheck`.
 
 Includes out-of-range and masked expert ids, M=1, sizes off the tile, the CUDA-core decode
-blocks (BLOCK_M = 1) with stage-2 K splits, the three-launch block alignment (M = 200: 600
-slots) and MXFP4 weights decoded before the GEMMs ("dequant", two experts at a time). Exit code 0 and the
+blocks (BLOCK_M = 1) with stage-2 K splits and without alignment ("pair_blocks"), the
+three-launch block alignment (M = 200: 600 slots) and MXFP4 weights decoded before the GEMMs
+("dequant", two experts at a time). Exit code 0 and the
 sanitizer's "0 errors" are the check; outputs are also compared with the torch reference.
 """
 
@@ -39,6 +40,11 @@ def main() -> None:
                 out = fused_moe_triton_impl(x, w1, w2, tw, ti, config=cfg, **args)
                 assert_close(out, ref)
                 print(quant, act, M, "BLOCK_M=1 split_k=3 ok", flush=True)
+                # no alignment: the GEMMs check the raw ids (out of range, masked) themselves
+                out = fused_moe_triton_impl(x, w1, w2, tw, ti, config=dict(cfg, pair_blocks=True),
+                                            **args)
+                assert_close(out, ref)
+                print(quant, act, M, "BLOCK_M=1 pair_blocks ok", flush=True)
             if quant == "mxfp4" and act == "bf16":  # decoded first, in chunks of 2 experts
                 import moeprec.kernels.fused_moe_triton as m
 

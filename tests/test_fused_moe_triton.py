@@ -281,6 +281,38 @@ def test_gemv_product_matches_reference(quant, split_k, block_k):
     # fp32 copies of the activations: the same values, so the same bits
     out32 = m.fused_moe_triton_impl(x, w1, w2, tw, ti, config=dict(cfg, f32_act=True), **args)
     assert torch.equal(out32, out)
+    # blocks of one flat slot each, no alignment: the same products, so the same bits (the
+    # atomic adds of stage 2 come in another order: equal up to that)
+    pairs = m.fused_moe_triton_impl(x, w1, w2, tw, ti, config=dict(cfg, pair_blocks=True), **args)
+    torch.testing.assert_close(pairs, out, rtol=1e-2, atol=1e-2)
+    assert_close(pairs, ref)
+
+
+@pytest.mark.parametrize("masked", [False, True])
+def test_pair_blocks_check_ids_in_the_kernel(masked):
+    # "pair_blocks": no alignment; int64 ids past E (2**32 + 1 must not alias expert 1), negative
+    # ids and masked experts are skipped by the GEMM kernels themselves; stored (non-atomic)
+    # combine too, where skipped rows must stay zero
+    m = _kernel_module()
+    from moeprec.kernels.tuning import fix_config
+
+    M, H, I, E, k = 5, 64, 64, 4, 3  # noqa: E741
+    x, w1, w2, tw, ti, kw = make_case(M, H, I, E, k, "mxfp4", seed=51)
+    ti = ti.to(torch.int64)
+    ti[0, 0], ti[1, 1], ti[2, 2] = 2**32 + 1, -1, E
+    mask = None
+    if masked:
+        mask = torch.ones(E, dtype=torch.bool, device=x.device)
+        mask[int(ti[3, 0])] = False
+    args = dict(quant="mxfp4", expert_mask=mask, **kw)
+    ref = fused_moe(x, w1, w2, tw, ti, backend="torch", check_topk_ids=False, **args)
+    st = {"BLOCK_N": 16, "BLOCK_K": 64, "num_warps": 4, "num_stages": 2}
+    for atomic in (True, False):
+        cfg = fix_config({"BLOCK_M": 1, "atomic": atomic, "pair_blocks": True, "s1": dict(st),
+                          "s2": dict(st)}, "w4a16")
+        assert cfg["pair_blocks"]
+        out = m.fused_moe_triton_impl(x, w1, w2, tw, ti, config=cfg, **args)
+        assert_close(out, ref)
 
 
 @pytest.mark.parametrize("block_m", [1, 16])
@@ -404,6 +436,10 @@ def test_gemv_config_rules():
     assert fix_config({"BLOCK_M": 1, "f32_act": True, "s1": dict(st), "s2": dict(st)}, "w4a16")["f32_act"]
     assert not fix_config({"BLOCK_M": 16, "f32_act": True, "s1": dict(st), "s2": dict(st)}, "w4a16")["f32_act"]
     assert not fp8["f32_act"]
+    # pair blocks: decode blocks only
+    assert fix_config({"BLOCK_M": 1, "pair_blocks": True, "s1": dict(st), "s2": dict(st)}, "w4a16")["pair_blocks"]
+    assert not fix_config({"BLOCK_M": 16, "pair_blocks": True, "s1": dict(st), "s2": dict(st)}, "w4a16")["pair_blocks"]
+    assert not fix_config({"BLOCK_M": 1, "pair_blocks": True, "s1": dict(st), "s2": dict(st)}, "w4a8")["pair_blocks"]
     for bad in (4, 24):
         with pytest.raises(ValueError, match="BLOCK_M"):
             fix_config({"BLOCK_M": bad, "s1": dict(st), "s2": dict(st)}, "bf16")

@@ -512,8 +512,8 @@ def _mma_tiles(a_base, row_ok, a_sc, b_base, bs_base, rows, rows_ok, K, stride_a
 @triton.jit
 def _moe_gemm_kernel(
     a_ptr, a_scale_ptr, b_ptr, bs_ptr, bias_ptr, c_ptr, c_scale_ptr,
-    sorted_ids_ptr, expert_ids_ptr, topk_w_ptr,
-    N, K, num_slots, top_k, num_pid_m,
+    sorted_ids_ptr, expert_ids_ptr, topk_w_ptr, expert_mask_ptr,
+    N, K, num_slots, top_k, num_pid_m, num_experts,
     stride_am, stride_ak, stride_asm,
     stride_be, stride_bn, stride_bk, stride_bse, stride_bsn, stride_bsk,
     stride_biase, stride_cm, stride_cn, stride_csm,
@@ -536,6 +536,10 @@ def _moe_gemm_kernel(
     TILE_ROWS: tl.constexpr,     # weight rows per program: 2 * BLOCK_N in stage 1, else BLOCK_N
     GEMV: tl.constexpr,          # BLOCK_M = 1: CUDA-core product (16-bit activations)
     SPLIT_K: tl.constexpr,       # stage 2 with atomics: programs per output tile along K
+    PAIR_BLOCKS: tl.constexpr,   # BLOCK_M = 1 without alignment: block b is flat slot b, and
+                                 # expert_ids_ptr points at the flat topk ids (range and mask
+                                 # checked here; sorted_ids unused)
+    HAS_MASK: tl.constexpr,      # PAIR_BLOCKS only: expert_mask_ptr holds the expert mask
 ):
     pid = tl.program_id(0)
     pid_k = tl.program_id(1)
@@ -548,13 +552,22 @@ def _moe_gemm_kernel(
     pid_m = first_m + (pid % width) % gsize
     pid_n = (pid % width) // gsize
 
-    expert = tl.load(expert_ids_ptr + pid_m)
-    if expert < 0:
-        return
-    expert = expert.to(tl.int64)
-
     offs_m = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)
-    slot = tl.load(sorted_ids_ptr + offs_m)
+    if PAIR_BLOCKS:
+        # range-checked in the loaded dtype, as the alignment does (int64 ids wider than E)
+        expert = tl.load(expert_ids_ptr + pid_m)
+        skip = (expert < 0) | (expert >= num_experts)
+        if HAS_MASK:
+            skip = skip | (tl.load(expert_mask_ptr + tl.where(skip, 0, expert)) == 0)
+        if skip:
+            return
+        slot = offs_m
+    else:
+        expert = tl.load(expert_ids_ptr + pid_m)
+        if expert < 0:
+            return
+        slot = tl.load(sorted_ids_ptr + offs_m)
+    expert = expert.to(tl.int64)
     row_ok = slot < num_slots
     slot = tl.where(row_ok, slot, 0).to(tl.int64)
     if STAGE1:

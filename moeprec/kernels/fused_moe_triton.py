@@ -121,8 +121,11 @@ def _compute_dtype(dtype: torch.dtype) -> Any:
 def _launch_gemm(*, a, a_scale, b, b_scale, bias, c, c_scale, sorted_ids, expert_ids, topk_w,
                  N, Kdim, num_slots, top_k, interleaved, stage1, b_fmt, a_fp8,
                  a_quant, act, mul_weight, atomic_out, quant_out, compute_dtype, alpha,
-                 limit, block_m, st):
+                 limit, block_m, st, pair_mask=None, num_experts=0):
+    """One stage. `sorted_ids=None`: pair blocks (BLOCK_M = 1, no alignment): `expert_ids` is
+    then the flat topk ids and `pair_mask` the expert mask, both checked in the kernel."""
     num_pid_m = expert_ids.numel()
+    pair_blocks = sorted_ids is None
     # MXFP4 through tl.dot_scaled on the GPU for 16-bit models (the interpreter and fp32 models
     # take the explicit decode); the config may turn it off
     dot_scaled = (b_fmt == 1 and not triton_interpret() and a.dtype != torch.float32
@@ -131,7 +134,9 @@ def _launch_gemm(*, a, a_scale, b, b_scale, bias, c, c_scale, sorted_ids, expert
     gemv = block_m == 1 and not a_fp8  # one (token, expert) pair per block: CUDA cores
     split_k = int(st.get("split_k", 1)) if gemv and atomic_out else 1
     grid = (num_pid_m * triton.cdiv(N, st["BLOCK_N"]), split_k)
-    dummy = sorted_ids
+    dummy = expert_ids
+    if pair_blocks:
+        sorted_ids = dummy
     a_scale_t = a_scale if a_scale is not None else dummy
     b_scale_t = b_scale if b_scale is not None else dummy
     bias_t = bias if bias is not None else dummy
@@ -142,7 +147,8 @@ def _launch_gemm(*, a, a_scale, b, b_scale, bias, c, c_scale, sorted_ids, expert
 
     K._moe_gemm_kernel[grid](
         a, a_scale_t, b, b_scale_t, bias_t, c, c_scale_t, sorted_ids, expert_ids, topk_w,
-        N, Kdim, num_slots, top_k, num_pid_m,
+        pair_mask if pair_mask is not None else dummy,
+        N, Kdim, num_slots, top_k, num_pid_m, num_experts,
         a.stride(0), a.stride(1), s(a_scale, 0),
         b.stride(0), b.stride(1), b.stride(2), s(b_scale, 0), s(b_scale, 1), s(b_scale, 2),
         s(bias, 0), c.stride(0), c.stride(1), s(c_scale, 0),
@@ -153,6 +159,7 @@ def _launch_gemm(*, a, a_scale, b, b_scale, bias, c, c_scale, sorted_ids, expert
         DOT_SCALED=dot_scaled, A_FMT=a_fmt,
         BLOCK_M=block_m, BLOCK_N=st["BLOCK_N"], BLOCK_K=st["BLOCK_K"], GROUP_M=st["GROUP_M"],
         TILE_ROWS=2 * st["BLOCK_N"] if stage1 else st["BLOCK_N"], GEMV=gemv, SPLIT_K=split_k,
+        PAIR_BLOCKS=pair_blocks, HAS_MASK=pair_mask is not None,
         num_warps=st["num_warps"], num_stages=st["num_stages"],
     )
 
@@ -213,7 +220,14 @@ def fused_moe_triton_impl(
     # biases and routed weights are indexed with unit inner stride in the kernels
     bias1 = bias1.contiguous() if bias1 is not None else None
     bias2 = bias2.contiguous() if bias2 is not None else None
-    sorted_ids, expert_ids = align_blocks(topk_ids, E, bm, expert_mask)
+    pair = {}
+    if bm == 1 and cfg.get("pair_blocks", False):
+        # one block per flat (token, slot): no alignment launch; the kernel checks the ids
+        sorted_ids, expert_ids = None, topk_ids.reshape(-1).contiguous()
+        pair = dict(num_experts=E, pair_mask=expert_mask.to(torch.int32).contiguous()
+                    if expert_mask is not None else None)
+    else:
+        sorted_ids, expert_ids = align_blocks(topk_ids, E, bm, expert_mask)
     topk_w = topk_weights.reshape(-1)
     if not topk_w.is_contiguous():
         topk_w = topk_w.contiguous()
@@ -252,7 +266,7 @@ def fused_moe_triton_impl(
         top_k=k, interleaved=gate_mode == "interleaved", stage1=True, b_fmt=b_fmt, a_fp8=a_fp8,
         a_quant=False, act=act, mul_weight=apply_router_weight_on_input, atomic_out=False,
         quant_out=fuse_quant, compute_dtype=compute_dtype, alpha=swiglu_alpha, limit=swiglu_limit,
-        block_m=bm, st=s1,
+        block_m=bm, st=s1, **pair,
     )
     inter_scale = inter_amax
     if act_dtype == "fp4":
@@ -274,6 +288,7 @@ def fused_moe_triton_impl(
         a_quant=fuse_quant, act=act,
         mul_weight=not apply_router_weight_on_input, atomic_out=atomic, quant_out=False,
         compute_dtype=compute_dtype, alpha=swiglu_alpha, limit=swiglu_limit, block_m=bm, st=s2,
+        **pair,
     )
     if not atomic:
         out32 = out32.view(M, k, H).sum(dim=1)

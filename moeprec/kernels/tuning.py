@@ -12,7 +12,8 @@ walk the same block layout. BLOCK_M = 1 (paths with 16-bit activations) runs bot
 CUDA cores, one (token, expert) pair per block, and stage 2 may then split K ("split_k");
 "f32_act": true there feeds both stages fp32 copies of their 16-bit activations (the same
 values: x upcast, the intermediate rounded to the model dtype then stored as fp32), which spares
-the loop the per-weight bf16 -> fp32 conversions.
+the loop the per-weight bf16 -> fp32 conversions; "pair_blocks": true there skips the alignment
+launch (block b is flat slot b; the GEMM kernels check each id's range and mask themselves).
 "dequant": true (MXFP4 with 16-bit activations, tensor-core tiles) decodes the weights to the
 model dtype before each stage and runs the plain kernels with the config's settings.
 Lookup takes the exact shape key and the nearest tuned M (in log scale) if it is within a factor
@@ -101,6 +102,7 @@ def fix_config(cfg: dict[str, Any], path: str) -> dict[str, Any]:
            "fuse_quant": bool(cfg.get("fuse_quant", True)),
            "f32_act": bool(cfg.get("f32_act", False)),
            "dequant": bool(cfg.get("dequant", False)),
+           "pair_blocks": bool(cfg.get("pair_blocks", False)),
            "s1": dict(cfg["s1"]), "s2": dict(cfg["s2"])}
     bm = cfg["BLOCK_M"]
     if bm != 1 and (bm < 16 or bm & (bm - 1)):
@@ -112,6 +114,7 @@ def fix_config(cfg: dict[str, Any], path: str) -> dict[str, Any]:
         cfg["BLOCK_M"] = max(bm, 16)
     gemv = cfg["BLOCK_M"] == 1
     cfg["f32_act"] = cfg["f32_act"] and gemv  # the CUDA-core blocks only
+    cfg["pair_blocks"] = cfg["pair_blocks"] and gemv
     for st in ("s1", "s2"):
         s = cfg[st]
         # K splits add into the fp32 output with atomics: stage 2 only, atomic combine only
