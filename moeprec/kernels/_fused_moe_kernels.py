@@ -553,21 +553,19 @@ def _moe_gemm_kernel(
     pid_n = (pid % width) // gsize
 
     offs_m = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)
-    if PAIR_BLOCKS:
-        # range-checked in the loaded dtype, as the alignment does (int64 ids wider than E)
-        expert = tl.load(expert_ids_ptr + pid_m)
-        skip = (expert < 0) | (expert >= num_experts)
-        if HAS_MASK:
-            skip = skip | (tl.load(expert_mask_ptr + tl.where(skip, 0, expert)) == 0)
-        if skip:
-            return
-        slot = offs_m
+    if PAIR_BLOCKS:  # the raw id, range-checked and masked as the alignment does (-1: skip)
+        ids, _ = _load_local_ids(expert_ids_ptr, expert_mask_ptr, offs_m, num_slots,
+                                 num_experts, HAS_MASK)
+        expert = tl.max(ids, axis=0)
     else:
         expert = tl.load(expert_ids_ptr + pid_m)
-        if expert < 0:
-            return
-        slot = tl.load(sorted_ids_ptr + offs_m)
+    if expert < 0:
+        return
     expert = expert.to(tl.int64)
+    if PAIR_BLOCKS:
+        slot = offs_m
+    else:
+        slot = tl.load(sorted_ids_ptr + offs_m)
     row_ok = slot < num_slots
     slot = tl.where(row_ok, slot, 0).to(tl.int64)
     if STAGE1:

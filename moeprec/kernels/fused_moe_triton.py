@@ -68,6 +68,11 @@ def max_blocks(num_slots: int, num_experts: int, block_m: int) -> int:
     return triton.cdiv(num_slots, block_m) + min(num_experts, num_slots)
 
 
+def _mask_i32(expert_mask: torch.Tensor) -> torch.Tensor:
+    """The expert mask as the kernels read it (int32, unit stride)."""
+    return expert_mask.to(torch.int32).contiguous()
+
+
 def align_blocks(topk_ids: torch.Tensor, num_experts: int, block_m: int,
                  expert_mask: torch.Tensor | None) -> tuple[torch.Tensor, torch.Tensor]:
     """(sorted_ids, expert_ids) in vLLM's block layout; masked and out-of-range ids dropped.
@@ -79,7 +84,7 @@ def align_blocks(topk_ids: torch.Tensor, num_experts: int, block_m: int,
     dev = topk_ids.device
     sorted_ids = torch.empty(nb * block_m, dtype=torch.int32, device=dev)
     expert_ids = torch.empty(nb, dtype=torch.int32, device=dev)
-    mask = expert_mask.to(torch.int32).contiguous() if expert_mask is not None else sorted_ids
+    mask = _mask_i32(expert_mask) if expert_mask is not None else sorted_ids
     ids = topk_ids.reshape(-1)
     e_pad = triton.next_power_of_2(num_experts)
     chunk = max(16, min(64, 16384 // e_pad))  # a [chunk, e_pad] one-hot tile per step
@@ -224,7 +229,7 @@ def fused_moe_triton_impl(
     if bm == 1 and cfg.get("pair_blocks", False):
         # one block per flat (token, slot): no alignment launch; the kernel checks the ids
         sorted_ids, expert_ids = None, topk_ids.reshape(-1).contiguous()
-        pair = dict(num_experts=E, pair_mask=expert_mask.to(torch.int32).contiguous()
+        pair = dict(num_experts=E, pair_mask=_mask_i32(expert_mask)
                     if expert_mask is not None else None)
     else:
         sorted_ids, expert_ids = align_blocks(topk_ids, E, bm, expert_mask)
