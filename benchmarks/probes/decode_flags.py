@@ -1,0 +1,74 @@
+"""Probe: the decode switches "f32_act" and "pair_blocks" against the tuned decode configs.
+
+    python3 benchmarks/probes/decode_flags.py [--out DIR]
+
+For each shape, path (bf16, mxfp4-w4a16) and M in 1, 4, 16, 64: the configuration the op uses
+today (tuning.get_config on this device) and, where it runs one-pair blocks (BLOCK_M = 1), the
+same with f32_act, pair_blocks and both. bf16 at M <= 16 also tries one-pair blocks with the
+w4a16 entry's stage settings (the bf16 table has none). Each variant is a CUDA-graph replay
+over 3 input sets (median of 30), and its output must equal the base variant's bit for bit
+where the switch promises that (pair_blocks, f32_act), else within bf16 rounding.
+"""
+import argparse
+import json
+import os
+
+import torch
+
+from moeprec.cli.bench import PATHS, SHAPES, _as_graphs, _median_ms, make_inputs, make_weights
+from moeprec.cli.tune import KERNEL_PATH
+from moeprec.kernels.fused_moe_triton import fused_moe_triton_impl
+from moeprec.kernels.tuning import fix_config, get_config
+
+ap = argparse.ArgumentParser()
+ap.add_argument("--out", default=None)
+ap.add_argument("--M", default="1,4,16,64")
+args = ap.parse_args()
+device = torch.cuda.get_device_name()
+rows = []
+print(f"{'shape':<14}{'path':<13}{'M':>4}  {'variant':<34}{'us':>8}{'x base':>8}  same", flush=True)
+for shape, (H, I, E, k) in SHAPES.items():  # noqa: E741
+    for path in ("bf16", "mxfp4-w4a16"):
+        quant, act = PATHS[path]
+        kpath = KERNEL_PATH[path]
+        weights = make_weights(path, H, I, E)
+        wkw = {n: t for n, t in weights.items() if n not in ("w1", "w2")}
+        for M in (int(m) for m in args.M.split(",")):
+            inputs = make_inputs(M, H, E, k, 3, seed=11)
+            base = get_config(kpath, M, E, H, I, k, device)
+            variants = {"table": base}
+            one_pair = dict(base) if base["BLOCK_M"] == 1 else None
+            if one_pair is None and kpath == "bf16" and M <= 16:
+                w4 = get_config("w4a16", M, E, H, I, k, device)
+                if w4["BLOCK_M"] == 1:
+                    one_pair = {kk: v for kk, v in w4.items() if kk != "dequant"}
+                    variants["one-pair (w4a16 stages)"] = one_pair
+            if one_pair is not None:
+                for name, flags in (("f32_act", {"f32_act": True}), ("pair_blocks", {"pair_blocks": True}),
+                                    ("f32_act+pair_blocks", {"f32_act": True, "pair_blocks": True})):
+                    variants[("one-pair " if one_pair is not base else "") + name] = dict(one_pair, **flags)
+            ref_out, ref_us = None, None
+            for name, cfg in variants.items():
+                cfg = fix_config(cfg, kpath)
+                fns = [lambda a=a, c=cfg: fused_moe_triton_impl(
+                    a[0], weights["w1"], weights["w2"], a[1], a[2], quant=quant, act_dtype=act,
+                    config=c, **wkw) for a in inputs]
+                out = fns[0]()
+                us = _median_ms(_as_graphs(fns), 30) * 1e3
+                if ref_out is None:
+                    ref_out, ref_us, same = out, us, "-"
+                elif name.endswith(("f32_act", "pair_blocks")) and not name.startswith("one-pair (") \
+                        and base["BLOCK_M"] == 1:
+                    same = "bits" if torch.equal(out, ref_out) else "DIFFER"
+                else:
+                    err = ((out.float() - ref_out.float()).abs().max() / ref_out.float().abs().max()).item()
+                    same = f"rel {err:.1e}"
+                print(f"{shape:<14}{path:<13}{M:>4}  {name:<34}{us:8.1f}{ref_us / us:8.2f}  {same}", flush=True)
+                rows.append({"shape": shape, "path": path, "M": M, "variant": name, "us": us,
+                             "config": cfg, "same": same})
+        del weights
+        torch.cuda.empty_cache()
+if args.out:
+    os.makedirs(args.out, exist_ok=True)
+    with open(os.path.join(args.out, "decode_flags.json"), "w") as f:
+        json.dump({"device": device, "torch": torch.__version__, "rows": rows}, f, indent=1)
