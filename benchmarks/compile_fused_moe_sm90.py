@@ -2,7 +2,7 @@
 
 For each variant: shared memory, whether loads are asynchronous copies (cp.async: pipelined),
 and for the CUDA-core (BLOCK_M = 1) variants the SASS instructions per weight of the K loop
-(with bf16 activations, then with the fp32 copies of config "f32_act", then "pair_blocks");
+(with the alignment's block lists, then without them: config "pair_blocks");
 the MMA instruction (wgmma = Hopper tensor cores; mma.sync = the older path Triton takes for
 BLOCK_M < 64) and the wgmma wait depths (pendings >= 1 means consecutive MMAs overlap; 0 after
 every dot means they are serialized). Pointer and stride divisibility are declared as the
@@ -27,8 +27,7 @@ UNIT_STRIDES = ("stride_ak", "stride_bk", "stride_bsk", "stride_cn", "stride_asm
 NOT_DIVISIBLE = ("alpha", "limit", "num_slots", "top_k", "num_pid_m", "num_experts")
 
 
-def compile_variant(stage1, b_fmt, a_fp8, dot_scaled, bm, bn, bk, warps, stages=3, a_f32=False,
-                    pair=False):
+def compile_variant(stage1, b_fmt, a_fp8, dot_scaled, bm, bn, bk, warps, stages=3, pair=False):
     fn = K._moe_gemm_kernel
     names = fn.arg_names
     a_quant = a_fp8 and not stage1
@@ -41,11 +40,11 @@ def compile_variant(stage1, b_fmt, a_fp8, dot_scaled, bm, bn, bk, warps, stages=
         HAS_MASK=pair, **{s: 1 for s in UNIT_STRIDES},
     )
     ptrs = {
-        "a_ptr": "*fp8e4nv" if (a_fp8 and stage1) else ("*fp32" if a_f32 else "*bf16"),
+        "a_ptr": "*fp8e4nv" if (a_fp8 and stage1) else "*bf16",
         "a_scale_ptr": "*fp32",
         "b_ptr": {0: "*bf16", 1: "*u8", 2: "*fp8e4nv"}[b_fmt],
         "bs_ptr": "*u8" if b_fmt == 1 else "*fp32", "bias_ptr": "*fp32",
-        "c_ptr": "*bf16" if stage1 and not a_f32 else "*fp32", "c_scale_ptr": "*fp32",
+        "c_ptr": "*bf16" if stage1 else "*fp32", "c_scale_ptr": "*fp32",
         "sorted_ids_ptr": "*i32", "expert_ids_ptr": "*i32", "topk_w_ptr": "*fp32",
         "expert_mask_ptr": "*i32",
     }
@@ -93,17 +92,16 @@ def main() -> None:
         # BLOCK_M = 1: the CUDA-core decode blocks (MXFP4 words decoded by inline PTX)
         (True, 1, False, False, 1, 16, 256, 4), (False, 1, False, False, 1, 16, 256, 4),
     ]
-    # the decode blocks again with fp32 activation copies (config "f32_act"), then without
-    # alignment (config "pair_blocks": raw ids and the expert mask read by the GEMM)
-    decode = [v for v in variants if v[4] == 1]
-    variants += [v + (3, True) for v in decode] + [v + (3, False, True) for v in decode]
+    # the decode blocks again without alignment (config "pair_blocks": raw ids and the expert
+    # mask read by the GEMM kernels)
+    variants += [v + (3, True) for v in variants if v[4] == 1]
     for v in variants:
         c = compile_variant(*v)
         ptx, ttgir = c.asm["ptx"], c.asm["ttgir"]
         ops = collections.Counter(re.findall(r"\b(wgmma\.mma_async|mma\.sync)", ptx))
         cp = len(re.findall(r"cp\.async\.c[ag]", ptx))
         waits = sorted(set(re.findall(r"pendings = (\d+)", ttgir)))
-        f32 = (" f32_act" if len(v) > 9 and v[9] else "") + (" pair_blocks" if len(v) > 10 and v[10] else "")
+        f32 = " pair_blocks" if len(v) > 9 and v[9] else ""
         print(f"stage{'1' if v[0] else '2'} b_fmt={v[1]} a_fp8={v[2]:d} dot_scaled={v[3]:d} "
               f"BM={v[4]} BN={v[5]} BK={v[6]}{f32}: smem {c.metadata.shared} B, cp.async {cp}, "
               f"{dict(ops)}, wgmma waits {waits}")

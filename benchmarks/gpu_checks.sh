@@ -6,7 +6,8 @@
 #   bash benchmarks/gpu_checks.sh kernels      # training kernels (act, gather) off vs on
 #   bash benchmarks/gpu_checks.sh moe          # fused MoE bench, all shapes and paths (no peers)
 #   bash benchmarks/gpu_checks.sh decode       # decode blocks: their tests, memcheck, bench M <= 64
-#   bash benchmarks/gpu_checks.sh decode-tune  # re-tune decode points (f32_act, pair_blocks), bench
+#   bash benchmarks/gpu_checks.sh decode-tune  # re-tune decode points (tries pair_blocks), bench
+#   bash benchmarks/gpu_checks.sh decode-flags # the table's decode configs, pair_blocks on vs off
 #   bash benchmarks/gpu_checks.sh dequant      # MXFP4 prefill: its tests, bench bf16 + w4a16 M >= 256
 #   bash benchmarks/gpu_checks.sh dequant-probe  # weights decoded first vs the MXFP4 tiles
 #   bash benchmarks/gpu_checks.sh prefill-tune # tune bf16 at M = 1024, 16384, bench with that table
@@ -52,7 +53,9 @@ for section in "${@:-tests}"; do
         python3 benchmarks/sanitize_fused_moe.py 2>&1 | tee "$OUT/memcheck.log" | tail -5
       timeout 180 python3 -m moeprec bench --paths bf16,mxfp4-w4a16 --M 1,4,16,64 --no-peers \
         --reps 8 --sets 3 --no-plot --out "$OUT/decode" 2>&1 | tee "$OUT/decode.log" | tail -34 ;;
-    decode-tune)  # re-tune the decode points (tries f32_act, pair_blocks), bench with that table
+    decode-flags)
+      timeout 240 python3 benchmarks/probes/decode_flags.py --out "$OUT" 2>&1 | tee "$OUT/decode_flags.log" | tail -40 ;;
+    decode-tune)  # re-tune the decode points (tries pair_blocks on and off), bench with that table
       mkdir -p "$OUT/configs"
       cp moeprec/configs/fused_moe_NVIDIA_H200.json "$OUT/configs/" 2>/dev/null
       timeout 330 python3 -m moeprec tune --shapes qwen3-30b-a3b,mixtral-8x7b,gpt-oss-20b,deepseek-v3 \
@@ -86,6 +89,6 @@ for section in "${@:-tests}"; do
     dequant-probe)  # the probe: MXFP4 tiles, decoded first with bf16's and w4a16's settings, bf16
       timeout 330 python3 benchmarks/probes/w4a16_dequant.py --out "$OUT" 2>&1 \
         | tee "$OUT/w4a16_dequant.log" | tail -20 ;;
-    *) echo "unknown section: $section (tests | router | train | kernels | moe | decode | decode-tune | dequant | dequant-probe | prefill-tune | host | align)" >&2; exit 2 ;;
+    *) echo "unknown section: $section (tests | router | train | kernels | moe | decode | decode-flags | decode-tune | dequant | dequant-probe | prefill-tune | host | align)" >&2; exit 2 ;;
   esac
 done

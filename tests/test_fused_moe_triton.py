@@ -276,16 +276,14 @@ def test_gemv_product_matches_reference(quant, split_k, block_k):
     path = {"none": "bf16", "mxfp4": "w4a16", "fp8": "w8a16"}[quant]
     cfg = fix_config({"BLOCK_M": 1, "s1": dict(st), "s2": dict(st, split_k=split_k)}, path)
     assert cfg["s2"]["split_k"] == split_k
+    assert cfg["pair_blocks"]  # blocks of one flat slot each, no alignment launch
     out = m.fused_moe_triton_impl(x, w1, w2, tw, ti, config=cfg, **args)
     assert_close(out, ref)
-    # fp32 copies of the activations: the same values, so the same bits
-    out32 = m.fused_moe_triton_impl(x, w1, w2, tw, ti, config=dict(cfg, f32_act=True), **args)
-    assert torch.equal(out32, out)
-    # blocks of one flat slot each, no alignment: the same products, so the same bits (the
-    # atomic adds of stage 2 come in another order: equal up to that)
-    pairs = m.fused_moe_triton_impl(x, w1, w2, tw, ti, config=dict(cfg, pair_blocks=True), **args)
-    torch.testing.assert_close(pairs, out, rtol=1e-2, atol=1e-2)
-    assert_close(pairs, ref)
+    # the aligned blocks: the same products (the atomic adds of stage 2 come in another order:
+    # equal up to that)
+    aligned = m.fused_moe_triton_impl(x, w1, w2, tw, ti, config=dict(cfg, pair_blocks=False), **args)
+    torch.testing.assert_close(aligned, out, rtol=1e-2, atol=1e-2)
+    assert_close(aligned, ref)
 
 
 @pytest.mark.parametrize("masked", [False, True])
@@ -386,7 +384,6 @@ def test_dequant_config_rules():
     st = {"BLOCK_N": 64, "BLOCK_K": 32}
     cfg = {"BLOCK_M": 64, "dequant": True, "s1": dict(st), "s2": dict(st)}
     assert fix_config(cfg, "w4a16")["dequant"]
-    assert not fix_config(cfg, "w4a16")["f32_act"]
     for path in ("bf16", "w4a8", "fp8", "w8a16"):  # MXFP4 weights with 16-bit activations only
         assert not fix_config(cfg, path)["dequant"]
     assert not fix_config(dict(cfg, BLOCK_M=1), "w4a16")["dequant"]  # decode blocks read MXFP4
@@ -431,13 +428,9 @@ def test_gemv_config_rules():
     assert fp8["BLOCK_M"] == 16 and fp8["s2"]["split_k"] == 1
     stored = fix_config({"BLOCK_M": 1, "atomic": False, "s1": dict(st), "s2": dict(st)}, "bf16")
     assert stored["s2"]["split_k"] == 1
-    # fp32 activation copies: decode blocks only, off unless asked for
-    assert not one["f32_act"]
-    assert fix_config({"BLOCK_M": 1, "f32_act": True, "s1": dict(st), "s2": dict(st)}, "w4a16")["f32_act"]
-    assert not fix_config({"BLOCK_M": 16, "f32_act": True, "s1": dict(st), "s2": dict(st)}, "w4a16")["f32_act"]
-    assert not fp8["f32_act"]
-    # pair blocks: decode blocks only
-    assert fix_config({"BLOCK_M": 1, "pair_blocks": True, "s1": dict(st), "s2": dict(st)}, "w4a16")["pair_blocks"]
+    # pair blocks: decode blocks only, on unless the entry says otherwise
+    assert one["pair_blocks"] and not fp8["pair_blocks"]
+    assert not fix_config({"BLOCK_M": 1, "pair_blocks": False, "s1": dict(st), "s2": dict(st)}, "w4a16")["pair_blocks"]
     assert not fix_config({"BLOCK_M": 16, "pair_blocks": True, "s1": dict(st), "s2": dict(st)}, "w4a16")["pair_blocks"]
     assert not fix_config({"BLOCK_M": 1, "pair_blocks": True, "s1": dict(st), "s2": dict(st)}, "w4a8")["pair_blocks"]
     for bad in (4, 24):

@@ -1,13 +1,14 @@
-"""Probe: the decode switches "f32_act" and "pair_blocks" against the tuned decode configs.
+"""Probe: the decode blocks' "pair_blocks" switch against the tuned decode configs.
 
     python3 benchmarks/probes/decode_flags.py [--out DIR]
 
 For each shape, path (bf16, mxfp4-w4a16) and M in 1, 4, 16, 64: the configuration the op uses
-today (tuning.get_config on this device) and, where it runs one-pair blocks (BLOCK_M = 1), the
-same with f32_act, pair_blocks and both. bf16 at M <= 16 also tries one-pair blocks with the
-w4a16 entry's stage settings (the bf16 table has none). Each variant is a CUDA-graph replay
-over 3 input sets (median of 30), and its output must equal the base variant's bit for bit
-where the switch promises that (pair_blocks, f32_act), else within bf16 rounding.
+(tuning.get_config on this device) and, where it runs one-pair blocks (BLOCK_M = 1), the same
+with pair_blocks switched. bf16 at M <= 16 with tensor-core tiles in its entry also tries
+one-pair blocks with the w4a16 entry's stage settings. Each variant is a CUDA-graph replay over
+3 input sets (median of 30); "same" is the largest difference to the first variant's output
+relative to its max (the stage-2 atomics add in a different order, so not bit for bit).
+The 2026-12-03 run (benchmarks/results/README.md) also timed "f32_act", removed since.
 """
 import argparse
 import json
@@ -44,9 +45,9 @@ for shape, (H, I, E, k) in SHAPES.items():  # noqa: E741
                     one_pair = {kk: v for kk, v in w4.items() if kk != "dequant"}
                     variants["one-pair (w4a16 stages)"] = one_pair
             if one_pair is not None:
-                for name, flags in (("f32_act", {"f32_act": True}), ("pair_blocks", {"pair_blocks": True}),
-                                    ("f32_act+pair_blocks", {"f32_act": True, "pair_blocks": True})):
-                    variants[("one-pair " if one_pair is not base else "") + name] = dict(one_pair, **flags)
+                flip = not one_pair.get("pair_blocks", True)
+                variants[("one-pair " if one_pair is not base else "") + f"pair_blocks={flip}"] = \
+                    dict(one_pair, pair_blocks=flip)
             ref_out, ref_us = None, None
             for name, cfg in variants.items():
                 cfg = fix_config(cfg, kpath)
@@ -57,9 +58,6 @@ for shape, (H, I, E, k) in SHAPES.items():  # noqa: E741
                 us = _median_ms(_as_graphs(fns), 30) * 1e3
                 if ref_out is None:
                     ref_out, ref_us, same = out, us, "-"
-                elif name.endswith(("f32_act", "pair_blocks")) and not name.startswith("one-pair (") \
-                        and base["BLOCK_M"] == 1:
-                    same = "bits" if torch.equal(out, ref_out) else "DIFFER"
                 else:
                     err = ((out.float() - ref_out.float()).abs().max() / ref_out.float().abs().max()).item()
                     same = f"rel {err:.1e}"

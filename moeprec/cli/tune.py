@@ -121,12 +121,10 @@ def tune_point(shape: str, path: str, M: int, weights: dict, reps: int, log) -> 
                 ms, cfg = timed(dict(cur, **{st: c}))
                 if ms < cur_ms:
                     cur_ms, cur = ms, cfg
-        if bm == 1:  # fp32 copies of the activations (no conversions in the loop), then
-            # blocks of one flat slot (no alignment launch)
-            for flag in ("f32_act", "pair_blocks"):
-                ms, cfg = timed(dict(cur, **{flag: True}))
-                if ms < cur_ms:
-                    cur_ms, cur = ms, cfg
+        if bm == 1:  # with and without the alignment launch (blocks of one flat slot)
+            ms, cfg = timed(dict(cur, pair_blocks=not cur.get("pair_blocks", True)))
+            if ms < cur_ms:
+                cur_ms, cur = ms, cfg
         if cur_ms < best_ms:
             best_ms, best = cur_ms, cur
     if kpath == "w4a16" and M * k > 96 * E:  # MXFP4 decoded first, then the plain kernels

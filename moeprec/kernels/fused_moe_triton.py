@@ -226,7 +226,7 @@ def fused_moe_triton_impl(
     bias1 = bias1.contiguous() if bias1 is not None else None
     bias2 = bias2.contiguous() if bias2 is not None else None
     pair = {}
-    if bm == 1 and cfg.get("pair_blocks", False):
+    if bm == 1 and cfg.get("pair_blocks", True):
         # one block per flat (token, slot): no alignment launch; the kernel checks the ids
         sorted_ids, expert_ids = None, topk_ids.reshape(-1).contiguous()
         pair = dict(num_experts=E, pair_mask=_mask_i32(expert_mask)
@@ -252,14 +252,8 @@ def fused_moe_triton_impl(
     dequant = (bool(cfg.get("dequant", False)) and quant == "mxfp4" and not a_fp8
                and out_dtype != torch.float32)
     gemm = _gemm_dequantized if dequant else _launch_gemm
-    # decode blocks fed fp32 copies of 16-bit activations (same values; see tuning.py)
-    f32_act = (bool(cfg.get("f32_act", False)) and bm == 1 and act_dtype == "bf16"
-               and out_dtype != torch.float32)
-    if f32_act:
-        x = x.float()
-    inter_dtype = torch.float32 if f32_act else out_dtype
-    inter = (torch.full((S, I), float("nan"), dtype=inter_dtype, device=dev)
-             if _POISON_INTERMEDIATE else torch.empty(S, I, dtype=inter_dtype, device=dev))
+    inter = (torch.full((S, I), float("nan"), dtype=out_dtype, device=dev)
+             if _POISON_INTERMEDIATE else torch.empty(S, I, dtype=out_dtype, device=dev))
     # fp8 z, per-token scales as the reference: either stage 1 gathers each z row's amax
     # (atomic max from 0) and stage 2 quantizes as it loads (one pass, but A is no longer a plain
     # pipelined copy), or a row-quantize kernel runs between the stages (extra pass over z)

@@ -10,10 +10,8 @@ each stage holding BLOCK_N, BLOCK_K, GROUP_M, num_warps, num_stages and optional
 "dot_scaled": false (explicit MXFP4 decode on the GPU). BLOCK_M is shared because both stages
 walk the same block layout. BLOCK_M = 1 (paths with 16-bit activations) runs both stages on the
 CUDA cores, one (token, expert) pair per block, and stage 2 may then split K ("split_k");
-"f32_act": true there feeds both stages fp32 copies of their 16-bit activations (the same
-values: x upcast, the intermediate rounded to the model dtype then stored as fp32), which spares
-the loop the per-weight bf16 -> fp32 conversions; "pair_blocks": true there skips the alignment
-launch (block b is flat slot b; the GEMM kernels check each id's range and mask themselves).
+there "pair_blocks" (true unless the entry says false) skips the alignment launch (block b is
+flat slot b; the GEMM kernels check each id's range and mask themselves).
 "dequant": true (MXFP4 with 16-bit activations, tensor-core tiles) decodes the weights to the
 model dtype before each stage and runs the plain kernels with the config's settings.
 Lookup takes the exact shape key and the nearest tuned M (in log scale) if it is within a factor
@@ -100,9 +98,8 @@ def fix_config(cfg: dict[str, Any], path: str) -> dict[str, Any]:
     """Make a config legal for the kernels (any file or tuner output goes through here)."""
     cfg = {"BLOCK_M": int(cfg["BLOCK_M"]), "atomic": bool(cfg.get("atomic", True)),
            "fuse_quant": bool(cfg.get("fuse_quant", True)),
-           "f32_act": bool(cfg.get("f32_act", False)),
            "dequant": bool(cfg.get("dequant", False)),
-           "pair_blocks": bool(cfg.get("pair_blocks", False)),
+           "pair_blocks": bool(cfg.get("pair_blocks", True)),
            "s1": dict(cfg["s1"]), "s2": dict(cfg["s2"])}
     bm = cfg["BLOCK_M"]
     if bm != 1 and (bm < 16 or bm & (bm - 1)):
@@ -113,7 +110,6 @@ def fix_config(cfg: dict[str, Any], path: str) -> dict[str, Any]:
     if path in ("w4a8", "fp8"):  # fp8 activations only run on the tensor cores
         cfg["BLOCK_M"] = max(bm, 16)
     gemv = cfg["BLOCK_M"] == 1
-    cfg["f32_act"] = cfg["f32_act"] and gemv  # the CUDA-core blocks only
     cfg["pair_blocks"] = cfg["pair_blocks"] and gemv
     for st in ("s1", "s2"):
         s = cfg[st]
