@@ -91,6 +91,9 @@ def main() -> None:
         (True, 2, True, False, 128, 128, 128, 8), (False, 2, True, False, 128, 128, 128, 8),
         # BLOCK_M = 1: the CUDA-core decode blocks (MXFP4 words decoded by inline PTX)
         (True, 1, False, False, 1, 16, 256, 4), (False, 1, False, False, 1, 16, 256, 4),
+        # MXFP4 tiles with the explicit decode ("dot_scaled": false: bf16 pairs by inline PTX)
+        (True, 1, False, False, 16, 64, 128, 4), (False, 1, False, False, 16, 64, 128, 4),
+        (True, 1, False, False, 64, 64, 128, 4), (True, 1, False, False, 128, 128, 64, 8),
     ]
     # the decode blocks again without alignment (config "pair_blocks": raw ids and the expert
     # mask read by the GEMM kernels)
@@ -105,7 +108,7 @@ def main() -> None:
         print(f"stage{'1' if v[0] else '2'} b_fmt={v[1]} a_fp8={v[2]:d} dot_scaled={v[3]:d} "
               f"BM={v[4]} BN={v[5]} BK={v[6]}{f32}: smem {c.metadata.shared} B, cp.async {cp}, "
               f"{dict(ops)}, wgmma waits {waits}")
-        if v[4] == 1:  # CUDA cores: what one K step costs per weight decoded
+        if v[4] == 1 or (v[1] == 1 and not v[2]):  # what one K step costs per weight decoded
             n, mix = loop_sass(c.asm["cubin"])
             weights = (2 * v[5] if v[0] else v[5]) * v[6] // (32 * v[7])
             print(f"  loop: {n} SASS instructions for {weights} weights per thread "

@@ -286,6 +286,25 @@ def test_gemv_product_matches_reference(quant, split_k, block_k):
     assert_close(aligned, ref)
 
 
+@pytest.mark.parametrize("block_m,block_k", [(16, 128), (64, 64)])
+def test_mxfp4_tiles_with_the_explicit_decode(block_m, block_k):
+    # "dot_scaled": false on the tensor-core tiles: on the GPU the bf16-pair PTX decode (its
+    # values are checked bit for bit in test_mxfp4_tile_decode.py), here the product: K and N
+    # tails under the tiles (H = 96, I = 160), an expert without tokens
+    m = _kernel_module()
+    from moeprec.kernels.tuning import fix_config
+
+    M, H, I, E, k = 37, 96, 160, 5, 2  # noqa: E741
+    x, w1, w2, tw, ti, kw = make_case(M, H, I, E, k, "mxfp4", bias=True, seed=61)
+    ti = torch.where(ti == 3, 4, ti)
+    args = dict(quant="mxfp4", activation="swiglu_oai", gate_mode="interleaved", **kw)
+    ref = fused_moe(x, w1, w2, tw, ti, backend="torch", **args)
+    st = {"BLOCK_N": 32, "BLOCK_K": block_k, "num_warps": 4, "num_stages": 2, "dot_scaled": False}
+    cfg = fix_config({"BLOCK_M": block_m, "s1": dict(st), "s2": dict(st)}, "w4a16")
+    assert not cfg["s1"]["dot_scaled"] and not cfg["dequant"]
+    assert_close(m.fused_moe_triton_impl(x, w1, w2, tw, ti, config=cfg, **args), ref)
+
+
 @pytest.mark.parametrize("masked", [False, True])
 def test_pair_blocks_check_ids_in_the_kernel(masked):
     # "pair_blocks": no alignment; int64 ids past E (2**32 + 1 must not alias expert 1), negative

@@ -180,13 +180,20 @@ def _load_b_tile(
         packed = tl.load(
             b_base + rows[None, :] * stride_bn + kp[:, None] * stride_bk,
             mask=kmask[:, None] & row_mask[None, :], other=0,
-        ).to(tl.int32)
+        )
         NSB: tl.constexpr = BLOCK_K // 32
         ks = k0 // 32 + tl.arange(0, NSB)
         s = tl.load(
             bs_base + rows[None, :] * stride_bsn + ks[:, None] * stride_bsk,
             mask=(ks[:, None] < (K // 32)) & row_mask[None, :], other=127,
         ).to(tl.int32)
+        if not INTERP and not A_FP8 and COMPUTE_DTYPE == tl.bfloat16:
+            # bf16 straight from the bits, two values per instruction (see _e2m1_bf16_pairs)
+            sb = tl.reshape(tl.broadcast_to(_e8m0_to_bf16(s)[:, None, :], (NSB, 16, BLOCK_N)),
+                            (HALF, BLOCK_N))
+            w_lo, w_hi = _e2m1_bf16_pairs(packed, sb)
+            return w_lo, w_hi, tl.full([BLOCK_N], 1.0, tl.float32)
+        packed = packed.to(tl.int32)
         lo = _e2m1_to_f32(packed & 15)
         hi = _e2m1_to_f32(packed >> 4)
         if A_FP8:
@@ -215,6 +222,63 @@ def _load_b_tile(
         if not (A_FP8 and B_FMT == 2):  # fp8 weights meet bf16 activations: upcast (exact)
             w = _upcast(w, COMPUTE_DTYPE, INTERP)
         return w, w, tl.full([BLOCK_N], 1.0, tl.float32)
+
+
+@triton.jit
+def _e8m0_to_bf16(s):
+    """E8M0 byte (int32) -> 2^(s-127) as bf16, exactly: 0xFF -> NaN, 0 -> the subnormal 2^-127."""
+    bits = tl.where(s == 255, 0x7FC0, tl.where(s == 0, 0x0040, s << 7))
+    return bits.to(tl.int16).to(tl.bfloat16, bitcast=True)
+
+
+@triton.jit
+def _e2m1_bf16_pairs(packed, scale):
+    """Packed MXFP4 bytes (uint8) and their block scales (bf16, same shape) -> the low and the
+    high nibbles' values times the scale, as bf16 (GPU only: inline PTX).
+
+    Per 4 bytes: each byte is spread to the high byte of a 16-bit half (prmt); the sign is then
+    at bf16's sign bit (high nibble) or 4 bits below it, and the 3 exponent-mantissa bits go to
+    bf16 bits 8..6, which reads as E2M1 times 2^-126 (E2M1's subnormal 0.5 lands on a bf16
+    subnormal, exactly). Two bf16x2 FMAs then apply 2^126 and the scale: exact, as the
+    reference's fp32 decode rounded to bf16 (the scale alone could overflow 2^126 * 2^(s-127)).
+    """
+    return tl.inline_asm_elementwise(
+        asm="""{
+        .reg .b32 z, nz, t0, t1, u, a, b, l0, l1, h0, h1;
+        mov.b32 z, 0;
+        mov.b32 nz, 0x80008000;
+        prmt.b32 t0, $4, z, 0x1404;
+        prmt.b32 t1, $4, z, 0x3424;
+        and.b32 h0, t0, 0x80008000;
+        shr.b32 a, t0, 6;
+        and.b32 a, a, 0x01C001C0;
+        or.b32 h0, h0, a;
+        shl.b32 u, t0, 4;
+        and.b32 l0, u, 0x80008000;
+        shr.b32 a, u, 6;
+        and.b32 a, a, 0x01C001C0;
+        or.b32 l0, l0, a;
+        and.b32 h1, t1, 0x80008000;
+        shr.b32 a, t1, 6;
+        and.b32 a, a, 0x01C001C0;
+        or.b32 h1, h1, a;
+        shl.b32 u, t1, 4;
+        and.b32 l1, u, 0x80008000;
+        shr.b32 a, u, 6;
+        and.b32 a, a, 0x01C001C0;
+        or.b32 l1, l1, a;
+        mov.b32 b, 0x7E807E80;
+        fma.rn.bf16x2 l0, l0, b, nz;
+        fma.rn.bf16x2 l1, l1, b, nz;
+        fma.rn.bf16x2 h0, h0, b, nz;
+        fma.rn.bf16x2 h1, h1, b, nz;
+        fma.rn.bf16x2 $0, l0, $5, nz;
+        fma.rn.bf16x2 $1, l1, $6, nz;
+        fma.rn.bf16x2 $2, h0, $5, nz;
+        fma.rn.bf16x2 $3, h1, $6, nz;
+        }""",
+        constraints="=r,=r,=r,=r,r,r,r",
+        args=[packed, scale], dtype=(tl.bfloat16, tl.bfloat16), is_pure=True, pack=4)
 
 
 @triton.jit
