@@ -1,9 +1,10 @@
 """Small fused MoE calls on every kernel path, for `compute-sanitizer --tool memcheck`.
 
 Includes out-of-range and masked expert ids, M=1, sizes off the tile, the CUDA-core decode
-blocks (BLOCK_M = 1) with stage-2 K splits and without alignment ("pair_blocks"), the
-three-launch block alignment (M = 200: 600 slots) and MXFP4 weights decoded before the GEMMs
-("dequant", two experts at a time). Exit code 0 and the
+blocks (BLOCK_M = 1) with stage-2 K splits, with and without the alignment launch, the
+three-launch block alignment (M = 200: 600 slots), MXFP4 weights decoded before the GEMMs
+("dequant", two experts at a time) and the MXFP4 tiles' explicit decode ("dot_scaled": false;
+K = 96 and 64 against BLOCK_K = 128: K tails). Exit code 0 and the
 sanitizer's "0 errors" are the check; outputs are also compared with the torch reference.
 """
 
@@ -40,11 +41,11 @@ def main() -> None:
                 out = fused_moe_triton_impl(x, w1, w2, tw, ti, config=cfg, **args)
                 assert_close(out, ref)
                 print(quant, act, M, "BLOCK_M=1 split_k=3 ok", flush=True)
-                # no alignment: the GEMMs check the raw ids (out of range, masked) themselves
-                out = fused_moe_triton_impl(x, w1, w2, tw, ti, config=dict(cfg, pair_blocks=True),
+                # with the alignment launch (the default skips it: the GEMMs check raw ids)
+                out = fused_moe_triton_impl(x, w1, w2, tw, ti, config=dict(cfg, pair_blocks=False),
                                             **args)
                 assert_close(out, ref)
-                print(quant, act, M, "BLOCK_M=1 pair_blocks ok", flush=True)
+                print(quant, act, M, "BLOCK_M=1 aligned ok", flush=True)
             if quant == "mxfp4" and act == "bf16":  # decoded first, in chunks of 2 experts
                 import moeprec.kernels.fused_moe_triton as m
 
@@ -56,6 +57,13 @@ def main() -> None:
                 m.DEQUANT_WORKSPACE_BYTES = 1 << 30
                 assert_close(out, ref)
                 print(quant, act, M, "dequant ok", flush=True)
+                st = {"BLOCK_N": 32, "BLOCK_K": 128, "num_warps": 4, "num_stages": 2,
+                      "dot_scaled": False}
+                for bm in (16, 64):  # mma.sync and wgmma tiles
+                    cfg = fix_config({"BLOCK_M": bm, "s1": dict(st), "s2": dict(st)}, "w4a16")
+                    out = fused_moe_triton_impl(x, w1, w2, tw, ti, config=cfg, **args)
+                    assert_close(out, ref)
+                    print(quant, act, M, f"explicit decode BLOCK_M={bm} ok", flush=True)
 
 
 if __name__ == "__main__":

@@ -2,7 +2,7 @@
 
 For each (shape, path, M) it times candidate configurations (coordinate search per BLOCK_M,
 1 = CUDA-core decode blocks, else tensor-core tiles: stage 1's tile with stage 2 fixed, then
-stage 2's; then the fp8 quantization placement) and
+stage 2's; then MXFP4's decode per stage, and the fp8 quantization placement) and
 merges the fastest into `moeprec/configs/fused_moe_<device>.json` (or --out), the file
 `tuning.get_config` reads. Points are visited in the given order until --budget-s runs out;
 what was found so far is always written.
@@ -127,6 +127,13 @@ def tune_point(shape: str, path: str, M: int, weights: dict, reps: int, log) -> 
                 cur_ms, cur = ms, cfg
         if cur_ms < best_ms:
             best_ms, best = cur_ms, cur
+    if kpath == "w4a16" and best["BLOCK_M"] != 1:  # MXFP4 tiles: tl.dot_scaled or the
+        # explicit bf16-pair decode, per stage (the latter won at 16-64 tokens per tile row)
+        for stages in (("s1",), ("s2",), ("s1", "s2")):
+            cand = dict(best, **{st: dict(best[st], dot_scaled=False) for st in stages})
+            ms, cfg = timed(cand)
+            if ms < best_ms:
+                best_ms, best = ms, cfg
     if kpath == "w4a16" and M * k > 96 * E:  # MXFP4 decoded first, then the plain kernels
         for cand in (dict(best, dequant=True), dict(default_config("bf16", M, E, H, I, k), dequant=True)):
             ms, cfg = timed(cand)
