@@ -165,7 +165,7 @@ def _load_b_tile(
     b_base, bs_base, rows, row_mask, k0, K,
     stride_bn, stride_bk, stride_bsn, stride_bsk,
     B_FMT: tl.constexpr, A_FP8: tl.constexpr, BLOCK_K: tl.constexpr, BLOCK_N: tl.constexpr,
-    COMPUTE_DTYPE: tl.constexpr, INTERP: tl.constexpr,
+    COMPUTE_DTYPE: tl.constexpr, INTERP: tl.constexpr, MX_JOIN: tl.constexpr,
 ):
     """B tile(s) for rows `rows` and K block k0 as dot operands.
 
@@ -187,31 +187,35 @@ def _load_b_tile(
             bs_base + rows[None, :] * stride_bsn + ks[:, None] * stride_bsk,
             mask=(ks[:, None] < (K // 32)) & row_mask[None, :], other=127,
         ).to(tl.int32)
-        if not INTERP and not A_FP8 and COMPUTE_DTYPE == tl.bfloat16:
-            # bf16 straight from the bits, two values per instruction (see _e2m1_bf16_pairs)
+        PAIRS: tl.constexpr = not INTERP and not A_FP8 and COMPUTE_DTYPE == tl.bfloat16
+        if PAIRS:  # bf16 straight from the bits, two values per instruction (_e2m1_bf16_pairs)
             sb = tl.reshape(tl.broadcast_to(_e8m0_to_bf16(s)[:, None, :], (NSB, 16, BLOCK_N)),
                             (HALF, BLOCK_N))
             w_lo, w_hi = _e2m1_bf16_pairs(packed, sb)
-            return w_lo, w_hi, tl.full([BLOCK_N], 1.0, tl.float32)
-        packed = packed.to(tl.int32)
-        lo = _e2m1_to_f32(packed & 15)
-        hi = _e2m1_to_f32(packed >> 4)
-        if A_FP8:
-            # Exact fp8 weights: rescale each 32-block by 2^(s - smax) (a power of two <= 1) and
-            # apply 2^smax per column after the dot.
-            smax = tl.max(s, axis=0)
-            rel = tl.maximum(s - smax[None, :] + 127, 0)
-            rel_f = tl.reshape(tl.broadcast_to(_e8m0_to_f32(rel)[:, None, :], (NSB, 16, BLOCK_N)),
-                               (HALF, BLOCK_N))
-            w_lo = _to_fp8(lo * rel_f, INTERP)
-            w_hi = _to_fp8(hi * rel_f, INTERP)
-            col_scale = _e8m0_to_f32(smax)
-        else:
-            sf = tl.reshape(tl.broadcast_to(_e8m0_to_f32(s)[:, None, :], (NSB, 16, BLOCK_N)),
-                            (HALF, BLOCK_N))
-            w_lo = (lo * sf).to(COMPUTE_DTYPE)
-            w_hi = (hi * sf).to(COMPUTE_DTYPE)
             col_scale = tl.full([BLOCK_N], 1.0, tl.float32)
+        else:
+            packed = packed.to(tl.int32)
+            lo = _e2m1_to_f32(packed & 15)
+            hi = _e2m1_to_f32(packed >> 4)
+            if A_FP8:
+                # Exact fp8 weights: rescale each 32-block by 2^(s - smax) (a power of two <= 1)
+                # and apply 2^smax per column after the dot.
+                smax = tl.max(s, axis=0)
+                rel = tl.maximum(s - smax[None, :] + 127, 0)
+                rel_f = tl.reshape(tl.broadcast_to(_e8m0_to_f32(rel)[:, None, :], (NSB, 16, BLOCK_N)),
+                                   (HALF, BLOCK_N))
+                w_lo = _to_fp8(lo * rel_f, INTERP)
+                w_hi = _to_fp8(hi * rel_f, INTERP)
+                col_scale = _e8m0_to_f32(smax)
+            else:
+                sf = tl.reshape(tl.broadcast_to(_e8m0_to_f32(s)[:, None, :], (NSB, 16, BLOCK_N)),
+                                (HALF, BLOCK_N))
+                w_lo = (lo * sf).to(COMPUTE_DTYPE)
+                w_hi = (hi * sf).to(COMPUTE_DTYPE)
+                col_scale = tl.full([BLOCK_N], 1.0, tl.float32)
+        if MX_JOIN:  # one K-ordered tile: value 2i + h from byte i, nibble h
+            w_lo = tl.reshape(tl.permute(tl.join(w_lo, w_hi), (0, 2, 1)), (BLOCK_K, BLOCK_N))
+            w_hi = w_lo
         return w_lo, w_hi, col_scale
     else:
         kk = k0 + tl.arange(0, BLOCK_K)
@@ -545,10 +549,13 @@ def _mma_tiles(a_base, row_ok, a_sc, b_base, bs_base, rows, rows_ok, K, stride_a
                B_FMT: tl.constexpr, A_FP8: tl.constexpr, A_QUANT: tl.constexpr,
                COMPUTE_DTYPE: tl.constexpr, INTERP: tl.constexpr, DOT_SCALED: tl.constexpr,
                A_FMT: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_K: tl.constexpr,
-               TILE_ROWS: tl.constexpr):
+               TILE_ROWS: tl.constexpr, MX_JOIN: tl.constexpr):
     """[BLOCK_M, TILE_ROWS] = A @ W[rows]^T over all of K on the tensor cores (fp32)."""
     PER_ITER: tl.constexpr = A_FP8 and B_FMT == 1 and not DOT_SCALED
     A_UPCAST: tl.constexpr = A_FP8 and B_FMT == 0
+    # MXFP4 decoded to one K-ordered tile: a plain dot with contiguous A rows
+    JOINED: tl.constexpr = MX_JOIN and B_FMT == 1 and not A_FP8
+    DOT_FMT: tl.constexpr = 0 if JOINED else B_FMT
     acc = tl.zeros([BLOCK_M, TILE_ROWS], dtype=tl.float32)
     for k0 in range(0, K, BLOCK_K):
         if DOT_SCALED:
@@ -562,13 +569,13 @@ def _mma_tiles(a_base, row_ok, a_sc, b_base, bs_base, rows, rows_ok, K, stride_a
         else:
             w_lo, w_hi, w_cs = _load_b_tile(b_base, bs_base, rows, rows_ok, k0, K, stride_bn,
                                             stride_bk, stride_bsn, stride_bsk, B_FMT, A_FP8,
-                                            BLOCK_K, TILE_ROWS, COMPUTE_DTYPE, INTERP)
+                                            BLOCK_K, TILE_ROWS, COMPUTE_DTYPE, INTERP, JOINED)
             if PER_ITER:  # per-column power of two of this K block (exact fp8 MXFP4 weights)
                 part = _tile_dot(tl.zeros_like(acc), a_base, row_ok, a_sc, k0, K, stride_ak,
                                  w_lo, w_hi, B_FMT, A_UPCAST, A_QUANT, BLOCK_K, INTERP)
                 acc += part * w_cs[None, :]
             else:
-                acc = _tile_dot(acc, a_base, row_ok, a_sc, k0, K, stride_ak, w_lo, w_hi, B_FMT,
+                acc = _tile_dot(acc, a_base, row_ok, a_sc, k0, K, stride_ak, w_lo, w_hi, DOT_FMT,
                                 A_UPCAST, A_QUANT, BLOCK_K, INTERP)
     return acc
 
@@ -595,6 +602,7 @@ def _moe_gemm_kernel(
     COMPUTE_DTYPE: tl.constexpr,
     INTERP: tl.constexpr,
     DOT_SCALED: tl.constexpr,    # MXFP4 via tl.dot_scaled (GPU); else the explicit decode
+    MX_JOIN: tl.constexpr,       # explicit MXFP4 decode: one K-ordered tile (else even/odd halves)
     A_FMT: tl.constexpr,         # dot_scaled's name of the activation format
     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, GROUP_M: tl.constexpr,
     TILE_ROWS: tl.constexpr,     # weight rows per program: 2 * BLOCK_N in stage 1, else BLOCK_N
@@ -674,7 +682,8 @@ def _moe_gemm_kernel(
     else:
         acc = _mma_tiles(a_base, row_ok, a_sc, b_base, bs_base, rows, rows_ok, K, stride_ak,
                          stride_bn, stride_bk, stride_bsn, stride_bsk, B_FMT, A_FP8, A_QUANT,
-                         COMPUTE_DTYPE, INTERP, DOT_SCALED, A_FMT, BLOCK_M, BLOCK_K, TILE_ROWS)
+                         COMPUTE_DTYPE, INTERP, DOT_SCALED, A_FMT, BLOCK_M, BLOCK_K, TILE_ROWS,
+                         MX_JOIN)
 
     # epilogue, the same for both stages up to the split: scales, routed weight, bias
     if A_FP8:

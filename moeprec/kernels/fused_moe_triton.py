@@ -161,7 +161,7 @@ def _launch_gemm(*, a, a_scale, b, b_scale, bias, c, c_scale, sorted_ids, expert
         STAGE1=stage1, INTERLEAVED=interleaved, B_FMT=b_fmt, A_FP8=a_fp8, A_QUANT=a_quant, ACT=act,
         HAS_BIAS=bias is not None, MUL_WEIGHT=mul_weight, ATOMIC_OUT=atomic_out,
         QUANT_OUT=quant_out, COMPUTE_DTYPE=compute_dtype, INTERP=triton_interpret(),
-        DOT_SCALED=dot_scaled, A_FMT=a_fmt,
+        DOT_SCALED=dot_scaled, A_FMT=a_fmt, MX_JOIN=bool(st.get("mx_join", True)),
         BLOCK_M=block_m, BLOCK_N=st["BLOCK_N"], BLOCK_K=st["BLOCK_K"], GROUP_M=st["GROUP_M"],
         TILE_ROWS=2 * st["BLOCK_N"] if stage1 else st["BLOCK_N"], GEMV=gemv, SPLIT_K=split_k,
         PAIR_BLOCKS=pair_blocks, HAS_MASK=pair_mask is not None,
