@@ -286,11 +286,13 @@ def test_gemv_product_matches_reference(quant, split_k, block_k):
     assert_close(aligned, ref)
 
 
+@pytest.mark.parametrize("dot_scaled", [False, True])
 @pytest.mark.parametrize("block_m,block_k", [(16, 128), (64, 64)])
-def test_mxfp4_tiles_with_the_explicit_decode(block_m, block_k):
-    # "dot_scaled": false on the tensor-core tiles: on the GPU the bf16-pair PTX decode (its
-    # values are checked bit for bit in test_mxfp4_tile_decode.py), here the product: K and N
-    # tails under the tiles (H = 96, I = 160), an expert without tokens
+def test_mxfp4_tiles_both_decodes(block_m, block_k, dot_scaled):
+    # bf16 models: the explicit bf16-pair decode by default (its values are checked bit for bit
+    # in test_mxfp4_tile_decode.py), tl.dot_scaled when a stage config asks (the GPU only: the
+    # interpreter always decodes explicitly); K and N tails under the tiles (H = 96,
+    # I = 160), an expert without tokens
     m = _kernel_module()
     from moeprec.kernels.tuning import fix_config
 
@@ -299,9 +301,11 @@ def test_mxfp4_tiles_with_the_explicit_decode(block_m, block_k):
     ti = torch.where(ti == 3, 4, ti)
     args = dict(quant="mxfp4", activation="swiglu_oai", gate_mode="interleaved", **kw)
     ref = fused_moe(x, w1, w2, tw, ti, backend="torch", **args)
-    st = {"BLOCK_N": 32, "BLOCK_K": block_k, "num_warps": 4, "num_stages": 2, "dot_scaled": False}
+    st = {"BLOCK_N": 32, "BLOCK_K": block_k, "num_warps": 4, "num_stages": 2}
+    if dot_scaled:
+        st["dot_scaled"] = True
     cfg = fix_config({"BLOCK_M": block_m, "s1": dict(st), "s2": dict(st)}, "w4a16")
-    assert not cfg["s1"]["dot_scaled"] and not cfg["dequant"]
+    assert not cfg["dequant"]
     assert_close(m.fused_moe_triton_impl(x, w1, w2, tw, ti, config=cfg, **args), ref)
 
 
@@ -408,6 +412,17 @@ def test_dequant_config_rules():
     assert not fix_config(dict(cfg, BLOCK_M=1), "w4a16")["dequant"]  # decode blocks read MXFP4
     assert not fix_config(dict(cfg, dequant=False), "w4a16")["dequant"]
     assert fix_config(dict(cfg, dequant=False), "w4a16")["s1"]["BLOCK_K"] == 64
+
+
+def test_explicit_mxfp4_decode_counts_its_decoded_tile_in_shared_memory():
+    # stage 1, BLOCK_M 128, 2 x 128 weight rows, BLOCK_K 128: 3 stages of A + packed weights
+    # (144 KiB) fit, but not with the decoded bf16 tile (64 KiB more) on top
+    from moeprec.kernels.tuning import fix_config
+
+    st = {"BLOCK_N": 128, "BLOCK_K": 128, "num_stages": 3}
+    cfg = {"BLOCK_M": 128, "s1": dict(st), "s2": dict(st)}
+    assert fix_config(cfg, "w4a16")["s1"]["num_stages"] == 2
+    assert fix_config(cfg, "w4a8")["s1"]["num_stages"] == 3  # fp8 activations: tl.dot_scaled
 
 
 @pytest.mark.parametrize("dtype", [torch.float16, torch.float32])

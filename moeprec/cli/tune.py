@@ -127,10 +127,11 @@ def tune_point(shape: str, path: str, M: int, weights: dict, reps: int, log) -> 
                 cur_ms, cur = ms, cfg
         if cur_ms < best_ms:
             best_ms, best = cur_ms, cur
-    if kpath == "w4a16" and best["BLOCK_M"] != 1:  # MXFP4 tiles: tl.dot_scaled or the
-        # explicit bf16-pair decode, per stage (the latter won at 16-64 tokens per tile row)
+    if kpath == "w4a16" and best["BLOCK_M"] != 1:  # MXFP4 tiles: the explicit bf16-pair
+        # decode (the default) or tl.dot_scaled, per stage
         for stages in (("s1",), ("s2",), ("s1", "s2")):
-            cand = dict(best, **{st: dict(best[st], dot_scaled=False) for st in stages})
+            cand = dict(best, **{st: dict(best[st], dot_scaled=not best[st].get("dot_scaled", False))
+                                 for st in stages})
             ms, cfg = timed(cand)
             if ms < best_ms:
                 best_ms, best = ms, cfg

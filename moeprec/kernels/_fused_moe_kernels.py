@@ -165,7 +165,7 @@ def _load_b_tile(
     b_base, bs_base, rows, row_mask, k0, K,
     stride_bn, stride_bk, stride_bsn, stride_bsk,
     B_FMT: tl.constexpr, A_FP8: tl.constexpr, BLOCK_K: tl.constexpr, BLOCK_N: tl.constexpr,
-    COMPUTE_DTYPE: tl.constexpr, INTERP: tl.constexpr, MX_JOIN: tl.constexpr,
+    COMPUTE_DTYPE: tl.constexpr, INTERP: tl.constexpr,
 ):
     """B tile(s) for rows `rows` and K block k0 as dot operands.
 
@@ -213,7 +213,8 @@ def _load_b_tile(
                 w_lo = (lo * sf).to(COMPUTE_DTYPE)
                 w_hi = (hi * sf).to(COMPUTE_DTYPE)
                 col_scale = tl.full([BLOCK_N], 1.0, tl.float32)
-        if MX_JOIN:  # one K-ordered tile: value 2i + h from byte i, nibble h
+        if not A_FP8:  # one K-ordered tile (value 2i + h from byte i, nibble h): a plain dot
+            # with contiguous, pipelined A rows; even / odd A columns cost stride-2 gathers
             w_lo = tl.reshape(tl.permute(tl.join(w_lo, w_hi), (0, 2, 1)), (BLOCK_K, BLOCK_N))
             w_hi = w_lo
         return w_lo, w_hi, col_scale
@@ -549,13 +550,12 @@ def _mma_tiles(a_base, row_ok, a_sc, b_base, bs_base, rows, rows_ok, K, stride_a
                B_FMT: tl.constexpr, A_FP8: tl.constexpr, A_QUANT: tl.constexpr,
                COMPUTE_DTYPE: tl.constexpr, INTERP: tl.constexpr, DOT_SCALED: tl.constexpr,
                A_FMT: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_K: tl.constexpr,
-               TILE_ROWS: tl.constexpr, MX_JOIN: tl.constexpr):
+               TILE_ROWS: tl.constexpr):
     """[BLOCK_M, TILE_ROWS] = A @ W[rows]^T over all of K on the tensor cores (fp32)."""
     PER_ITER: tl.constexpr = A_FP8 and B_FMT == 1 and not DOT_SCALED
     A_UPCAST: tl.constexpr = A_FP8 and B_FMT == 0
-    # MXFP4 decoded to one K-ordered tile: a plain dot with contiguous A rows
-    JOINED: tl.constexpr = MX_JOIN and B_FMT == 1 and not A_FP8
-    DOT_FMT: tl.constexpr = 0 if JOINED else B_FMT
+    # MXFP4 with 16-bit activations is decoded to one K-ordered tile: then a plain dot
+    DOT_FMT: tl.constexpr = 0 if (B_FMT == 1 and not A_FP8) else B_FMT
     acc = tl.zeros([BLOCK_M, TILE_ROWS], dtype=tl.float32)
     for k0 in range(0, K, BLOCK_K):
         if DOT_SCALED:
@@ -569,7 +569,7 @@ def _mma_tiles(a_base, row_ok, a_sc, b_base, bs_base, rows, rows_ok, K, stride_a
         else:
             w_lo, w_hi, w_cs = _load_b_tile(b_base, bs_base, rows, rows_ok, k0, K, stride_bn,
                                             stride_bk, stride_bsn, stride_bsk, B_FMT, A_FP8,
-                                            BLOCK_K, TILE_ROWS, COMPUTE_DTYPE, INTERP, JOINED)
+                                            BLOCK_K, TILE_ROWS, COMPUTE_DTYPE, INTERP)
             if PER_ITER:  # per-column power of two of this K block (exact fp8 MXFP4 weights)
                 part = _tile_dot(tl.zeros_like(acc), a_base, row_ok, a_sc, k0, K, stride_ak,
                                  w_lo, w_hi, B_FMT, A_UPCAST, A_QUANT, BLOCK_K, INTERP)
@@ -602,7 +602,6 @@ def _moe_gemm_kernel(
     COMPUTE_DTYPE: tl.constexpr,
     INTERP: tl.constexpr,
     DOT_SCALED: tl.constexpr,    # MXFP4 via tl.dot_scaled (GPU); else the explicit decode
-    MX_JOIN: tl.constexpr,       # explicit MXFP4 decode: one K-ordered tile (else even/odd halves)
     A_FMT: tl.constexpr,         # dot_scaled's name of the activation format
     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, GROUP_M: tl.constexpr,
     TILE_ROWS: tl.constexpr,     # weight rows per program: 2 * BLOCK_N in stage 1, else BLOCK_N
@@ -682,8 +681,7 @@ def _moe_gemm_kernel(
     else:
         acc = _mma_tiles(a_base, row_ok, a_sc, b_base, bs_base, rows, rows_ok, K, stride_ak,
                          stride_bn, stride_bk, stride_bsn, stride_bsk, B_FMT, A_FP8, A_QUANT,
-                         COMPUTE_DTYPE, INTERP, DOT_SCALED, A_FMT, BLOCK_M, BLOCK_K, TILE_ROWS,
-                         MX_JOIN)
+                         COMPUTE_DTYPE, INTERP, DOT_SCALED, A_FMT, BLOCK_M, BLOCK_K, TILE_ROWS)
 
     # epilogue, the same for both stages up to the split: scales, routed weight, bias
     if A_FP8:

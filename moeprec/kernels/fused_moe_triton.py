@@ -131,10 +131,12 @@ def _launch_gemm(*, a, a_scale, b, b_scale, bias, c, c_scale, sorted_ids, expert
     then the flat topk ids and `pair_mask` the expert mask, both checked in the kernel."""
     num_pid_m = expert_ids.numel()
     pair_blocks = sorted_ids is None
-    # MXFP4 through tl.dot_scaled on the GPU for 16-bit models (the interpreter and fp32 models
-    # take the explicit decode); the config may turn it off
+    # MXFP4 on the tensor cores: bf16 activations take the explicit bf16-pair decode (1.0-1.5x
+    # tl.dot_scaled on the H200 at 16-256 tokens, docs/kernels.md), fp16 and fp8 ones
+    # tl.dot_scaled; a stage config may choose ("dot_scaled"); the interpreter and fp32 models
+    # always decode explicitly
     dot_scaled = (b_fmt == 1 and not triton_interpret() and a.dtype != torch.float32
-                  and st.get("dot_scaled", True))
+                  and st.get("dot_scaled", a.dtype != torch.bfloat16))
     a_fmt = "e4m3" if a_fp8 else ("fp16" if a.dtype == torch.float16 else "bf16")
     gemv = block_m == 1 and not a_fp8  # one (token, expert) pair per block: CUDA cores
     split_k = int(st.get("split_k", 1)) if gemv and atomic_out else 1
@@ -161,7 +163,7 @@ def _launch_gemm(*, a, a_scale, b, b_scale, bias, c, c_scale, sorted_ids, expert
         STAGE1=stage1, INTERLEAVED=interleaved, B_FMT=b_fmt, A_FP8=a_fp8, A_QUANT=a_quant, ACT=act,
         HAS_BIAS=bias is not None, MUL_WEIGHT=mul_weight, ATOMIC_OUT=atomic_out,
         QUANT_OUT=quant_out, COMPUTE_DTYPE=compute_dtype, INTERP=triton_interpret(),
-        DOT_SCALED=dot_scaled, A_FMT=a_fmt, MX_JOIN=bool(st.get("mx_join", True)),
+        DOT_SCALED=dot_scaled, A_FMT=a_fmt,
         BLOCK_M=block_m, BLOCK_N=st["BLOCK_N"], BLOCK_K=st["BLOCK_K"], GROUP_M=st["GROUP_M"],
         TILE_ROWS=2 * st["BLOCK_N"] if stage1 else st["BLOCK_N"], GEMV=gemv, SPLIT_K=split_k,
         PAIR_BLOCKS=pair_blocks, HAS_MASK=pair_mask is not None,

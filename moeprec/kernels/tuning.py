@@ -7,7 +7,8 @@ with spaces and slashes turned into underscores), written by `moeprec tune`:
 
 A config is {"BLOCK_M": int, "atomic": bool, "fuse_quant": bool, "s1": {...}, "s2": {...}},
 each stage holding BLOCK_N, BLOCK_K, GROUP_M, num_warps, num_stages and optionally
-"dot_scaled": false (explicit MXFP4 decode on the GPU). BLOCK_M is shared because both stages
+"dot_scaled" (MXFP4 tiles through tl.dot_scaled; the default with fp16 or fp8 activations,
+while bf16 ones take the explicit bf16-pair decode). BLOCK_M is shared because both stages
 walk the same block layout. BLOCK_M = 1 (paths with 16-bit activations) runs both stages on the
 CUDA cores, one (token, expert) pair per block, and stage 2 may then split K ("split_k");
 there "pair_blocks" (true unless the entry says false) skips the alignment launch (block b is
@@ -133,7 +134,9 @@ def fix_config(cfg: dict[str, Any], path: str) -> dict[str, Any]:
                                      "w8a16": 1}.get(path, 2)
         rows = s["BLOCK_N"] * (2 if st == "s1" else 1)
         per_stage = cfg["BLOCK_M"] * s["BLOCK_K"] * a_bytes + rows * s["BLOCK_K"] * b_bytes
-        while s["num_stages"] > 2 and s["num_stages"] * per_stage > 200 * 1024:
+        # the explicit MXFP4 decode (bf16 activations) stages its decoded tile once more
+        fixed = rows * s["BLOCK_K"] * 2 if path == "w4a16" and not dequant else 0
+        while s["num_stages"] > 2 and s["num_stages"] * per_stage + fixed > 200 * 1024:
             s["num_stages"] -= 1
     return cfg
 
