@@ -414,6 +414,20 @@ def test_dequant_config_rules():
     assert fix_config(dict(cfg, dequant=False), "w4a16")["s1"]["BLOCK_K"] == 64
 
 
+def test_mxfp4_tiles_pick_their_decode():
+    from moeprec.kernels.fused_moe_triton import use_dot_scaled
+
+    bf16, fp16, fp8 = torch.bfloat16, torch.float16, torch.float8_e4m3fn
+    assert not use_dot_scaled(bf16, False, {}, False)  # bf16: the explicit bf16-pair decode
+    assert use_dot_scaled(fp16, False, {}, False)
+    assert use_dot_scaled(fp8, True, {}, False)
+    assert use_dot_scaled(bf16, True, {}, False)  # stage 2 quantizing bf16 rows to fp8
+    assert use_dot_scaled(bf16, False, {"dot_scaled": True}, False)
+    assert not use_dot_scaled(fp16, False, {"dot_scaled": False}, False)
+    assert not use_dot_scaled(bf16, False, {"dot_scaled": True}, True)  # the interpreter
+    assert not use_dot_scaled(torch.float32, False, {"dot_scaled": True}, False)  # fp32 models
+
+
 def test_explicit_mxfp4_decode_counts_its_decoded_tile_in_shared_memory():
     # stage 1, BLOCK_M 128, 2 x 128 weight rows, BLOCK_K 128: 3 stages of A + packed weights
     # (144 KiB) fit, but not with the decoded bf16 tile (64 KiB more) on top
