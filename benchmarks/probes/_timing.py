@@ -33,3 +33,21 @@ def graph_us(f, n=20):
     end.record()
     torch.cuda.synchronize()
     return start.elapsed_time(end) / n * 1e3
+
+
+def rel_diff(out, ref):
+    """Largest |out - ref| relative to max |ref| (summation-order differences show as ~1e-3)."""
+    return ((out.float() - ref.float()).abs().max() / ref.float().abs().max()).item()
+
+
+def save_rows(out_dir, name, rows):
+    """Probe rows as JSON under out_dir (no-op without one), with the device and torch version."""
+    import json
+    import os
+
+    if not out_dir:
+        return
+    os.makedirs(out_dir, exist_ok=True)
+    with open(os.path.join(out_dir, name), "w") as f:
+        json.dump({"device": torch.cuda.get_device_name(), "torch": torch.__version__,
+                   "rows": rows}, f, indent=1)

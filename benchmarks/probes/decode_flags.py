@@ -11,10 +11,9 @@ relative to its max (the stage-2 atomics add in a different order, so not bit fo
 The 2026-12-03 run (benchmarks/results/README.md) also timed "f32_act", removed since.
 """
 import argparse
-import json
-import os
 
 import torch
+from _timing import rel_diff, save_rows  # noqa: E402 (this folder)
 
 from moeprec.cli.bench import PATHS, SHAPES, _as_graphs, _median_ms, make_inputs, make_weights
 from moeprec.cli.tune import KERNEL_PATH
@@ -59,14 +58,10 @@ for shape, (H, I, E, k) in SHAPES.items():  # noqa: E741
                 if ref_out is None:
                     ref_out, ref_us, same = out, us, "-"
                 else:
-                    err = ((out.float() - ref_out.float()).abs().max() / ref_out.float().abs().max()).item()
-                    same = f"rel {err:.1e}"
+                    same = f"rel {rel_diff(out, ref_out):.1e}"
                 print(f"{shape:<14}{path:<13}{M:>4}  {name:<34}{us:8.1f}{ref_us / us:8.2f}  {same}", flush=True)
                 rows.append({"shape": shape, "path": path, "M": M, "variant": name, "us": us,
                              "config": cfg, "same": same})
         del weights
         torch.cuda.empty_cache()
-if args.out:
-    os.makedirs(args.out, exist_ok=True)
-    with open(os.path.join(args.out, "decode_flags.json"), "w") as f:
-        json.dump({"device": device, "torch": torch.__version__, "rows": rows}, f, indent=1)
+save_rows(args.out, "decode_flags.json", rows)

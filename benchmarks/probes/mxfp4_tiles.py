@@ -13,10 +13,9 @@ run also timed the explicit decode's first version (decoded halves against even 
 columns, "mx_join": false), removed since.
 """
 import argparse
-import json
-import os
 
 import torch
+from _timing import rel_diff, save_rows  # noqa: E402 (this folder)
 
 from moeprec.cli.bench import SHAPES, _as_graphs, _median_ms, make_inputs, make_weights
 from moeprec.kernels.fused_moe_triton import fused_moe_triton_impl
@@ -56,12 +55,9 @@ for shape, (H, I, E, k) in SHAPES.items():  # noqa: E741
             if ref is None:
                 ref, ref_us, diff = out, us, "-"
             else:
-                diff = f"{((out.float() - ref.float()).abs().max() / ref.float().abs().max()).item():.1e}"
+                diff = f"{rel_diff(out, ref):.1e}"
             print(f"{shape:<14}{M:>6}  {name:<12}{us:10.1f}{ref_us / us:14.2f}  {diff}", flush=True)
             rows.append({"shape": shape, "M": M, "variant": name, "us": us, "config": cfg, "diff": diff})
     del weights
     torch.cuda.empty_cache()
-if args.out:
-    os.makedirs(args.out, exist_ok=True)
-    with open(os.path.join(args.out, "mxfp4_tiles.json"), "w") as f:
-        json.dump({"device": device, "torch": torch.__version__, "rows": rows}, f, indent=1)
+save_rows(args.out, "mxfp4_tiles.json", rows)
