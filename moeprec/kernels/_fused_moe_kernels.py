@@ -169,9 +169,10 @@ def _load_b_tile(
 ):
     """B tile(s) for rows `rows` and K block k0 as dot operands.
 
-    Plain/fp8: one [BLOCK_K, BN] tile (second and third results unused). MXFP4: the even and odd
-    K rows as two [BLOCK_K/2, BN] tiles (matching the low and high nibbles), plus the per-column
-    factor to apply after the dot (2^smax for the fp8 path, 1 otherwise).
+    Plain/fp8, and MXFP4 with 16-bit activations (decoded, then interleaved into K order): one
+    [BLOCK_K, BN] tile (second and third results unused). MXFP4 with fp8 activations: the even
+    and odd K rows as two [BLOCK_K/2, BN] fp8 tiles (the low and high nibbles), plus the
+    per-column factor 2^smax to apply after the dot.
     """
     if B_FMT == 1:
         HALF: tl.constexpr = BLOCK_K // 2
@@ -358,7 +359,8 @@ def _quant_a(a, a_div, A_QUANT: tl.constexpr, INTERP: tl.constexpr):
 def _tile_dot(acc, a_base, a_rows_ok, a_div, k0, K, stride_ak, w_lo, w_hi,
               B_FMT: tl.constexpr, A_UPCAST: tl.constexpr, A_QUANT: tl.constexpr,
               BLOCK_K: tl.constexpr, INTERP: tl.constexpr):
-    """acc + A[:, k0:k0+BK] @ W for one K block (fp32). MXFP4 splits A into even/odd columns.
+    """acc + A[:, k0:k0+BK] @ W for one K block (fp32). B_FMT == 1 (MXFP4 as even / odd fp8
+    halves) splits A into even / odd columns.
 
     The accumulator goes into tl.dot itself: for fp8 operands a separate `acc += dot` keeps
     the compiler from overlapping consecutive MMAs.
