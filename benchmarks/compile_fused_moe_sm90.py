@@ -91,7 +91,8 @@ def main() -> None:
         (True, 2, True, False, 128, 128, 128, 8), (False, 2, True, False, 128, 128, 128, 8),
         # BLOCK_M = 1: the CUDA-core decode blocks (MXFP4 words decoded by inline PTX)
         (True, 1, False, False, 1, 16, 256, 4), (False, 1, False, False, 1, 16, 256, 4),
-        # MXFP4 tiles with the explicit decode ("dot_scaled": false: bf16 pairs by inline PTX)
+        # MXFP4 tiles with the explicit decode (bf16 models' default: bf16 pairs by inline PTX,
+        # one K-ordered tile)
         (True, 1, False, False, 16, 64, 128, 4), (False, 1, False, False, 16, 64, 128, 4),
         (True, 1, False, False, 64, 64, 128, 4), (True, 1, False, False, 128, 128, 64, 8),
     ]
