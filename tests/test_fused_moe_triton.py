@@ -418,14 +418,16 @@ def test_mxfp4_tiles_pick_their_decode():
     from moeprec.kernels.fused_moe_triton import use_dot_scaled
 
     bf16, fp16, fp8 = torch.bfloat16, torch.float16, torch.float8_e4m3fn
-    assert not use_dot_scaled(bf16, False, {}, False)  # bf16: the explicit bf16-pair decode
-    assert use_dot_scaled(fp16, False, {}, False)
-    assert use_dot_scaled(fp8, True, {}, False)
-    assert use_dot_scaled(bf16, True, {}, False)  # stage 2 quantizing bf16 rows to fp8
-    assert use_dot_scaled(bf16, False, {"dot_scaled": True}, False)
-    assert not use_dot_scaled(fp16, False, {"dot_scaled": False}, False)
-    assert not use_dot_scaled(bf16, False, {"dot_scaled": True}, True)  # the interpreter
-    assert not use_dot_scaled(torch.float32, False, {"dot_scaled": True}, False)  # fp32 models
+    for bm in (16, 32, 64):  # bf16: the explicit bf16-pair decode (measured up to BLOCK_M 64)
+        assert not use_dot_scaled(bf16, False, bm, {}, False)
+    assert use_dot_scaled(bf16, False, 128, {}, False)
+    assert use_dot_scaled(fp16, False, 16, {}, False)
+    assert use_dot_scaled(fp8, True, 16, {}, False)
+    assert use_dot_scaled(bf16, True, 16, {}, False)  # stage 2 quantizing bf16 rows to fp8
+    assert use_dot_scaled(bf16, False, 16, {"dot_scaled": True}, False)
+    assert not use_dot_scaled(bf16, False, 128, {"dot_scaled": False}, False)
+    assert not use_dot_scaled(bf16, False, 16, {"dot_scaled": True}, True)  # the interpreter
+    assert not use_dot_scaled(torch.float32, False, 16, {"dot_scaled": True}, False)  # fp32
 
 
 def test_explicit_mxfp4_decode_counts_its_decoded_tile_in_shared_memory():

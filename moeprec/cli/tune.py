@@ -128,9 +128,10 @@ def tune_point(shape: str, path: str, M: int, weights: dict, reps: int, log) -> 
         if cur_ms < best_ms:
             best_ms, best = cur_ms, cur
     if kpath == "w4a16" and best["BLOCK_M"] != 1:  # MXFP4 tiles: the explicit bf16-pair
-        # decode (the default) or tl.dot_scaled, per stage
+        # decode or tl.dot_scaled, per stage
         for stages in (("s1",), ("s2",), ("s1", "s2")):
-            cand = dict(best, **{st: dict(best[st], dot_scaled=not best[st].get("dot_scaled", False))
+            default = best["BLOCK_M"] > 64  # see fused_moe_triton.use_dot_scaled
+            cand = dict(best, **{st: dict(best[st], dot_scaled=not best[st].get("dot_scaled", default))
                                  for st in stages})
             ms, cfg = timed(cand)
             if ms < best_ms:
