@@ -82,7 +82,7 @@ def _block_m_candidates(kpath: str, M: int, E: int, k: int) -> list[int]:
 def tune_point(shape: str, path: str, M: int, weights: dict, reps: int, log) -> dict[str, Any]:
     import torch
 
-    from moeprec.kernels.fused_moe_triton import fused_moe_triton_impl
+    from moeprec.kernels.fused_moe_triton import fused_moe_triton_impl, use_dot_scaled
     from moeprec.kernels.tuning import default_config, fix_config
 
     H, I, E, k = SHAPES[shape]  # noqa: E741
@@ -129,10 +129,9 @@ def tune_point(shape: str, path: str, M: int, weights: dict, reps: int, log) -> 
             best_ms, best = cur_ms, cur
     if kpath == "w4a16" and best["BLOCK_M"] != 1:  # MXFP4 tiles: the explicit bf16-pair
         # decode or tl.dot_scaled, per stage
-        for stages in (("s1",), ("s2",), ("s1", "s2")):
-            default = best["BLOCK_M"] > 64  # see fused_moe_triton.use_dot_scaled
-            cand = dict(best, **{st: dict(best[st], dot_scaled=not best[st].get("dot_scaled", default))
-                                 for st in stages})
+        for stages in (("s1",), ("s2",), ("s1", "s2")):  # each flipped from the op's own choice
+            cand = dict(best, **{st: dict(best[st], dot_scaled=not use_dot_scaled(
+                torch.bfloat16, False, best["BLOCK_M"], best[st], False)) for st in stages})
             ms, cfg = timed(cand)
             if ms < best_ms:
                 best_ms, best = ms, cfg
