@@ -27,7 +27,8 @@ UNIT_STRIDES = ("stride_ak", "stride_bk", "stride_bsk", "stride_cn", "stride_asm
 NOT_DIVISIBLE = ("alpha", "limit", "num_slots", "top_k", "num_pid_m", "num_experts")
 
 
-def compile_variant(stage1, b_fmt, a_fp8, dot_scaled, bm, bn, bk, warps, stages=3, pair=False):
+def compile_variant(stage1, b_fmt, a_fp8, dot_scaled, bm, bn, bk, warps, stages=3, pair=False,
+                    even_k=True):
     fn = K._moe_gemm_kernel
     names = fn.arg_names
     a_quant = a_fp8 and not stage1
@@ -37,7 +38,7 @@ def compile_variant(stage1, b_fmt, a_fp8, dot_scaled, bm, bn, bk, warps, stages=
         COMPUTE_DTYPE=tl.bfloat16, INTERP=False, DOT_SCALED=dot_scaled,
         A_FMT="e4m3" if a_fp8 else "bf16", BLOCK_M=bm, BLOCK_N=bn, BLOCK_K=bk, GROUP_M=8,
         TILE_ROWS=2 * bn if stage1 else bn, GEMV=bm == 1, SPLIT_K=1, PAIR_BLOCKS=pair,
-        HAS_MASK=pair, **{s: 1 for s in UNIT_STRIDES},
+        HAS_MASK=pair, EVEN_K=even_k, **{s: 1 for s in UNIT_STRIDES},
     )
     ptrs = {
         "a_ptr": "*fp8e4nv" if (a_fp8 and stage1) else "*bf16",

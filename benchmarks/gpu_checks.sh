@@ -9,6 +9,7 @@
 #   bash benchmarks/gpu_checks.sh decode-tune  # re-tune decode points (tries pair_blocks), bench
 #   bash benchmarks/gpu_checks.sh decode-flags # the table's decode configs, pair_blocks on vs off
 #   bash benchmarks/gpu_checks.sh tiles        # MXFP4 tiles: their tests, explicit decode vs dot_scaled
+#   bash benchmarks/gpu_checks.sh even-k       # tensor-core loop without K masks vs with (table configs)
 #   bash benchmarks/gpu_checks.sh dequant      # MXFP4 prefill: its tests, bench bf16 + w4a16 M >= 256
 #   bash benchmarks/gpu_checks.sh dequant-probe  # weights decoded first vs the MXFP4 tiles
 #   bash benchmarks/gpu_checks.sh prefill-tune # tune bf16 at M = 1024, 16384, bench with that table
@@ -60,6 +61,8 @@ for section in "${@:-tests}"; do
         2>&1 | tee "$OUT/tiles_tests.log" | tail -3
       timeout 300 python3 benchmarks/probes/mxfp4_tiles.py --M 16,64,256,1024 --out "$OUT" 2>&1 \
         | tee "$OUT/mxfp4_tiles.log" | tail -20 ;;
+    even-k)
+      timeout 300 python3 benchmarks/probes/even_k.py --out "$OUT" 2>&1 | tee "$OUT/even_k.log" | tail -45 ;;
     decode-flags)
       timeout 240 python3 benchmarks/probes/decode_flags.py --out "$OUT" 2>&1 | tee "$OUT/decode_flags.log" | tail -40 ;;
     decode-tune)  # re-tune the decode points (tries pair_blocks on and off), bench with that table
@@ -96,6 +99,6 @@ for section in "${@:-tests}"; do
     dequant-probe)  # the probe: MXFP4 tiles, decoded first with bf16's and w4a16's settings, bf16
       timeout 330 python3 benchmarks/probes/w4a16_dequant.py --out "$OUT" 2>&1 \
         | tee "$OUT/w4a16_dequant.log" | tail -20 ;;
-    *) echo "unknown section: $section (tests | router | train | kernels | moe | decode | tiles | decode-flags | decode-tune | dequant | dequant-probe | prefill-tune | host | align)" >&2; exit 2 ;;
+    *) echo "unknown section: $section (tests | router | train | kernels | moe | decode | tiles | even-k | decode-flags | decode-tune | dequant | dequant-probe | prefill-tune | host | align)" >&2; exit 2 ;;
   esac
 done

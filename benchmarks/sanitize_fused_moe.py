@@ -3,8 +3,9 @@
 Includes out-of-range and masked expert ids, M=1, sizes off the tile, the CUDA-core decode
 blocks (BLOCK_M = 1) with stage-2 K splits, with and without the alignment launch, the
 three-launch block alignment (M = 200: 600 slots), MXFP4 weights decoded before the GEMMs
-("dequant", two experts at a time) and the MXFP4 tiles' explicit decode ("dot_scaled": false;
-K = 96 and 64 against BLOCK_K = 128: K tails). Exit code 0 and the
+("dequant", two experts at a time), the MXFP4 tiles' explicit decode ("dot_scaled": false;
+K = 96 and 64 against BLOCK_K = 128: K tails; BLOCK_M = 128 with BLOCK_K = 64: stage 2 without
+K masks) and plain tiles with K a multiple of BLOCK_K in both stages. Exit code 0 and the
 sanitizer's "0 errors" are the check; outputs are also compared with the torch reference.
 """
 
@@ -59,11 +60,18 @@ def main() -> None:
                 print(quant, act, M, "dequant ok", flush=True)
                 st = {"BLOCK_N": 32, "BLOCK_K": 128, "num_warps": 4, "num_stages": 2,
                       "dot_scaled": False}
-                for bm in (16, 64):  # mma.sync and wgmma tiles
-                    cfg = fix_config({"BLOCK_M": bm, "s1": dict(st), "s2": dict(st)}, "w4a16")
+                for bm, bk in ((16, 128), (64, 128), (128, 64)):  # mma.sync and wgmma tiles
+                    cfg = fix_config({"BLOCK_M": bm, "s1": dict(st, BLOCK_K=bk),
+                                      "s2": dict(st, BLOCK_K=bk)}, "w4a16")
                     out = fused_moe_triton_impl(x, w1, w2, tw, ti, config=cfg, **args)
                     assert_close(out, ref)
-                    print(quant, act, M, f"explicit decode BLOCK_M={bm} ok", flush=True)
+                    print(quant, act, M, f"explicit decode BLOCK_M={bm} BLOCK_K={bk} ok", flush=True)
+            if quant == "none":  # H = 80, I = 48 under BLOCK_K = 16: no K masks in either stage
+                st = {"BLOCK_N": 32, "BLOCK_K": 16, "num_warps": 4, "num_stages": 2}
+                cfg = fix_config({"BLOCK_M": 16, "s1": dict(st), "s2": dict(st)}, "bf16")
+                out = fused_moe_triton_impl(x, w1, w2, tw, ti, config=cfg, **args)
+                assert_close(out, ref)
+                print(quant, act, M, "tiles, K a multiple of BLOCK_K ok", flush=True)
 
 
 if __name__ == "__main__":

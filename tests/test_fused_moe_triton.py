@@ -309,6 +309,31 @@ def test_mxfp4_tiles_both_decodes(block_m, block_k, dot_scaled):
     assert_close(m.fused_moe_triton_impl(x, w1, w2, tw, ti, config=cfg, **args), ref)
 
 
+@pytest.mark.parametrize("quant,act_dtype", [("none", "bf16"), ("mxfp4", "bf16"), ("mxfp4", "fp8"),
+                                             ("fp8", "fp8")])
+def test_tiles_with_k_a_multiple_of_block_k(quant, act_dtype):
+    # K % BLOCK_K == 0 in both stages: the tensor-core loop runs without K masks (EVEN_K), the
+    # output columns still end off the tile (stage 1: I = 192 under BLOCK_N = 128), an expert
+    # without tokens
+    m = _kernel_module()
+    from moeprec.kernels.tuning import fix_config
+
+    M, H, I, E, k = 9, 128, 192, 3, 2  # noqa: E741
+    x, w1, w2, tw, ti, kw = make_case(M, H, I, E, k, quant, bias=True, seed=71)
+    ti = torch.where(ti == 1, 0, ti)
+    args = dict(quant=quant, act_dtype=act_dtype, **kw)
+    ref = fused_moe(x, w1, w2, tw, ti, backend="torch", **args)
+    st = {"num_warps": 4, "num_stages": 2}
+    cfg = {"BLOCK_M": 16, "s1": dict(st, BLOCK_N=128, BLOCK_K=64),
+           "s2": dict(st, BLOCK_N=64, BLOCK_K=64)}
+    path = {"none": "bf16", "fp8": "fp8"}.get(quant, "w4a16" if act_dtype == "bf16" else "w4a8")
+    cfg = fix_config(cfg, path)
+    assert H % cfg["s1"]["BLOCK_K"] == 0 and I % cfg["s2"]["BLOCK_K"] == 0
+    assert I % cfg["s1"]["BLOCK_N"] != 0
+    assert_close(m.fused_moe_triton_impl(x, w1, w2, tw, ti, config=cfg, **args), ref,
+                 _tol(act_dtype))
+
+
 @pytest.mark.parametrize("masked", [False, True])
 def test_pair_blocks_check_ids_in_the_kernel(masked):
     # "pair_blocks": no alignment; int64 ids past E (2**32 + 1 must not alias expert 1), negative

@@ -165,9 +165,10 @@ def _load_b_tile(
     b_base, bs_base, rows, row_mask, k0, K,
     stride_bn, stride_bk, stride_bsn, stride_bsk,
     B_FMT: tl.constexpr, A_FP8: tl.constexpr, BLOCK_K: tl.constexpr, BLOCK_N: tl.constexpr,
-    COMPUTE_DTYPE: tl.constexpr, INTERP: tl.constexpr,
+    COMPUTE_DTYPE: tl.constexpr, INTERP: tl.constexpr, EVEN_K: tl.constexpr,
 ):
-    """B tile(s) for rows `rows` and K block k0 as dot operands.
+    """B tile(s) for rows `rows` and K block k0 as dot operands (EVEN_K: K is a multiple of
+    BLOCK_K, so only the row mask applies).
 
     Plain/fp8, and MXFP4 with 16-bit activations (decoded, then interleaved into K order): one
     [BLOCK_K, BN] tile (second and third results unused). MXFP4 with fp8 activations: the even
@@ -177,16 +178,15 @@ def _load_b_tile(
     if B_FMT == 1:
         HALF: tl.constexpr = BLOCK_K // 2
         kp = k0 // 2 + tl.arange(0, HALF)
-        kmask = kp < (K // 2)
         packed = tl.load(
             b_base + rows[None, :] * stride_bn + kp[:, None] * stride_bk,
-            mask=kmask[:, None] & row_mask[None, :], other=0,
+            mask=((kp[:, None] < (K // 2)) | EVEN_K) & row_mask[None, :], other=0,
         )
         NSB: tl.constexpr = BLOCK_K // 32
         ks = k0 // 32 + tl.arange(0, NSB)
         s = tl.load(
             bs_base + rows[None, :] * stride_bsn + ks[:, None] * stride_bsk,
-            mask=(ks[:, None] < (K // 32)) & row_mask[None, :], other=127,
+            mask=((ks[:, None] < (K // 32)) | EVEN_K) & row_mask[None, :], other=127,
         ).to(tl.int32)
         PAIRS: tl.constexpr = not INTERP and not A_FP8 and COMPUTE_DTYPE == tl.bfloat16
         if PAIRS:  # bf16 straight from the bits, two values per instruction (_e2m1_bf16_pairs)
@@ -223,7 +223,7 @@ def _load_b_tile(
         kk = k0 + tl.arange(0, BLOCK_K)
         w = tl.load(
             b_base + rows[None, :] * stride_bn + kk[:, None] * stride_bk,
-            mask=(kk[:, None] < K) & row_mask[None, :], other=0.0,
+            mask=((kk[:, None] < K) | EVEN_K) & row_mask[None, :], other=0.0,
         )
         if not (A_FP8 and B_FMT == 2):  # fp8 weights meet bf16 activations: upcast (exact)
             w = _upcast(w, COMPUTE_DTYPE, INTERP)
@@ -358,7 +358,7 @@ def _quant_a(a, a_div, A_QUANT: tl.constexpr, INTERP: tl.constexpr):
 @triton.jit
 def _tile_dot(acc, a_base, a_rows_ok, a_div, k0, K, stride_ak, w_lo, w_hi,
               B_FMT: tl.constexpr, A_UPCAST: tl.constexpr, A_QUANT: tl.constexpr,
-              BLOCK_K: tl.constexpr, INTERP: tl.constexpr):
+              BLOCK_K: tl.constexpr, INTERP: tl.constexpr, EVEN_K: tl.constexpr):
     """acc + A[:, k0:k0+BK] @ W for one K block (fp32). B_FMT == 1 (MXFP4 as even / odd fp8
     halves) splits A into even / odd columns.
 
@@ -368,7 +368,7 @@ def _tile_dot(acc, a_base, a_rows_ok, a_div, k0, K, stride_ak, w_lo, w_hi,
     if B_FMT == 1:
         HALF: tl.constexpr = BLOCK_K // 2
         kk = k0 + 2 * tl.arange(0, HALF)
-        m = a_rows_ok[:, None] & (kk[None, :] < K)
+        m = a_rows_ok[:, None] & ((kk[None, :] < K) | EVEN_K)
         a_e = _quant_a(tl.load(a_base + kk[None, :] * stride_ak, mask=m, other=0.0), a_div, A_QUANT,
                        INTERP)
         a_o = _quant_a(tl.load(a_base + (kk[None, :] + 1) * stride_ak, mask=m, other=0.0), a_div,
@@ -381,8 +381,8 @@ def _tile_dot(acc, a_base, a_rows_ok, a_div, k0, K, stride_ak, w_lo, w_hi,
             acc = tl.dot(a_o, w_hi, acc)
     else:
         kk = k0 + tl.arange(0, BLOCK_K)
-        a = tl.load(a_base + kk[None, :] * stride_ak, mask=a_rows_ok[:, None] & (kk[None, :] < K),
-                    other=0.0)
+        a = tl.load(a_base + kk[None, :] * stride_ak,
+                    mask=a_rows_ok[:, None] & ((kk[None, :] < K) | EVEN_K), other=0.0)
         a = _quant_a(a, a_div, A_QUANT, INTERP)
         if INTERP:
             acc = tl.dot(_upcast(a, tl.float32, INTERP), _upcast(w_lo, tl.float32, INTERP), acc)
@@ -395,14 +395,14 @@ def _tile_dot(acc, a_base, a_rows_ok, a_div, k0, K, stride_ak, w_lo, w_hi,
 
 @triton.jit
 def _mx_dot(a, acc, b_base, bs_base, rows, row_mask, k0, K, stride_bn, stride_bk, stride_bsn,
-            stride_bsk, A_FMT: tl.constexpr, BLOCK_K: tl.constexpr):
+            stride_bsk, A_FMT: tl.constexpr, BLOCK_K: tl.constexpr, EVEN_K: tl.constexpr):
     """acc + a @ MXFP4 tile (rows `rows`, K block k0) with tl.dot_scaled (GPU only)."""
     kp = k0 // 2 + tl.arange(0, BLOCK_K // 2)
     ks = k0 // 32 + tl.arange(0, BLOCK_K // 32)
     packed = tl.load(b_base + rows[None, :] * stride_bn + kp[:, None] * stride_bk,
-                     mask=(kp[:, None] < K // 2) & row_mask[None, :], other=0)
+                     mask=((kp[:, None] < K // 2) | EVEN_K) & row_mask[None, :], other=0)
     scale = tl.load(bs_base + rows[:, None] * stride_bsn + ks[None, :] * stride_bsk,
-                    mask=row_mask[:, None] & (ks[None, :] < K // 32), other=127)
+                    mask=row_mask[:, None] & ((ks[None, :] < K // 32) | EVEN_K), other=127)
     return tl.dot_scaled(a, None, A_FMT, packed, scale, "e2m1", acc)
 
 
@@ -552,8 +552,9 @@ def _mma_tiles(a_base, row_ok, a_sc, b_base, bs_base, rows, rows_ok, K, stride_a
                B_FMT: tl.constexpr, A_FP8: tl.constexpr, A_QUANT: tl.constexpr,
                COMPUTE_DTYPE: tl.constexpr, INTERP: tl.constexpr, DOT_SCALED: tl.constexpr,
                A_FMT: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_K: tl.constexpr,
-               TILE_ROWS: tl.constexpr):
-    """[BLOCK_M, TILE_ROWS] = A @ W[rows]^T over all of K on the tensor cores (fp32)."""
+               TILE_ROWS: tl.constexpr, EVEN_K: tl.constexpr):
+    """[BLOCK_M, TILE_ROWS] = A @ W[rows]^T over all of K on the tensor cores (fp32). EVEN_K
+    (K a multiple of BLOCK_K) drops the per-step K masks: fewer compares and selects per weight."""
     PER_ITER: tl.constexpr = A_FP8 and B_FMT == 1 and not DOT_SCALED
     A_UPCAST: tl.constexpr = A_FP8 and B_FMT == 0
     # MXFP4 with 16-bit activations is decoded to one K-ordered tile: then a plain dot
@@ -564,21 +565,21 @@ def _mma_tiles(a_base, row_ok, a_sc, b_base, bs_base, rows, rows_ok, K, stride_a
             # MXFP4 through the compiler's scaled dot: pipelined loads, decode in registers
             kk = k0 + tl.arange(0, BLOCK_K)
             a = tl.load(a_base + kk[None, :] * stride_ak,
-                        mask=row_ok[:, None] & (kk[None, :] < K), other=0.0)
+                        mask=row_ok[:, None] & ((kk[None, :] < K) | EVEN_K), other=0.0)
             a = _quant_a(a, a_sc, A_QUANT, INTERP)
             acc = _mx_dot(a, acc, b_base, bs_base, rows, rows_ok, k0, K, stride_bn, stride_bk,
-                          stride_bsn, stride_bsk, A_FMT, BLOCK_K)
+                          stride_bsn, stride_bsk, A_FMT, BLOCK_K, EVEN_K)
         else:
             w_lo, w_hi, w_cs = _load_b_tile(b_base, bs_base, rows, rows_ok, k0, K, stride_bn,
                                             stride_bk, stride_bsn, stride_bsk, B_FMT, A_FP8,
-                                            BLOCK_K, TILE_ROWS, COMPUTE_DTYPE, INTERP)
+                                            BLOCK_K, TILE_ROWS, COMPUTE_DTYPE, INTERP, EVEN_K)
             if PER_ITER:  # per-column power of two of this K block (exact fp8 MXFP4 weights)
                 part = _tile_dot(tl.zeros_like(acc), a_base, row_ok, a_sc, k0, K, stride_ak,
-                                 w_lo, w_hi, B_FMT, A_UPCAST, A_QUANT, BLOCK_K, INTERP)
+                                 w_lo, w_hi, B_FMT, A_UPCAST, A_QUANT, BLOCK_K, INTERP, EVEN_K)
                 acc += part * w_cs[None, :]
             else:
                 acc = _tile_dot(acc, a_base, row_ok, a_sc, k0, K, stride_ak, w_lo, w_hi, DOT_FMT,
-                                A_UPCAST, A_QUANT, BLOCK_K, INTERP)
+                                A_UPCAST, A_QUANT, BLOCK_K, INTERP, EVEN_K)
     return acc
 
 
@@ -613,6 +614,7 @@ def _moe_gemm_kernel(
                                  # expert_ids_ptr points at the flat topk ids (range and mask
                                  # checked here; sorted_ids unused)
     HAS_MASK: tl.constexpr,      # PAIR_BLOCKS only: expert_mask_ptr holds the expert mask
+    EVEN_K: tl.constexpr,        # K % BLOCK_K == 0: the tensor-core loop needs no K masks
 ):
     pid = tl.program_id(0)
     pid_k = tl.program_id(1)
@@ -683,7 +685,8 @@ def _moe_gemm_kernel(
     else:
         acc = _mma_tiles(a_base, row_ok, a_sc, b_base, bs_base, rows, rows_ok, K, stride_ak,
                          stride_bn, stride_bk, stride_bsn, stride_bsk, B_FMT, A_FP8, A_QUANT,
-                         COMPUTE_DTYPE, INTERP, DOT_SCALED, A_FMT, BLOCK_M, BLOCK_K, TILE_ROWS)
+                         COMPUTE_DTYPE, INTERP, DOT_SCALED, A_FMT, BLOCK_M, BLOCK_K, TILE_ROWS,
+                         EVEN_K)
 
     # epilogue, the same for both stages up to the split: scales, routed weight, bias
     if A_FP8:

@@ -176,7 +176,7 @@ def _launch_gemm(*, a, a_scale, b, b_scale, bias, c, c_scale, sorted_ids, expert
         DOT_SCALED=dot_scaled, A_FMT=a_fmt,
         BLOCK_M=block_m, BLOCK_N=st["BLOCK_N"], BLOCK_K=st["BLOCK_K"], GROUP_M=st["GROUP_M"],
         TILE_ROWS=2 * st["BLOCK_N"] if stage1 else st["BLOCK_N"], GEMV=gemv, SPLIT_K=split_k,
-        PAIR_BLOCKS=pair_blocks, HAS_MASK=pair_mask is not None,
+        PAIR_BLOCKS=pair_blocks, HAS_MASK=pair_mask is not None, EVEN_K=Kdim % st["BLOCK_K"] == 0,
         num_warps=st["num_warps"], num_stages=st["num_stages"],
     )
 
