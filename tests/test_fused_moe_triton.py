@@ -287,7 +287,7 @@ def test_gemv_product_matches_reference(quant, split_k, block_k):
 
 
 @pytest.mark.parametrize("dot_scaled", [False, True])
-@pytest.mark.parametrize("block_m,block_k", [(16, 128), (64, 64)])
+@pytest.mark.parametrize("block_m,block_k", [(16, 128), (64, 64), (128, 64)])
 def test_mxfp4_tiles_both_decodes(block_m, block_k, dot_scaled):
     # bf16 models: the explicit bf16-pair decode by default (its values are checked bit for bit
     # in test_mxfp4_tile_decode.py), tl.dot_scaled when a stage config asks (the GPU only: the
@@ -443,16 +443,14 @@ def test_mxfp4_tiles_pick_their_decode():
     from moeprec.kernels.fused_moe_triton import use_dot_scaled
 
     bf16, fp16, fp8 = torch.bfloat16, torch.float16, torch.float8_e4m3fn
-    for bm in (16, 32, 64):  # bf16: the explicit bf16-pair decode (measured up to BLOCK_M 64)
-        assert not use_dot_scaled(bf16, False, bm, {}, False)
-    assert use_dot_scaled(bf16, False, 128, {}, False)
-    assert use_dot_scaled(fp16, False, 16, {}, False)
-    assert use_dot_scaled(fp8, True, 16, {}, False)
-    assert use_dot_scaled(bf16, True, 16, {}, False)  # stage 2 quantizing bf16 rows to fp8
-    assert use_dot_scaled(bf16, False, 16, {"dot_scaled": True}, False)
-    assert not use_dot_scaled(bf16, False, 128, {"dot_scaled": False}, False)
-    assert not use_dot_scaled(bf16, False, 16, {"dot_scaled": True}, True)  # the interpreter
-    assert not use_dot_scaled(torch.float32, False, 16, {"dot_scaled": True}, False)  # fp32
+    assert not use_dot_scaled(bf16, False, {}, False)  # bf16: the explicit bf16-pair decode
+    assert use_dot_scaled(fp16, False, {}, False)
+    assert use_dot_scaled(fp8, True, {}, False)
+    assert use_dot_scaled(bf16, True, {}, False)  # stage 2 quantizing bf16 rows to fp8
+    assert use_dot_scaled(bf16, False, {"dot_scaled": True}, False)
+    assert not use_dot_scaled(fp16, False, {"dot_scaled": False}, False)
+    assert not use_dot_scaled(bf16, False, {"dot_scaled": True}, True)  # the interpreter
+    assert not use_dot_scaled(torch.float32, False, {"dot_scaled": True}, False)  # fp32
 
 
 def test_explicit_mxfp4_decode_counts_its_decoded_tile_in_shared_memory():

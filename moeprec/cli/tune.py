@@ -131,7 +131,7 @@ def tune_point(shape: str, path: str, M: int, weights: dict, reps: int, log) -> 
         # decode or tl.dot_scaled, per stage
         for stages in (("s1",), ("s2",), ("s1", "s2")):  # each flipped from the op's own choice
             cand = dict(best, **{st: dict(best[st], dot_scaled=not use_dot_scaled(
-                torch.bfloat16, False, best["BLOCK_M"], best[st], False)) for st in stages})
+                torch.bfloat16, False, best[st], False)) for st in stages})
             ms, cfg = timed(cand)
             if ms < best_ms:
                 best_ms, best = ms, cfg

@@ -123,19 +123,18 @@ def _compute_dtype(dtype: torch.dtype) -> Any:
     return {torch.bfloat16: tl.bfloat16, torch.float16: tl.float16, torch.float32: tl.float32}[dtype]
 
 
-def use_dot_scaled(a_dtype: torch.dtype, a_fp8: bool, block_m: int, st: dict[str, Any],
-                   interpret: bool) -> bool:
+def use_dot_scaled(a_dtype: torch.dtype, a_fp8: bool, st: dict[str, Any], interpret: bool) -> bool:
     """Whether an MXFP4 stage runs through tl.dot_scaled (else the explicit decode).
 
-    bf16 activations with BLOCK_M <= 64 take the explicit bf16-pair decode (1.1-1.5x
-    tl.dot_scaled on the H200 at M = 16-256 with BLOCK_M 16-64, docs/kernels.md; BLOCK_M 128 is
-    not measured yet); fp16 and fp8 activations (stage 2's A may hold bf16 rows that it
-    quantizes to fp8 as it loads) take tl.dot_scaled; a stage config may choose
-    ("dot_scaled"). The interpreter and fp32 models always decode explicitly.
+    bf16 activations take the explicit bf16-pair decode (1.09-1.53x tl.dot_scaled on the H200
+    at every measured tile point, M = 16-4096, BLOCK_M 16-128: docs/kernels.md); fp16 and fp8
+    activations (stage 2's A may hold bf16 rows that it quantizes to fp8 as it loads) take
+    tl.dot_scaled; a stage config may choose ("dot_scaled"). The interpreter and fp32 models
+    always decode explicitly.
     """
     if interpret or a_dtype == torch.float32:
         return False
-    return bool(st.get("dot_scaled", a_fp8 or a_dtype != torch.bfloat16 or block_m > 64))
+    return bool(st.get("dot_scaled", a_fp8 or a_dtype != torch.bfloat16))
 
 
 def _launch_gemm(*, a, a_scale, b, b_scale, bias, c, c_scale, sorted_ids, expert_ids, topk_w,
@@ -146,7 +145,7 @@ def _launch_gemm(*, a, a_scale, b, b_scale, bias, c, c_scale, sorted_ids, expert
     then the flat topk ids and `pair_mask` the expert mask, both checked in the kernel."""
     num_pid_m = expert_ids.numel()
     pair_blocks = sorted_ids is None
-    dot_scaled = b_fmt == 1 and use_dot_scaled(a.dtype, a_fp8, block_m, st, triton_interpret())
+    dot_scaled = b_fmt == 1 and use_dot_scaled(a.dtype, a_fp8, st, triton_interpret())
     a_fmt = "e4m3" if a_fp8 else ("fp16" if a.dtype == torch.float16 else "bf16")
     gemv = block_m == 1 and not a_fp8  # one (token, expert) pair per block: CUDA cores
     split_k = int(st.get("split_k", 1)) if gemv and atomic_out else 1

@@ -7,9 +7,9 @@ with spaces and slashes turned into underscores), written by `moeprec tune`:
 
 A config is {"BLOCK_M": int, "atomic": bool, "fuse_quant": bool, "s1": {...}, "s2": {...}},
 each stage holding BLOCK_N, BLOCK_K, GROUP_M, num_warps, num_stages and optionally
-"dot_scaled" (MXFP4 tiles through tl.dot_scaled; the default with fp16 or fp8 activations and
-for BLOCK_M = 128, while bf16 ones up to BLOCK_M = 64 take the explicit bf16-pair decode:
-fused_moe_triton.use_dot_scaled). BLOCK_M is shared because both stages
+"dot_scaled" (MXFP4 tiles through tl.dot_scaled; the default with fp16 or fp8 activations,
+while bf16 ones take the explicit bf16-pair decode: fused_moe_triton.use_dot_scaled).
+BLOCK_M is shared because both stages
 walk the same block layout. BLOCK_M = 1 (paths with 16-bit activations) runs both stages on the
 CUDA cores, one (token, expert) pair per block, and stage 2 may then split K ("split_k");
 there "pair_blocks" (true unless the entry says false) skips the alignment launch (block b is
