@@ -334,6 +334,31 @@ def test_tiles_with_k_a_multiple_of_block_k(quant, act_dtype):
                  _tol(act_dtype))
 
 
+@pytest.mark.parametrize("act_dtype,block_m,dequant", [("bf16", 1, False), ("bf16", 16, False),
+                                                     ("bf16", 16, True), ("fp8", 16, False)])
+def test_mxfp4_smallest_scale_byte_is_not_flushed(act_dtype, block_m, dequant):
+    # E8M0 byte 0 is 2^-127 (an fp32 subnormal), not zero: with every w2 block at that scale
+    # the output is ~1e-37, and each decode (CUDA-core blocks, tiles, decoded first, fp8
+    # activations) must give the reference's values, compared here scaled by 2^127 (outputs
+    # below 2^-126 are bf16 subnormals, one ulp 2^-133: summation order moves them by 2^-6
+    # scaled, so tol is one fp8 step; a flushed block is off by the whole value)
+    m = _kernel_module()
+    from moeprec.kernels.tuning import fix_config
+
+    M, H, I, E, k = 5, 64, 64, 4, 2  # noqa: E741
+    x, w1, w2, tw, ti, kw = make_case(M, H, I, E, k, "mxfp4", seed=81)
+    kw["w2_scale"] = torch.zeros_like(kw["w2_scale"])
+    args = dict(quant="mxfp4", act_dtype=act_dtype, **kw)
+    ref = fused_moe(x, w1, w2, tw, ti, backend="torch", **args)
+    assert 0 < ref.float().abs().max() < 1e-35
+    st = {"BLOCK_N": 16 if block_m == 1 else 32, "BLOCK_K": 64, "num_warps": 4, "num_stages": 2}
+    cfg = fix_config({"BLOCK_M": block_m, "dequant": dequant, "s1": dict(st), "s2": dict(st)},
+                     "w4a16" if act_dtype == "bf16" else "w4a8")
+    assert cfg["dequant"] == dequant
+    out = m.fused_moe_triton_impl(x, w1, w2, tw, ti, config=cfg, **args)
+    assert_close(out.float() * 2.0**127, ref.float() * 2.0**127, 2.0**-4)
+
+
 @pytest.mark.parametrize("masked", [False, True])
 def test_pair_blocks_check_ids_in_the_kernel(masked):
     # "pair_blocks": no alignment; int64 ids past E (2**32 + 1 must not alias expert 1), negative

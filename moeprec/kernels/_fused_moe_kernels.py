@@ -155,8 +155,9 @@ def _align_place_kernel(topk_ids_ptr, expert_mask_ptr, chunk_base_ptr, sorted_id
 
 @triton.jit
 def _e8m0_to_f32(s):
-    """E8M0 byte (int32) -> 2^(s-127) as fp32; 0xFF -> NaN; 0 -> 0 (2^-127 flushes)."""
-    f = (s << 23).to(tl.float32, bitcast=True)
+    """E8M0 byte (int32) -> 2^(s-127) as fp32, exactly: 0xFF -> NaN, 0 -> the subnormal 2^-127
+    (fp32 bits 0x00400000: byte 0 shifted into the exponent field would read as zero)."""
+    f = tl.where(s == 0, 0x00400000, s << 23).to(tl.float32, bitcast=True)
     return tl.where(s == 255, float("nan"), f)
 
 
@@ -211,8 +212,8 @@ def _load_b_tile(
             else:
                 sf = tl.reshape(tl.broadcast_to(_e8m0_to_f32(s)[:, None, :], (NSB, 16, BLOCK_N)),
                                 (HALF, BLOCK_N))
-                w_lo = (lo * sf).to(COMPUTE_DTYPE)
-                w_hi = (hi * sf).to(COMPUTE_DTYPE)
+                w_lo = _decoded_to(lo * sf, COMPUTE_DTYPE)
+                w_hi = _decoded_to(hi * sf, COMPUTE_DTYPE)
                 col_scale = tl.full([BLOCK_N], 1.0, tl.float32)
         if not A_FP8:  # one K-ordered tile (value 2i + h from byte i, nibble h): a plain dot
             # with contiguous, pipelined A rows; even / odd A columns cost stride-2 gathers
@@ -228,6 +229,16 @@ def _load_b_tile(
         if not (A_FP8 and B_FMT == 2):  # fp8 weights meet bf16 activations: upcast (exact)
             w = _upcast(w, COMPUTE_DTYPE, INTERP)
         return w, w, tl.full([BLOCK_N], 1.0, tl.float32)
+
+
+@triton.jit
+def _decoded_to(v, dtype: tl.constexpr):
+    """Decoded MXFP4 values (fp32, exact: at most 2 significant bits) in the compute dtype. To
+    bf16 as the top half of the fp32 bits: exact, subnormals included (the interpreter's own
+    fp32 -> bf16 cast flushes those, e.g. the values of a 2^-127 scale block)."""
+    if dtype == tl.bfloat16:
+        return (v.to(tl.int32, bitcast=True) >> 16).to(tl.int16).to(tl.bfloat16, bitcast=True)
+    return v.to(dtype)
 
 
 @triton.jit
@@ -336,11 +347,15 @@ def _fp8_scale(amax):
 @triton.jit
 def _upcast(x, dtype: tl.constexpr, INTERP: tl.constexpr):
     """x.to(dtype); in the interpreter, whose fp8 upcast reads the E4M3 NaN code as 480, fp8
-    NaN is restored (the GPU's conversion keeps it)."""
+    NaN is restored, and whose bf16 -> fp32 upcast flushes subnormals, bf16 goes by its bits
+    (the GPU's conversions keep both)."""
     y = x.to(dtype)
     if INTERP:
         if x.dtype == tl.float8e4nv:
             y = tl.where((x.to(tl.uint8, bitcast=True) & 0x7F) == 0x7F, float("nan"), y)
+        if x.dtype == tl.bfloat16 and dtype == tl.float32:
+            y = ((x.to(tl.int16, bitcast=True).to(tl.int32) & 0xFFFF) << 16).to(tl.float32,
+                                                                                bitcast=True)
     return y
 
 
