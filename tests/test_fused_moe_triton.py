@@ -359,6 +359,35 @@ def test_mxfp4_smallest_scale_byte_is_not_flushed(act_dtype, block_m, dequant):
     assert_close(out.float() * 2.0**127, ref.float() * 2.0**127, 2.0**-4)
 
 
+@pytest.mark.parametrize("quant,act_dtype,split_k", [("none", "bf16", 2), ("mxfp4", "bf16", 3),
+                                                   ("mxfp4", "fp8", 2), ("fp8", "fp8", 5)])
+def test_tiles_split_k_in_stage_2(quant, act_dtype, split_k):
+    # tensor-core stage 2 split along K into programs that add into the fp32 output: K = I = 160
+    # is 5 steps of 32 (fp8: 32) or 3 of 64 (MXFP4, the last one partly past K), so splits get
+    # 1-2 steps or none (split_k = 5 over 5 steps; 3 over 3); bias added once, an expert without
+    # tokens, a masked expert
+    m = _kernel_module()
+    from moeprec.kernels.tuning import fix_config
+
+    M, H, I, E, k = 11, 64, 160, 5, 2  # noqa: E741
+    x, w1, w2, tw, ti, kw = make_case(M, H, I, E, k, quant, bias=True, seed=91 + split_k)
+    ti = torch.where(ti == 2, 0, ti)
+    mask = torch.ones(E, dtype=torch.bool, device=x.device)
+    mask[3] = False
+    args = dict(quant=quant, act_dtype=act_dtype, expert_mask=mask, **kw)
+    ref = fused_moe(x, w1, w2, tw, ti, backend="torch", **args)
+    st = {"BLOCK_N": 32, "BLOCK_K": 32, "num_warps": 4, "num_stages": 2}
+    path = {"none": "bf16", "fp8": "fp8"}.get(quant, "w4a16" if act_dtype == "bf16" else "w4a8")
+    cfg = fix_config({"BLOCK_M": 16, "s1": dict(st), "s2": dict(st, split_k=split_k)}, path)
+    assert cfg["s2"]["split_k"] == split_k and cfg["s1"]["split_k"] == 1
+    out = m.fused_moe_triton_impl(x, w1, w2, tw, ti, config=cfg, **args)
+    assert_close(out, ref, _tol(act_dtype))
+    # the same sums as the unsplit kernel, up to the order of the fp32 additions
+    one = m.fused_moe_triton_impl(x, w1, w2, tw, ti, config=fix_config(
+        dict(cfg, s2=dict(cfg["s2"], split_k=1)), path), **args)
+    torch.testing.assert_close(out, one, rtol=2e-2, atol=2e-2)
+
+
 @pytest.mark.parametrize("masked", [False, True])
 def test_pair_blocks_check_ids_in_the_kernel(masked):
     # "pair_blocks": no alignment; int64 ids past E (2**32 + 1 must not alias expert 1), negative
@@ -521,9 +550,10 @@ def test_gemv_config_rules():
     one = fix_config({"BLOCK_M": 1, "s1": dict(st), "s2": dict(st)}, "w4a16")
     # K steps are whole 32-blocks, a power of two of them; K splits only in stage 2
     assert one["s1"]["BLOCK_K"] == 128 and one["s1"]["split_k"] == 1 and one["s2"]["split_k"] == 4
-    # fp8 activations run on the tensor cores only; K splits need the atomic combine
+    # fp8 activations run on the tensor cores only (whose stage 2 splits K too); K splits need
+    # the atomic combine
     fp8 = fix_config({"BLOCK_M": 1, "s1": dict(st), "s2": dict(st)}, "w4a8")
-    assert fp8["BLOCK_M"] == 16 and fp8["s2"]["split_k"] == 1
+    assert fp8["BLOCK_M"] == 16 and fp8["s1"]["split_k"] == 1 and fp8["s2"]["split_k"] == 4
     stored = fix_config({"BLOCK_M": 1, "atomic": False, "s1": dict(st), "s2": dict(st)}, "bf16")
     assert stored["s2"]["split_k"] == 1
     # pair blocks: decode blocks only, on unless the entry says otherwise

@@ -135,6 +135,11 @@ def tune_point(shape: str, path: str, M: int, weights: dict, reps: int, log) -> 
             ms, cfg = timed(cand)
             if ms < best_ms:
                 best_ms, best = ms, cfg
+    if best["BLOCK_M"] != 1 and best.get("atomic", True):  # tiles: stage 2 split along K
+        for split_k in (2, 4):
+            ms, cfg = timed(dict(best, s2=dict(best["s2"], split_k=split_k)))
+            if ms < best_ms:
+                best_ms, best = ms, cfg
     if kpath == "w4a16" and M * k > 96 * E:  # MXFP4 decoded first, then the plain kernels
         for cand in (dict(best, dequant=True), dict(default_config("bf16", M, E, H, I, k), dequant=True)):
             ms, cfg = timed(cand)

@@ -562,20 +562,21 @@ def _gemv_tiles(a_ptr, a_row, a_row_ok, stride_am, b_base, bs_base, rows, rows_o
 
 
 @triton.jit
-def _mma_tiles(a_base, row_ok, a_sc, b_base, bs_base, rows, rows_ok, K, stride_ak,
+def _mma_tiles(a_base, row_ok, a_sc, b_base, bs_base, rows, rows_ok, k_begin, k_end, K, stride_ak,
                stride_bn, stride_bk, stride_bsn, stride_bsk,
                B_FMT: tl.constexpr, A_FP8: tl.constexpr, A_QUANT: tl.constexpr,
                COMPUTE_DTYPE: tl.constexpr, INTERP: tl.constexpr, DOT_SCALED: tl.constexpr,
                A_FMT: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_K: tl.constexpr,
                TILE_ROWS: tl.constexpr, EVEN_K: tl.constexpr):
-    """[BLOCK_M, TILE_ROWS] = A @ W[rows]^T over all of K on the tensor cores (fp32). EVEN_K
-    (K a multiple of BLOCK_K) drops the per-step K masks: fewer compares and selects per weight."""
+    """[BLOCK_M, TILE_ROWS] = A[:, k_begin:k_end] @ W[rows, k_begin:k_end]^T on the tensor cores
+    (fp32; the range is whole BLOCK_K steps, masked against K). EVEN_K (K a multiple of BLOCK_K)
+    drops the per-step K masks: fewer compares and selects per weight."""
     PER_ITER: tl.constexpr = A_FP8 and B_FMT == 1 and not DOT_SCALED
     A_UPCAST: tl.constexpr = A_FP8 and B_FMT == 0
     # MXFP4 with 16-bit activations is decoded to one K-ordered tile: then a plain dot
     DOT_FMT: tl.constexpr = 0 if (B_FMT == 1 and not A_FP8) else B_FMT
     acc = tl.zeros([BLOCK_M, TILE_ROWS], dtype=tl.float32)
-    for k0 in range(0, K, BLOCK_K):
+    for k0 in range(k_begin, k_end, BLOCK_K):
         if DOT_SCALED:
             # MXFP4 through the compiler's scaled dot: pipelined loads, decode in registers
             kk = k0 + tl.arange(0, BLOCK_K)
@@ -624,7 +625,8 @@ def _moe_gemm_kernel(
     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, GROUP_M: tl.constexpr,
     TILE_ROWS: tl.constexpr,     # weight rows per program: 2 * BLOCK_N in stage 1, else BLOCK_N
     GEMV: tl.constexpr,          # BLOCK_M = 1: CUDA-core product (16-bit activations)
-    SPLIT_K: tl.constexpr,       # stage 2 with atomics: programs per output tile along K
+    SPLIT_K: tl.constexpr,       # stage 2 with atomics: programs per output tile along K (CUDA-
+                                 # core blocks and tensor-core tiles alike)
     PAIR_BLOCKS: tl.constexpr,   # BLOCK_M = 1 without alignment: block b is flat slot b, and
                                  # expert_ids_ptr points at the flat topk ids (range and mask
                                  # checked here; sorted_ids unused)
@@ -689,19 +691,24 @@ def _moe_gemm_kernel(
     else:
         a_sc = tl.full([BLOCK_M], 1.0, tl.float32)
 
+    # this program's share of K: whole BLOCK_K steps, so MXFP4 scale blocks stay whole
+    k_steps = tl.cdiv(K, BLOCK_K)
+    k_begin = (pid_k * k_steps // SPLIT_K) * BLOCK_K
+    k_end = tl.minimum(((pid_k + 1) * k_steps // SPLIT_K) * BLOCK_K, K)
     if GEMV:
-        # this program's share of K: whole BLOCK_K steps, so MXFP4 scale blocks stay whole
-        k_steps = tl.cdiv(K, BLOCK_K)
-        k_begin = (pid_k * k_steps // SPLIT_K) * BLOCK_K
-        k_end = tl.minimum(((pid_k + 1) * k_steps // SPLIT_K) * BLOCK_K, K)
         acc = _gemv_tiles(a_ptr, a_row, row_ok, stride_am, b_base, bs_base, rows, rows_ok,
                           k_begin, k_end, stride_ak, stride_bn, stride_bk, stride_bsn,
                           stride_bsk, B_FMT, TILE_ROWS, BLOCK_K, INTERP)
+    elif SPLIT_K == 1:  # the whole of K, loop bounds the compiler sees
+        acc = _mma_tiles(a_base, row_ok, a_sc, b_base, bs_base, rows, rows_ok, 0, K, K,
+                         stride_ak, stride_bn, stride_bk, stride_bsn, stride_bsk, B_FMT, A_FP8,
+                         A_QUANT, COMPUTE_DTYPE, INTERP, DOT_SCALED, A_FMT, BLOCK_M, BLOCK_K,
+                         TILE_ROWS, EVEN_K)
     else:
-        acc = _mma_tiles(a_base, row_ok, a_sc, b_base, bs_base, rows, rows_ok, K, stride_ak,
-                         stride_bn, stride_bk, stride_bsn, stride_bsk, B_FMT, A_FP8, A_QUANT,
-                         COMPUTE_DTYPE, INTERP, DOT_SCALED, A_FMT, BLOCK_M, BLOCK_K, TILE_ROWS,
-                         EVEN_K)
+        acc = _mma_tiles(a_base, row_ok, a_sc, b_base, bs_base, rows, rows_ok, k_begin, k_end,
+                         K, stride_ak, stride_bn, stride_bk, stride_bsn, stride_bsk, B_FMT,
+                         A_FP8, A_QUANT, COMPUTE_DTYPE, INTERP, DOT_SCALED, A_FMT, BLOCK_M,
+                         BLOCK_K, TILE_ROWS, EVEN_K)
 
     # epilogue, the same for both stages up to the split: scales, routed weight, bias
     if A_FP8:

@@ -148,7 +148,7 @@ def _launch_gemm(*, a, a_scale, b, b_scale, bias, c, c_scale, sorted_ids, expert
     dot_scaled = b_fmt == 1 and use_dot_scaled(a.dtype, a_fp8, st, triton_interpret())
     a_fmt = "e4m3" if a_fp8 else ("fp16" if a.dtype == torch.float16 else "bf16")
     gemv = block_m == 1 and not a_fp8  # one (token, expert) pair per block: CUDA cores
-    split_k = int(st.get("split_k", 1)) if gemv and atomic_out else 1
+    split_k = int(st.get("split_k", 1)) if atomic_out else 1
     grid = (num_pid_m * triton.cdiv(N, st["BLOCK_N"]), split_k)
     dummy = expert_ids
     if pair_blocks:

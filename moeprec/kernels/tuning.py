@@ -11,9 +11,10 @@ each stage holding BLOCK_N, BLOCK_K, GROUP_M, num_warps, num_stages and optional
 while bf16 ones take the explicit bf16-pair decode: fused_moe_triton.use_dot_scaled).
 BLOCK_M is shared because both stages
 walk the same block layout. BLOCK_M = 1 (paths with 16-bit activations) runs both stages on the
-CUDA cores, one (token, expert) pair per block, and stage 2 may then split K ("split_k");
-there "pair_blocks" (true unless the entry says false) skips the alignment launch (block b is
-flat slot b; the GEMM kernels check each id's range and mask themselves).
+CUDA cores, one (token, expert) pair per block; there "pair_blocks" (true unless the entry
+says false) skips the alignment launch (block b is flat slot b; the GEMM kernels check each
+id's range and mask themselves). Stage 2 may split K ("split_k", atomic combine only: more
+programs for few output tiles over a long K, e.g. Mixtral's I = 14336), on either kind of block.
 "dequant": true (MXFP4 with 16-bit activations, tensor-core tiles) decodes the weights to the
 model dtype before each stage and runs the plain kernels with the config's settings.
 Lookup takes the exact shape key and the nearest tuned M (in log scale) if it is within a factor
@@ -116,7 +117,7 @@ def fix_config(cfg: dict[str, Any], path: str) -> dict[str, Any]:
     for st in ("s1", "s2"):
         s = cfg[st]
         # K splits add into the fp32 output with atomics: stage 2 only, atomic combine only
-        split_ok = gemv and st == "s2" and cfg["atomic"]
+        split_ok = st == "s2" and cfg["atomic"]
         s["split_k"] = max(1, int(s.get("split_k", 1))) if split_ok else 1
         if gemv:  # whole 32-value blocks, a power of two of them per step
             s["BLOCK_K"] = max(32, 1 << (int(s["BLOCK_K"]) - 1).bit_length())
