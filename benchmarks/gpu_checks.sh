@@ -10,6 +10,7 @@
 #   bash benchmarks/gpu_checks.sh decode-flags # the table's decode configs, pair_blocks on vs off
 #   bash benchmarks/gpu_checks.sh tiles        # MXFP4 tiles: their tests, explicit decode vs dot_scaled
 #   bash benchmarks/gpu_checks.sh even-k       # tensor-core loop without K masks vs with (table configs)
+#   bash benchmarks/gpu_checks.sh split-k      # tile stage-2 K splits: their tests, re-tune M = 64 / 256, bench
 #   bash benchmarks/gpu_checks.sh dequant      # MXFP4 prefill: its tests, bench bf16 + w4a16 M >= 256
 #   bash benchmarks/gpu_checks.sh dequant-probe  # weights decoded first vs the MXFP4 tiles
 #   bash benchmarks/gpu_checks.sh prefill-tune # tune bf16 at M = 1024, 16384, bench with that table
@@ -63,6 +64,17 @@ for section in "${@:-tests}"; do
         | tee "$OUT/mxfp4_tiles.log" | tail -20 ;;
     even-k)
       timeout 300 python3 benchmarks/probes/even_k.py --out "$OUT" 2>&1 | tee "$OUT/even_k.log" | tail -45 ;;
+    split-k)  # stage 2 of the tensor-core tiles split along K; tuned into a copy of the table
+      timeout 120 python3 -m pytest -q -p no:cacheprovider tests/test_fused_moe_triton.py \
+        -k "split_k or smallest or config_rules" 2>&1 | tee "$OUT/split_k_tests.log" | tail -3
+      mkdir -p "$OUT/configs"
+      cp moeprec/configs/fused_moe_NVIDIA_H200.json "$OUT/configs/" 2>/dev/null
+      timeout 300 python3 -m moeprec tune --shapes mixtral-8x7b,gpt-oss-20b --paths bf16,mxfp4-w4a16 \
+        --M 64,256 --budget-s 280 --out "$OUT/configs/fused_moe_NVIDIA_H200.json" \
+        --log "$OUT/split_k_tune.jsonl" 2>&1 | tee "$OUT/split_k_tune.log" | grep -v "^\[" | tail -10
+      MOEPREC_FUSED_MOE_CONFIG_DIR="$OUT/configs" timeout 120 python3 -m moeprec bench \
+        --shapes mixtral-8x7b,gpt-oss-20b --paths bf16,mxfp4-w4a16 --M 64,256 --no-peers --reps 8 \
+        --sets 3 --no-plot --out "$OUT/split_k" 2>&1 | tee "$OUT/split_k_bench.log" | tail -12 ;;
     decode-flags)
       timeout 240 python3 benchmarks/probes/decode_flags.py --out "$OUT" 2>&1 | tee "$OUT/decode_flags.log" | tail -40 ;;
     decode-tune)  # re-tune the decode points (tries pair_blocks on and off), bench with that table
@@ -99,6 +111,6 @@ for section in "${@:-tests}"; do
     dequant-probe)  # the probe: MXFP4 tiles, decoded first with bf16's and w4a16's settings, bf16
       timeout 330 python3 benchmarks/probes/w4a16_dequant.py --out "$OUT" 2>&1 \
         | tee "$OUT/w4a16_dequant.log" | tail -20 ;;
-    *) echo "unknown section: $section (tests | router | train | kernels | moe | decode | tiles | even-k | decode-flags | decode-tune | dequant | dequant-probe | prefill-tune | host | align)" >&2; exit 2 ;;
+    *) echo "unknown section: $section (tests | router | train | kernels | moe | decode | tiles | even-k | split-k | decode-flags | decode-tune | dequant | dequant-probe | prefill-tune | host | align)" >&2; exit 2 ;;
   esac
 done
