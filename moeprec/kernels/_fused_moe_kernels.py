@@ -21,7 +21,7 @@ from __future__ import annotations
 import triton
 import triton.language as tl
 
-from moeprec.kernels.quantize import _e2m1_to_f32
+from moeprec.kernels.quantize import _decoded_to, _e2m1_to_f32
 
 
 @triton.jit
@@ -229,16 +229,6 @@ def _load_b_tile(
         if not (A_FP8 and B_FMT == 2):  # fp8 weights meet bf16 activations: upcast (exact)
             w = _upcast(w, COMPUTE_DTYPE, INTERP)
         return w, w, tl.full([BLOCK_N], 1.0, tl.float32)
-
-
-@triton.jit
-def _decoded_to(v, dtype: tl.constexpr):
-    """Decoded MXFP4 values (fp32, exact: at most 2 significant bits) in the compute dtype. To
-    bf16 as the top half of the fp32 bits: exact, subnormals included (the interpreter's own
-    fp32 -> bf16 cast flushes those, e.g. the values of a 2^-127 scale block)."""
-    if dtype == tl.bfloat16:
-        return (v.to(tl.int32, bitcast=True) >> 16).to(tl.int16).to(tl.bfloat16, bitcast=True)
-    return v.to(dtype)
 
 
 @triton.jit
@@ -699,12 +689,10 @@ def _moe_gemm_kernel(
         acc = _gemv_tiles(a_ptr, a_row, row_ok, stride_am, b_base, bs_base, rows, rows_ok,
                           k_begin, k_end, stride_ak, stride_bn, stride_bk, stride_bsn,
                           stride_bsk, B_FMT, TILE_ROWS, BLOCK_K, INTERP)
-    elif SPLIT_K == 1:  # the whole of K, loop bounds the compiler sees
-        acc = _mma_tiles(a_base, row_ok, a_sc, b_base, bs_base, rows, rows_ok, 0, K, K,
-                         stride_ak, stride_bn, stride_bk, stride_bsn, stride_bsk, B_FMT, A_FP8,
-                         A_QUANT, COMPUTE_DTYPE, INTERP, DOT_SCALED, A_FMT, BLOCK_M, BLOCK_K,
-                         TILE_ROWS, EVEN_K)
     else:
+        if SPLIT_K == 1:  # the whole of K: loop bounds the compiler sees
+            k_begin = 0
+            k_end = K
         acc = _mma_tiles(a_base, row_ok, a_sc, b_base, bs_base, rows, rows_ok, k_begin, k_end,
                          K, stride_ak, stride_bn, stride_bk, stride_bsn, stride_bsk, B_FMT,
                          A_FP8, A_QUANT, COMPUTE_DTYPE, INTERP, DOT_SCALED, A_FMT, BLOCK_M,

@@ -131,8 +131,17 @@ def _e2m1_to_f32(code):
 
 
 @triton.jit
-def _mxfp4_dequant_kernel(packed_ptr, scales_ptr, out_ptr, NB, OUT_BF16: tl.constexpr,
-                          BLOCK_B: tl.constexpr):
+def _decoded_to(v, dtype: tl.constexpr):
+    """Decoded MXFP4 values (fp32, exact: at most 2 significant bits) in `dtype`, rounded once.
+    To bf16 as the top half of the fp32 bits: exact, subnormals included (the interpreter's own
+    fp32 -> bf16 cast flushes those, e.g. the values of a 2^-127 scale block)."""
+    if dtype == tl.bfloat16:
+        return (v.to(tl.int32, bitcast=True) >> 16).to(tl.int16).to(tl.bfloat16, bitcast=True)
+    return v.to(dtype)
+
+
+@triton.jit
+def _mxfp4_dequant_kernel(packed_ptr, scales_ptr, out_ptr, NB, BLOCK_B: tl.constexpr):
     """BLOCK_B consecutive 32-blocks per program, the quantizer's tile read backwards: 16 packed
     bytes and one scale byte in, 32 values out. E2M1 * 2^(s-127) is exact in fp32 (a 2^-127
     scale is subnormal: applied as 0.5 * 2^-126) and is rounded once, to the output dtype."""
@@ -149,12 +158,7 @@ def _mxfp4_dequant_kernel(packed_ptr, scales_ptr, out_ptr, NB, OUT_BF16: tl.cons
     hi = _e2m1_to_f32(byte >> 4)
     v = tl.reshape(tl.join(lo, hi), (BLOCK_B, 32))  # low nibble first, as the bytes hold them
     v = v * half[:, None] * scale[:, None]
-    if OUT_BF16:
-        # v has at most 2 significant bits, so its bf16 is its fp32 top half: exact, subnormals
-        # included (the interpreter's own fp32 -> bf16 cast flushes those)
-        y = (v.to(tl.int32, bitcast=True) >> 16).to(tl.int16).to(tl.bfloat16, bitcast=True)
-    else:
-        y = v.to(out_ptr.dtype.element_ty)
+    y = _decoded_to(v, out_ptr.dtype.element_ty)
     offs = blk[:, None] * 32 + tl.arange(0, 32)[None, :]
     tl.store(out_ptr + b0 * 32 + offs, y, mask=bmask[:, None])
 
@@ -314,7 +318,7 @@ def dequantize_mxfp4_triton(packed: torch.Tensor, scales: torch.Tensor,
     if nb:
         block_b = LAUNCH["mx_blocks"]
         _mxfp4_dequant_kernel[(triton.cdiv(nb, block_b),)](
-            p2, s2, out, nb, OUT_BF16=dtype == torch.bfloat16, BLOCK_B=block_b,
+            p2, s2, out, nb, BLOCK_B=block_b,
             num_warps=LAUNCH["mx_warps"])
     return out.reshape(*packed.shape[:-1], half * 2)
 
