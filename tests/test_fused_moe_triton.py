@@ -316,7 +316,7 @@ def test_tiles_with_k_a_multiple_of_block_k(quant, act_dtype):
     # output columns still end off the tile (stage 1: I = 192 under BLOCK_N = 128), an expert
     # without tokens
     m = _kernel_module()
-    from moeprec.kernels.tuning import fix_config
+    from moeprec.kernels.tuning import fix_config, path_name
 
     M, H, I, E, k = 9, 128, 192, 3, 2  # noqa: E741
     x, w1, w2, tw, ti, kw = make_case(M, H, I, E, k, quant, bias=True, seed=71)
@@ -326,7 +326,7 @@ def test_tiles_with_k_a_multiple_of_block_k(quant, act_dtype):
     st = {"num_warps": 4, "num_stages": 2}
     cfg = {"BLOCK_M": 16, "s1": dict(st, BLOCK_N=128, BLOCK_K=64),
            "s2": dict(st, BLOCK_N=64, BLOCK_K=64)}
-    path = {"none": "bf16", "fp8": "fp8"}.get(quant, "w4a16" if act_dtype == "bf16" else "w4a8")
+    path = path_name(quant, act_dtype)
     cfg = fix_config(cfg, path)
     assert H % cfg["s1"]["BLOCK_K"] == 0 and I % cfg["s2"]["BLOCK_K"] == 0
     assert I % cfg["s1"]["BLOCK_N"] != 0
@@ -343,7 +343,7 @@ def test_mxfp4_smallest_scale_byte_is_not_flushed(act_dtype, block_m, dequant):
     # below 2^-126 are bf16 subnormals, one ulp 2^-133: summation order moves them by 2^-6
     # scaled, so tol is one fp8 step; a flushed block is off by the whole value)
     m = _kernel_module()
-    from moeprec.kernels.tuning import fix_config
+    from moeprec.kernels.tuning import fix_config, path_name
 
     M, H, I, E, k = 5, 64, 64, 4, 2  # noqa: E741
     x, w1, w2, tw, ti, kw = make_case(M, H, I, E, k, "mxfp4", seed=81)
@@ -353,7 +353,7 @@ def test_mxfp4_smallest_scale_byte_is_not_flushed(act_dtype, block_m, dequant):
     assert 0 < ref.float().abs().max() < 1e-35
     st = {"BLOCK_N": 16 if block_m == 1 else 32, "BLOCK_K": 64, "num_warps": 4, "num_stages": 2}
     cfg = fix_config({"BLOCK_M": block_m, "dequant": dequant, "s1": dict(st), "s2": dict(st)},
-                     "w4a16" if act_dtype == "bf16" else "w4a8")
+                     path_name("mxfp4", act_dtype))
     assert cfg["dequant"] == dequant
     out = m.fused_moe_triton_impl(x, w1, w2, tw, ti, config=cfg, **args)
     assert_close(out.float() * 2.0**127, ref.float() * 2.0**127, 2.0**-4)
@@ -367,7 +367,7 @@ def test_tiles_split_k_in_stage_2(quant, act_dtype, split_k):
     # 1-2 steps or none (split_k = 5 over 5 steps; 3 over 3); bias added once, an expert without
     # tokens, a masked expert
     m = _kernel_module()
-    from moeprec.kernels.tuning import fix_config
+    from moeprec.kernels.tuning import fix_config, path_name
 
     M, H, I, E, k = 11, 64, 160, 5, 2  # noqa: E741
     x, w1, w2, tw, ti, kw = make_case(M, H, I, E, k, quant, bias=True, seed=91 + split_k)
@@ -377,7 +377,7 @@ def test_tiles_split_k_in_stage_2(quant, act_dtype, split_k):
     args = dict(quant=quant, act_dtype=act_dtype, expert_mask=mask, **kw)
     ref = fused_moe(x, w1, w2, tw, ti, backend="torch", **args)
     st = {"BLOCK_N": 32, "BLOCK_K": 32, "num_warps": 4, "num_stages": 2}
-    path = {"none": "bf16", "fp8": "fp8"}.get(quant, "w4a16" if act_dtype == "bf16" else "w4a8")
+    path = path_name(quant, act_dtype)
     cfg = fix_config({"BLOCK_M": 16, "s1": dict(st), "s2": dict(st, split_k=split_k)}, path)
     assert cfg["s2"]["split_k"] == split_k and cfg["s1"]["split_k"] == 1
     out = m.fused_moe_triton_impl(x, w1, w2, tw, ti, config=cfg, **args)
@@ -504,7 +504,7 @@ def test_mxfp4_tiles_pick_their_decode():
     assert use_dot_scaled(bf16, False, {"dot_scaled": True}, False)
     assert not use_dot_scaled(fp16, False, {"dot_scaled": False}, False)
     assert not use_dot_scaled(bf16, False, {"dot_scaled": True}, True)  # the interpreter
-    assert not use_dot_scaled(torch.float32, False, {"dot_scaled": True}, False)  # fp32
+    assert not use_dot_scaled(torch.float32, False, {"dot_scaled": True}, False)  # fp32 models
 
 
 def test_explicit_mxfp4_decode_counts_its_decoded_tile_in_shared_memory():
