@@ -16,6 +16,7 @@
 #   bash benchmarks/gpu_checks.sh prefill-tune # tune bf16 at M = 1024, 16384, bench with that table
 #   bash benchmarks/gpu_checks.sh host         # host time per eager call; prefill bench as graphs
 #   bash benchmarks/gpu_checks.sh align        # block alignment: Triton kernel vs torch path
+#   bash benchmarks/gpu_checks.sh stages       # prefill GPU time kernel by kernel, cuBLAS beside it
 # Uses the machine's own python3 (torch + triton preinstalled); moeprec from this checkout.
 set -uo pipefail
 OUT=${OUT:-out}
@@ -101,6 +102,9 @@ for section in "${@:-tests}"; do
       MOEPREC_FUSED_MOE_CONFIG_DIR="$OUT/configs" timeout 110 python3 -m moeprec bench \
         --paths bf16,mxfp4-w4a16 --M 1024,4096,16384 --loop-max-m 0 --reps 8 --sets 3 --no-plot \
         --out "$OUT/prefill_tuned" 2>&1 | tee "$OUT/prefill_tuned.log" | tail -26 ;;
+    stages)  # a prefill call kernel by kernel (profiler), stage-2 atomics vs stores, cuBLAS
+      timeout 300 python3 benchmarks/probes/prefill_stages.py --out "$OUT" 2>&1 \
+        | tee "$OUT/prefill_stages.log" | tail -40 ;;
     align)  # the two block-alignment paths: host and GPU time per call
       timeout 120 python3 benchmarks/probes/align_paths.py 2>&1 | tee "$OUT/align_paths.log" ;;
     host)  # eager host time per fused_moe call vs its graphed GPU time; bench with graphs
@@ -111,6 +115,6 @@ for section in "${@:-tests}"; do
     dequant-probe)  # the probe: MXFP4 tiles, decoded first with bf16's and w4a16's settings, bf16
       timeout 330 python3 benchmarks/probes/w4a16_dequant.py --out "$OUT" 2>&1 \
         | tee "$OUT/w4a16_dequant.log" | tail -20 ;;
-    *) echo "unknown section: $section (tests | router | train | kernels | moe | decode | tiles | even-k | split-k | decode-flags | decode-tune | dequant | dequant-probe | prefill-tune | host | align)" >&2; exit 2 ;;
+    *) echo "unknown section: $section (tests | router | train | kernels | moe | decode | tiles | even-k | split-k | decode-flags | decode-tune | dequant | dequant-probe | prefill-tune | host | align | stages)" >&2; exit 2 ;;
   esac
 done
