@@ -17,6 +17,7 @@
 #   bash benchmarks/gpu_checks.sh host         # host time per eager call; prefill bench as graphs
 #   bash benchmarks/gpu_checks.sh align        # block alignment: Triton kernel vs torch path
 #   bash benchmarks/gpu_checks.sh stages       # prefill GPU time kernel by kernel, cuBLAS beside it
+#   bash benchmarks/gpu_checks.sh combine      # stage 2 atomics vs slot rows + sum: bf16 prefill bench both ways
 # Uses the machine's own python3 (torch + triton preinstalled); moeprec from this checkout.
 set -uo pipefail
 OUT=${OUT:-out}
@@ -105,6 +106,23 @@ for section in "${@:-tests}"; do
     stages)  # a prefill call kernel by kernel (profiler), stage-2 atomics vs stores, cuBLAS
       timeout 300 python3 benchmarks/probes/prefill_stages.py --out "$OUT" 2>&1 \
         | tee "$OUT/prefill_stages.log" | tail -40 ;;
+    combine)  # the table as is, then with every bf16 entry from M = 1024 on storing slot rows
+      timeout 150 python3 -m moeprec bench --paths bf16 --M 1024,4096,16384 --loop-max-m 0 \
+        --no-peers --reps 8 --sets 3 --no-plot --out "$OUT/combine_atomic" 2>&1 \
+        | tee "$OUT/combine_atomic.log" | tail -14
+      mkdir -p "$OUT/configs_rows"
+      python3 - "$OUT/configs_rows" <<'PY'
+import json, sys
+t = json.load(open("moeprec/configs/fused_moe_NVIDIA_H200.json"))
+for shape in t["bf16"].values():
+    for m, cfg in shape.items():
+        if int(m) >= 1024:
+            cfg["atomic"] = False
+json.dump(t, open(sys.argv[1] + "/fused_moe_NVIDIA_H200.json", "w"), indent=1, sort_keys=True)
+PY
+      MOEPREC_FUSED_MOE_CONFIG_DIR="$OUT/configs_rows" timeout 150 python3 -m moeprec bench \
+        --paths bf16 --M 1024,4096,16384 --loop-max-m 0 --no-peers --reps 8 --sets 3 --no-plot \
+        --out "$OUT/combine_rows" 2>&1 | tee "$OUT/combine_rows.log" | tail -14 ;;
     align)  # the two block-alignment paths: host and GPU time per call
       timeout 120 python3 benchmarks/probes/align_paths.py 2>&1 | tee "$OUT/align_paths.log" ;;
     host)  # eager host time per fused_moe call vs its graphed GPU time; bench with graphs
@@ -115,6 +133,6 @@ for section in "${@:-tests}"; do
     dequant-probe)  # the probe: MXFP4 tiles, decoded first with bf16's and w4a16's settings, bf16
       timeout 330 python3 benchmarks/probes/w4a16_dequant.py --out "$OUT" 2>&1 \
         | tee "$OUT/w4a16_dequant.log" | tail -20 ;;
-    *) echo "unknown section: $section (tests | router | train | kernels | moe | decode | tiles | even-k | split-k | decode-flags | decode-tune | dequant | dequant-probe | prefill-tune | host | align | stages)" >&2; exit 2 ;;
+    *) echo "unknown section: $section (tests | router | train | kernels | moe | decode | tiles | even-k | split-k | decode-flags | decode-tune | dequant | dequant-probe | prefill-tune | host | align | stages | combine)" >&2; exit 2 ;;
   esac
 done

@@ -152,12 +152,40 @@ def test_multi_program_align_path_and_store_reduction(monkeypatch):
         assert_close(out, ref)
 
 
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
+def test_store_combine_skips_masked_slots(dtype):
+    # stage 2 without atomics: one fp32 row per kept slot (poisoned NaN before the run), then a
+    # per-token sum that must skip masked, out-of-range and negative ids; k = 3 pads to 4 slots
+    # in the sum, H = 80 is not a power of two; a token with every slot masked gets zeros
+    m = _kernel_module()
+    from moeprec.kernels.tuning import default_config, fix_config
+
+    M, H, I, E, k = 6, 80, 48, 6, 3  # noqa: E741
+    x, w1, w2, tw, ti, kw = make_case(M, H, I, E, k, dtype=dtype, bias=True, seed=11)
+    ti = ti.clone()
+    ti[0, 0], ti[2, 1] = E + 3, -1
+    mask = torch.ones(E, dtype=torch.bool, device=ti.device)
+    mask[ti[1, 0]] = False
+    ti[3] = ti[1, 0]
+    args = dict(expert_mask=mask, **kw)
+    ref = fused_moe(x, w1, w2, tw, ti, backend="torch", check_topk_ids=False, **args)
+    cfg = dict(fix_config(default_config("bf16", M, E, H, I, k), "bf16"), atomic=False)
+    out = m.fused_moe_triton_impl(x, w1, w2, tw, ti, config=cfg, **args)
+    assert out.dtype == dtype
+    assert_close(out, ref)
+    assert torch.equal(out[3], torch.zeros_like(out[3]))
+    empty = m.fused_moe_triton_impl(x[:0], w1, w2, tw[:0], ti[:0], config=cfg, **args)
+    assert empty.shape == (0, H) and empty.dtype == dtype
+
+
 @pytest.mark.parametrize("one_program", [True, False])
 @pytest.mark.parametrize("M,k,E,bm", [(9, 3, 6, 4), (50, 3, 6, 16), (70, 4, 40, 16)])
 def test_align_blocks_layout(one_program, M, k, E, bm, monkeypatch):
-    # both align paths; 150 and 280 slots span several chunks of the three-launch path
+    # both align paths; 150 and 280 slots span several chunks of the three-launch path, and
+    # its scan takes two chunks a step so that it loops
     m = _kernel_module()
     monkeypatch.setattr(m, "_ALIGN_ONE_PROGRAM_MAX_SLOTS", 1 << 30 if one_program else 0)
+    monkeypatch.setattr(m, "_ALIGN_SCAN_ROWS", 2)
     g = torch.Generator().manual_seed(4 + M)
     ti = torch.randint(0, E, (M, k), generator=g).to(DEV)
     ti[0, 1] = E  # out of range

@@ -135,6 +135,11 @@ def tune_point(shape: str, path: str, M: int, weights: dict, reps: int, log) -> 
             ms, cfg = timed(cand)
             if ms < best_ms:
                 best_ms, best = ms, cfg
+    if best["BLOCK_M"] != 1 and M * k >= 64 * E:  # prefill tiles: stage 2 storing slot rows
+        # summed per token afterwards, instead of fp32 atomics (k adds per output element)
+        ms, cfg = timed(dict(best, atomic=not best.get("atomic", True)))
+        if ms < best_ms:
+            best_ms, best = ms, cfg
     if best["BLOCK_M"] != 1 and best.get("atomic", True):  # tiles: stage 2 split along K
         for split_k in (2, 4):
             ms, cfg = timed(dict(best, s2=dict(best["s2"], split_k=split_k)))

@@ -29,6 +29,8 @@ from moeprec.kernels.tuning import get_config, path_name
 # three launches spread the work over the GPU (one program took 240 us of GPU time at 4096
 # slots and 128 experts on the H200, the torch sort path ~450 us of host time).
 _ALIGN_ONE_PROGRAM_MAX_SLOTS = 256
+# Chunks per step of the multi-launch path's scan (each program walks the chunks of 16 experts)
+_ALIGN_SCAN_ROWS = 256
 # Tests set this to fill intermediates with NaN, proving that no unwritten row is ever read.
 _POISON_INTERMEDIATE = False
 # Configs with "dequant" (large MXFP4 batches, see `_gemm_dequantized`) decode at most this many
@@ -96,12 +98,32 @@ def align_blocks(topk_ids: torch.Tensor, num_experts: int, block_m: int,
         return sorted_ids, expert_ids
     num_chunks = triton.cdiv(num_slots, chunk)
     chunk_base = torch.empty(num_chunks, e_pad, dtype=torch.int32, device=dev)
+    totals = torch.empty(e_pad, dtype=torch.int32, device=dev)
     K._align_count_kernel[(num_chunks,)](ids, mask, chunk_base, num_slots, num_experts, **common)
-    K._align_scan_kernel[(1,)](chunk_base, sorted_ids, expert_ids, num_chunks, num_slots, nb,
-                               BLOCK_M=block_m, E_PAD=e_pad, CHUNK=chunk, num_warps=warps)
-    K._align_place_kernel[(num_chunks,)](ids, mask, chunk_base, sorted_ids, num_slots,
-                                         num_experts, **common)
+    eb = min(16, e_pad)  # experts per scan program
+    K._align_scan_kernel[(e_pad // eb,)](chunk_base, totals, num_chunks, E_PAD=e_pad, EB=eb,
+                                         ROWS=_ALIGN_SCAN_ROWS, num_warps=4)
+    K._align_place_kernel[(num_chunks,)](ids, mask, chunk_base, totals, sorted_ids, expert_ids,
+                                         num_slots, num_experts, nb, triton.cdiv(nb, num_chunks),
+                                         BLOCK_M=block_m, **common)
     return sorted_ids, expert_ids
+
+
+def _sum_slot_rows(rows: torch.Tensor, topk_ids: torch.Tensor, expert_mask: torch.Tensor | None,
+                   M: int, k: int, E: int, out_dtype: torch.dtype) -> torch.Tensor:
+    """The k fp32 rows of each token summed in fp32 and cast once (non-atomic combine)."""
+    H = rows.shape[1]
+    out = torch.empty(M, H, dtype=out_dtype, device=rows.device)
+    if M == 0:
+        return out
+    ids = topk_ids.reshape(-1)
+    mask = _mask_i32(expert_mask) if expert_mask is not None else ids
+    block_n = min(1024, triton.next_power_of_2(H))
+    K._sum_slot_rows_kernel[(M, triton.cdiv(H, block_n))](
+        rows, ids, mask, out, H, k, E, rows.stride(0), out.stride(0),
+        HAS_MASK=expert_mask is not None, K_PAD=triton.next_power_of_2(k), BLOCK_N=block_n,
+        num_warps=4)
+    return out
 
 
 def _quant_fp8_rows(x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
@@ -289,8 +311,9 @@ def fused_moe_triton_impl(
     atomic = bool(cfg.get("atomic", True))
     if atomic:
         out32 = torch.zeros(M, H, dtype=torch.float32, device=dev)
-    else:  # rows of masked slots are never written: start from zeros
-        out32 = torch.zeros(S, H, dtype=torch.float32, device=dev)
+    else:  # one fp32 row per kept slot, summed per token below (the rest are never read)
+        out32 = (torch.full((S, H), float("nan"), dtype=torch.float32, device=dev)
+                 if _POISON_INTERMEDIATE else torch.empty(S, H, dtype=torch.float32, device=dev))
     gemm(
         a=inter, a_scale=inter_scale, b=w2, b_scale=w2_scale, bias=bias2, c=out32, c_scale=None,
         sorted_ids=sorted_ids, expert_ids=expert_ids, topk_w=topk_w, N=H, Kdim=I, num_slots=S,
@@ -301,7 +324,7 @@ def fused_moe_triton_impl(
         **pair,
     )
     if not atomic:
-        out32 = out32.view(M, k, H).sum(dim=1)
+        return _sum_slot_rows(out32, topk_ids, expert_mask, M, k, E, out_dtype)
     return out32.to(out_dtype)
 
 
