@@ -9,6 +9,8 @@ A config is {"BLOCK_M": int, "atomic": bool, "fuse_quant": bool, "s1": {...}, "s
 each stage holding BLOCK_N, BLOCK_K, GROUP_M, num_warps, num_stages and optionally
 "dot_scaled" (MXFP4 tiles through tl.dot_scaled; the default with fp16 or fp8 activations,
 while bf16 ones take the explicit bf16-pair decode: fused_moe_triton.use_dot_scaled).
+"atomic": false makes stage 2 store one fp32 row per kept slot and a second kernel sum each
+token's rows (instead of k fp32 atomic adds per output element; pays for large k = 4 / 8 batches).
 BLOCK_M is shared because both stages
 walk the same block layout. BLOCK_M = 1 (paths with 16-bit activations) runs both stages on the
 CUDA cores, one (token, expert) pair per block; there "pair_blocks" (true unless the entry
