@@ -574,6 +574,15 @@ def test_decode_defaults_take_the_cuda_core_blocks_for_mxfp4_only():
     assert default_config("bf16", 1, 128, 2048, 768, 8)["BLOCK_M"] == 16
 
 
+def test_default_combine_stores_slot_rows_for_large_k_batches_only():
+    from moeprec.kernels.tuning import default_config
+
+    # (M, E, k) -> atomics? Qwen3 (k = 8) from 256 tokens per expert, gpt-oss (k = 4) from 128
+    for M, E, k, atomic in ((1024, 128, 8, True), (4096, 128, 8, False), (16384, 256, 8, False),
+                            (512, 32, 4, True), (1024, 32, 4, False), (16384, 8, 2, True)):
+        assert default_config("bf16", M, E, 2048, 768, k)["atomic"] == atomic, (M, E, k)
+
+
 def test_gemv_config_rules():
     from moeprec.kernels.tuning import fix_config
 

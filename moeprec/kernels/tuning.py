@@ -92,7 +92,11 @@ def default_config(path: str, M: int, E: int, H: int, I: int, top_k: int) -> dic
     else:
         bk = 128 if fp8_act else 64
         cfg = {"BLOCK_M": 128, "s1": _stage(128, bk, 8, 8, 3), "s2": _stage(128, bk, 8, 8, 4)}
-    cfg["atomic"] = True
+    # stage 2's k fp32 atomic adds per output element against storing slot rows and a
+    # per-token sum: on the H200 the rows won at k = 8 from 256 tokens per expert on (Qwen3
+    # 5-10%, DeepSeek-V3 3%) and at k = 4 from 128 (gpt-oss 4-5%), lost at 64 (Qwen3 M = 1024)
+    # and tied at k = 2 (benchmarks/results/README.md, 2026-12-03 07:45 UTC)
+    cfg["atomic"] = not (top_k >= 4 and per_expert >= 128)
     # fp8: quantize z inside stage 2 for small batches (saves a launch), in a separate pass for
     # large ones (keeps stage 2's A operand a pipelined copy)
     cfg["fuse_quant"] = per_expert <= 24
