@@ -211,6 +211,21 @@ def test_mxfp4_dequant_other_launch_parameters(poisoned, monkeypatch):
     assert_same_dequant(packed, scales, torch.bfloat16)
 
 
+@interpret
+def test_mxfp4_dequant_leaves_unkept_experts_untouched(poisoned):
+    # the fused MoE's decode-first path passes its expert mask: flagged-off experts are neither
+    # read nor written (their rows keep the poison), the others decode as without the mask
+    from moeprec.kernels.quantize import dequantize_mxfp4_triton
+
+    x = torch.randn(4, 6, 96)
+    packed, scales = quantize_mxfp4(x, backend="torch")
+    keep = torch.tensor([1, 0, 1, 0], dtype=torch.int32)
+    out = dequantize_mxfp4_triton(packed, scales, torch.bfloat16, keep)
+    ref = dequantize_mxfp4(packed, scales, torch.bfloat16, backend="torch")
+    assert torch.equal(out[keep == 1], ref[keep == 1])
+    assert (out[keep == 0].view(torch.uint8) == 0xA5).all()
+
+
 # ----------------------------------------------------------------------------- FP8
 
 

@@ -15,6 +15,7 @@ fake implementation) so that `torch.compile` traces through it; eager calls skip
 
 from __future__ import annotations
 
+import functools
 import warnings
 from typing import Any
 
@@ -202,7 +203,7 @@ def _launch_gemm(*, a, a_scale, b, b_scale, bias, c, c_scale, sorted_ids, expert
     )
 
 
-def _gemm_dequantized(*, b, b_scale, bias, expert_ids, b_fmt, **kw) -> None:
+def _gemm_dequantized(*, b, b_scale, bias, expert_ids, b_fmt, keep=None, **kw) -> None:
     """One stage on MXFP4 weights decoded to the model dtype first, a chunk of experts at a time.
 
     For large batches: every expert's weights are met by many token blocks, so decoding them
@@ -210,8 +211,10 @@ def _gemm_dequantized(*, b, b_scale, bias, expert_ids, b_fmt, **kw) -> None:
     main loop; the product is then the plain bf16 kernel's. The decoded values are the ones the
     in-kernel decode feeds the MMAs (E2M1 * 2^(s-127) is exact in bf16), so results agree
     with the MXFP4 tiles up to summation order. Blocks of experts outside the chunk are marked
-    -1 and skipped; the chunking depends on shapes only (no host sync). Takes `_launch_gemm`'s
-    arguments; the MXFP4 ones (`b`, `b_scale`, `b_fmt`) are replaced by the decoded chunk.
+    -1 and skipped; the chunking depends on shapes only (no host sync). Experts flagged 0 in
+    `keep` (the expert mask as int32: expert parallelism masks most experts) are not decoded:
+    no block reads them. Takes `_launch_gemm`'s arguments; the MXFP4 ones (`b`, `b_scale`,
+    `b_fmt`) are replaced by the decoded chunk.
     """
     from moeprec.kernels.quantize import dequantize_mxfp4_triton
 
@@ -223,7 +226,9 @@ def _gemm_dequantized(*, b, b_scale, bias, expert_ids, b_fmt, **kw) -> None:
         hi = min(E, lo + step)
         ids = expert_ids if (lo, hi) == (0, E) else torch.where(
             (expert_ids >= lo) & (expert_ids < hi), expert_ids - lo, -1)
-        _launch_gemm(b=dequantize_mxfp4_triton(b[lo:hi], b_scale[lo:hi], dtype), b_scale=None,
+        w = dequantize_mxfp4_triton(b[lo:hi], b_scale[lo:hi], dtype,
+                                    keep[lo:hi] if keep is not None else None)
+        _launch_gemm(b=w, b_scale=None,
                      bias=bias[lo:hi] if bias is not None else None, expert_ids=ids, b_fmt=0, **kw)
 
 
@@ -285,6 +290,8 @@ def fused_moe_triton_impl(
     dequant = (bool(cfg.get("dequant", False)) and quant == "mxfp4" and not a_fp8
                and out_dtype != torch.float32)
     gemm = _gemm_dequantized if dequant else _launch_gemm
+    if dequant and expert_mask is not None:  # masked experts' weights are never decoded
+        gemm = functools.partial(_gemm_dequantized, keep=_mask_i32(expert_mask))
     inter = (torch.full((S, I), float("nan"), dtype=out_dtype, device=dev)
              if _POISON_INTERMEDIATE else torch.empty(S, I, dtype=out_dtype, device=dev))
     # fp8 z, per-token scales as the reference: either stage 1 gathers each z row's amax

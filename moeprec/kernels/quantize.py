@@ -141,13 +141,18 @@ def _decoded_to(v, dtype: tl.constexpr):
 
 
 @triton.jit
-def _mxfp4_dequant_kernel(packed_ptr, scales_ptr, out_ptr, NB, BLOCK_B: tl.constexpr):
+def _mxfp4_dequant_kernel(packed_ptr, scales_ptr, out_ptr, NB, keep_ptr, blocks_per_group,
+                          HAS_KEEP: tl.constexpr, BLOCK_B: tl.constexpr):
     """BLOCK_B consecutive 32-blocks per program, the quantizer's tile read backwards: 16 packed
     bytes and one scale byte in, 32 values out. E2M1 * 2^(s-127) is exact in fp32 (a 2^-127
-    scale is subnormal: applied as 0.5 * 2^-126) and is rounded once, to the output dtype."""
+    scale is subnormal: applied as 0.5 * 2^-126) and is rounded once, to the output dtype.
+    HAS_KEEP: blocks of groups (experts) whose keep flag is 0 are neither read nor written."""
     b0 = tl.program_id(0).to(tl.int64) * BLOCK_B
     blk = tl.arange(0, BLOCK_B)
     bmask = blk < NB - b0
+    if HAS_KEEP:
+        group = (b0 + blk) // blocks_per_group
+        bmask = bmask & (tl.load(keep_ptr + group, mask=bmask, other=0) != 0)
     pcols = blk[:, None] * 16 + tl.arange(0, 16)[None, :]
     byte = tl.load(packed_ptr + b0 * 16 + pcols, mask=bmask[:, None], other=0).to(tl.int32)
     s = tl.load(scales_ptr + b0 + blk, mask=bmask, other=127).to(tl.int32)
@@ -308,9 +313,12 @@ def quantize_mxfp4_triton(x: torch.Tensor, scale_mode: str = "rceil") -> tuple[t
 
 
 def dequantize_mxfp4_triton(packed: torch.Tensor, scales: torch.Tensor,
-                            dtype: torch.dtype = torch.bfloat16) -> torch.Tensor:
+                            dtype: torch.dtype = torch.bfloat16,
+                            keep: torch.Tensor | None = None) -> torch.Tensor:
     """Triton twin of dequantize_mxfp4 for fp16/bf16/fp32 outputs (arguments are checked by
-    the public function)."""
+    the public function). `keep` (int32 [packed.shape[0]], internal use): entries along the
+    first dim whose flag is 0 are left undecoded (their output is uninitialised memory); the
+    fused MoE passes its expert mask so that experts it never reads cost no decode."""
     half = packed.shape[-1]
     p2, s2 = _rows(packed), _rows(scales)
     out = _empty((p2.shape[0], half * 2), dtype, packed.device)
@@ -318,8 +326,9 @@ def dequantize_mxfp4_triton(packed: torch.Tensor, scales: torch.Tensor,
     if nb:
         block_b = LAUNCH["mx_blocks"]
         _mxfp4_dequant_kernel[(triton.cdiv(nb, block_b),)](
-            p2, s2, out, nb, BLOCK_B=block_b,
-            num_warps=LAUNCH["mx_warps"])
+            p2, s2, out, nb, keep if keep is not None else s2,
+            nb // packed.shape[0] if keep is not None else 1, HAS_KEEP=keep is not None,
+            BLOCK_B=block_b, num_warps=LAUNCH["mx_warps"])
     return out.reshape(*packed.shape[:-1], half * 2)
 
 
