@@ -178,6 +178,25 @@ def test_store_combine_skips_masked_slots(dtype):
     assert empty.shape == (0, H) and empty.dtype == dtype
 
 
+def test_slot_rows_fall_back_to_atomics_past_their_memory_bound(monkeypatch):
+    # "atomic": false holds M * k * H fp32 rows; past SLOT_ROWS_MAX_BYTES the call uses atomics
+    m = _kernel_module()
+    from moeprec.kernels.tuning import default_config, fix_config
+
+    M, H, I, E, k = 5, 64, 48, 4, 2  # noqa: E741
+    x, w1, w2, tw, ti, kw = make_case(M, H, I, E, k, seed=12)
+    ref = fused_moe(x, w1, w2, tw, ti, backend="torch")
+    cfg = dict(fix_config(default_config("bf16", M, E, H, I, k), "bf16"), atomic=False)
+    sums = []
+    real = m._sum_slot_rows
+    monkeypatch.setattr(m, "_sum_slot_rows", lambda *a: sums.append(1) or real(*a))
+    for bound, used in ((M * k * H * 4, 1), (M * k * H * 4 - 1, 0)):
+        sums.clear()
+        monkeypatch.setattr(m, "SLOT_ROWS_MAX_BYTES", bound)
+        assert_close(m.fused_moe_triton_impl(x, w1, w2, tw, ti, config=cfg), ref)
+        assert len(sums) == used
+
+
 @pytest.mark.parametrize("one_program", [True, False])
 @pytest.mark.parametrize("M,k,E,bm", [(9, 3, 6, 4), (50, 3, 6, 16), (70, 4, 40, 16)])
 def test_align_blocks_layout(one_program, M, k, E, bm, monkeypatch):

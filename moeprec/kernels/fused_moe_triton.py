@@ -37,6 +37,10 @@ _POISON_INTERMEDIATE = False
 # Configs with "dequant" (large MXFP4 batches, see `_gemm_dequantized`) decode at most this many
 # bytes of expert weights at a time: deepseek-v3's 256 experts would take 15 GB at once.
 DEQUANT_WORKSPACE_BYTES = 1 << 30
+# Stage 2 without atomics holds one fp32 row per slot (M * k * H * 4 bytes: 3.8 GB for
+# DeepSeek-V3 at M = 16384); past this size a config's "atomic": false falls back to the
+# atomics, whose buffer is k times smaller.
+SLOT_ROWS_MAX_BYTES = 4 << 30
 
 
 
@@ -315,7 +319,7 @@ def fused_moe_triton_impl(
     elif a_fp8 and not fuse_quant:
         inter, inter_scale = _quant_fp8_rows(inter)
 
-    atomic = bool(cfg.get("atomic", True))
+    atomic = bool(cfg.get("atomic", True)) or S * H * 4 > SLOT_ROWS_MAX_BYTES
     if atomic:
         out32 = torch.zeros(M, H, dtype=torch.float32, device=dev)
     else:  # one fp32 row per kept slot, summed per token below (the rest are never read)
