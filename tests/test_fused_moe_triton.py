@@ -152,15 +152,17 @@ def test_multi_program_align_path_and_store_reduction(monkeypatch):
         assert_close(out, ref)
 
 
-@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
-def test_store_combine_skips_masked_slots(dtype):
+@pytest.mark.parametrize("dtype,H", [(torch.bfloat16, 80), (torch.float16, 80),
+                                     (torch.bfloat16, 1100)])
+def test_store_combine_skips_masked_slots(dtype, H):
     # stage 2 without atomics: one fp32 row per kept slot (poisoned NaN before the run), then a
     # per-token sum that must skip masked, out-of-range and negative ids; k = 3 pads to 4 slots
-    # in the sum, H = 80 is not a power of two; a token with every slot masked gets zeros
+    # in the sum, H = 80 is not a power of two, H = 1100 spans two column programs of the sum;
+    # a token with every slot masked gets zeros
     m = _kernel_module()
     from moeprec.kernels.tuning import default_config, fix_config
 
-    M, H, I, E, k = 6, 80, 48, 6, 3  # noqa: E741
+    M, I, E, k = 6, 48, 6, 3  # noqa: E741
     x, w1, w2, tw, ti, kw = make_case(M, H, I, E, k, dtype=dtype, bias=True, seed=11)
     ti = ti.clone()
     ti[0, 0], ti[2, 1] = E + 3, -1
