@@ -75,8 +75,15 @@ def max_blocks(num_slots: int, num_experts: int, block_m: int) -> int:
     return triton.cdiv(num_slots, block_m) + min(num_experts, num_slots)
 
 
+def _scratch(shape: tuple[int, ...], dtype: torch.dtype, device: torch.device) -> torch.Tensor:
+    """An intermediate buffer: uninitialised, or NaN when tests poison them."""
+    if _POISON_INTERMEDIATE:
+        return torch.full(shape, float("nan"), dtype=dtype, device=device)
+    return torch.empty(shape, dtype=dtype, device=device)
+
+
 def _mask_i32(expert_mask: torch.Tensor) -> torch.Tensor:
-    """The expert mask as the kernels read it (int32, unit stride)."""
+    """The expert mask as the kernels read it (int32, unit stride; such a mask passes as is)."""
     return expert_mask.to(torch.int32).contiguous()
 
 
@@ -116,13 +123,14 @@ def align_blocks(topk_ids: torch.Tensor, num_experts: int, block_m: int,
 
 def _sum_slot_rows(rows: torch.Tensor, topk_ids: torch.Tensor, expert_mask: torch.Tensor | None,
                    M: int, k: int, E: int, out_dtype: torch.dtype) -> torch.Tensor:
-    """The k fp32 rows of each token summed in fp32 and cast once (non-atomic combine)."""
+    """The k fp32 rows of each token summed in fp32 and cast once (non-atomic combine);
+    `expert_mask` as `_mask_i32` gives it."""
     H = rows.shape[1]
     out = torch.empty(M, H, dtype=out_dtype, device=rows.device)
     if M == 0:
         return out
     ids = topk_ids.reshape(-1)
-    mask = _mask_i32(expert_mask) if expert_mask is not None else ids
+    mask = expert_mask if expert_mask is not None else ids
     block_n = min(1024, triton.next_power_of_2(H))
     K._sum_slot_rows_kernel[(M, triton.cdiv(H, block_n))](
         rows, ids, mask, out, H, k, E, rows.stride(0), out.stride(0),
@@ -267,12 +275,13 @@ def fused_moe_triton_impl(
     # biases and routed weights are indexed with unit inner stride in the kernels
     bias1 = bias1.contiguous() if bias1 is not None else None
     bias2 = bias2.contiguous() if bias2 is not None else None
+    # the mask as the kernels read it, converted once for every launch below
+    expert_mask = _mask_i32(expert_mask) if expert_mask is not None else None
     pair = {}
     if bm == 1 and cfg.get("pair_blocks", True):
         # one block per flat (token, slot): no alignment launch; the kernel checks the ids
         sorted_ids, expert_ids = None, topk_ids.reshape(-1).contiguous()
-        pair = dict(num_experts=E, pair_mask=_mask_i32(expert_mask)
-                    if expert_mask is not None else None)
+        pair = dict(num_experts=E, pair_mask=expert_mask)
     else:
         sorted_ids, expert_ids = align_blocks(topk_ids, E, bm, expert_mask)
     topk_w = topk_weights.reshape(-1)
@@ -293,11 +302,9 @@ def fused_moe_triton_impl(
     # large MXFP4 batches: decode the weights first, then the plain kernels
     dequant = (bool(cfg.get("dequant", False)) and quant == "mxfp4" and not a_fp8
                and out_dtype != torch.float32)
-    gemm = _gemm_dequantized if dequant else _launch_gemm
-    if dequant and expert_mask is not None:  # masked experts' weights are never decoded
-        gemm = functools.partial(_gemm_dequantized, keep=_mask_i32(expert_mask))
-    inter = (torch.full((S, I), float("nan"), dtype=out_dtype, device=dev)
-             if _POISON_INTERMEDIATE else torch.empty(S, I, dtype=out_dtype, device=dev))
+    # (masked experts' weights are never decoded)
+    gemm = functools.partial(_gemm_dequantized, keep=expert_mask) if dequant else _launch_gemm
+    inter = _scratch((S, I), out_dtype, dev)
     # fp8 z, per-token scales as the reference: either stage 1 gathers each z row's amax
     # (atomic max from 0) and stage 2 quantizes as it loads (one pass, but A is no longer a plain
     # pipelined copy), or a row-quantize kernel runs between the stages (extra pass over z)
@@ -323,8 +330,7 @@ def fused_moe_triton_impl(
     if atomic:
         out32 = torch.zeros(M, H, dtype=torch.float32, device=dev)
     else:  # one fp32 row per kept slot, summed per token below (the rest are never read)
-        out32 = (torch.full((S, H), float("nan"), dtype=torch.float32, device=dev)
-                 if _POISON_INTERMEDIATE else torch.empty(S, H, dtype=torch.float32, device=dev))
+        out32 = _scratch((S, H), torch.float32, dev)
     gemm(
         a=inter, a_scale=inter_scale, b=w2, b_scale=w2_scale, bias=bias2, c=out32, c_scale=None,
         sorted_ids=sorted_ids, expert_ids=expert_ids, topk_w=topk_w, N=H, Kdim=I, num_slots=S,
