@@ -18,6 +18,8 @@
 #   bash benchmarks/gpu_checks.sh align        # block alignment: Triton kernel vs torch path
 #   bash benchmarks/gpu_checks.sh stages       # prefill GPU time kernel by kernel, cuBLAS beside it
 #   bash benchmarks/gpu_checks.sh combine      # stage 2 atomics vs slot rows + sum: bf16 prefill bench both ways
+#   bash benchmarks/gpu_checks.sh stage-sweep  # each bf16 prefill stage alone over a wide tile sweep
+#   bash benchmarks/gpu_checks.sh tune-4096    # tune bf16 at M = 4096 (k = 8 shapes, gpt-oss), bench with that table
 # Uses the machine's own python3 (torch + triton preinstalled); moeprec from this checkout.
 set -uo pipefail
 OUT=${OUT:-out}
@@ -123,6 +125,26 @@ PY
       MOEPREC_FUSED_MOE_CONFIG_DIR="$OUT/configs_rows" timeout 150 python3 -m moeprec bench \
         --paths bf16 --M 1024,4096,16384 --loop-max-m 0 --no-peers --reps 8 --sets 3 --no-plot \
         --out "$OUT/combine_rows" 2>&1 | tee "$OUT/combine_rows.log" | tail -14 ;;
+    stage-sweep)  # stages 1 and 2 alone, BLOCK_M 128, ~50 tile settings each; slot rows fp32 vs bf16
+      timeout 430 python3 benchmarks/probes/stage_configs.py --block-m 128 --out "$OUT" \
+        --points qwen3-30b-a3b:4096,qwen3-30b-a3b:16384,deepseek-v3:16384,gpt-oss-20b:4096 2>&1 \
+        | grep -v Warn | tee "$OUT/stage_configs.log" | tail -40 ;;
+    tune-4096)  # M = 4096 had no entry for DeepSeek-V3 (it took M = 16384's); the sweep's stage-2
+      # winner (256x64, 8 warps, 3 stages) for DeepSeek-V3 M = 16384 set by hand; bench with it
+      mkdir -p "$OUT/configs"
+      cp moeprec/configs/fused_moe_NVIDIA_H200.json "$OUT/configs/" 2>/dev/null
+      timeout 300 python3 -m moeprec tune --shapes qwen3-30b-a3b,gpt-oss-20b,deepseek-v3 --paths bf16 \
+        --M 4096 --reps 5 --budget-s 270 --out "$OUT/configs/fused_moe_NVIDIA_H200.json" \
+        --log "$OUT/tune_4096.jsonl" 2>&1 | tee "$OUT/tune_4096.log" | grep -v "^\[" | tail -8
+      python3 - "$OUT/configs/fused_moe_NVIDIA_H200.json" <<'PY'
+import json, sys
+t = json.load(open(sys.argv[1]))
+t["bf16"]["E=256,H=7168,I=2048,k=8"]["16384"]["s2"].update(BLOCK_N=256, num_stages=3)
+json.dump(t, open(sys.argv[1], "w"), indent=1, sort_keys=True)
+PY
+      MOEPREC_FUSED_MOE_CONFIG_DIR="$OUT/configs" timeout 150 python3 -m moeprec bench \
+        --paths bf16 --M 1024,4096,16384 --loop-max-m 0 --no-peers --reps 8 --sets 3 --no-plot \
+        --out "$OUT/tuned_4096" 2>&1 | tee "$OUT/tuned_4096.log" | tail -14 ;;
     align)  # the two block-alignment paths: host and GPU time per call
       timeout 120 python3 benchmarks/probes/align_paths.py 2>&1 | tee "$OUT/align_paths.log" ;;
     host)  # eager host time per fused_moe call vs its graphed GPU time; bench with graphs
@@ -133,6 +155,6 @@ PY
     dequant-probe)  # the probe: MXFP4 tiles, decoded first with bf16's and w4a16's settings, bf16
       timeout 330 python3 benchmarks/probes/w4a16_dequant.py --out "$OUT" 2>&1 \
         | tee "$OUT/w4a16_dequant.log" | tail -20 ;;
-    *) echo "unknown section: $section (tests | router | train | kernels | moe | decode | tiles | even-k | split-k | decode-flags | decode-tune | dequant | dequant-probe | prefill-tune | host | align | stages | combine)" >&2; exit 2 ;;
+    *) echo "unknown section: $section (tests | router | train | kernels | moe | decode | tiles | even-k | split-k | decode-flags | decode-tune | dequant | dequant-probe | prefill-tune | host | align | stages | combine | stage-sweep | tune-4096)" >&2; exit 2 ;;
   esac
 done

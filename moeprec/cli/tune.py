@@ -49,7 +49,10 @@ def _stage_candidates(bm: int) -> list[dict[str, int]]:
         shapes = [(64, 64, 4, 4), (128, 64, 4, 4), (128, 64, 8, 3), (64, 128, 4, 3), (128, 128, 8, 3)]
         g = 4
     else:
-        shapes = [(128, 64, 8, 3), (128, 64, 8, 4), (64, 64, 4, 4), (128, 128, 8, 3), (256, 64, 8, 3)]
+        # (256, 64, 8, 4): the best stage 2 alone at Qwen3 / gpt-oss M = 4096 on the H200
+        # (benchmarks/probes/stage_configs.py, 2026-12-03)
+        shapes = [(128, 64, 8, 3), (128, 64, 8, 4), (64, 64, 4, 4), (128, 128, 8, 3),
+                  (256, 64, 8, 3), (256, 64, 8, 4)]
         g = 8
     return [{"BLOCK_N": n, "BLOCK_K": k, "GROUP_M": g, "num_warps": w, "num_stages": s}
             for n, k, w, s in shapes]

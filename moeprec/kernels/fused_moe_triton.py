@@ -176,8 +176,9 @@ def _launch_gemm(*, a, a_scale, b, b_scale, bias, c, c_scale, sorted_ids, expert
                  N, Kdim, num_slots, top_k, interleaved, stage1, b_fmt, a_fp8,
                  a_quant, act, mul_weight, atomic_out, quant_out, compute_dtype, alpha,
                  limit, block_m, st, pair_mask=None, num_experts=0):
-    """One stage. `sorted_ids=None`: pair blocks (BLOCK_M = 1, no alignment): `expert_ids` is
-    then the flat topk ids and `pair_mask` the expert mask, both checked in the kernel."""
+    """One stage; returns the compiled kernel (probes read its registers and shared memory).
+    `sorted_ids=None`: pair blocks (BLOCK_M = 1, no alignment): `expert_ids` is then the flat
+    topk ids and `pair_mask` the expert mask, both checked in the kernel."""
     num_pid_m = expert_ids.numel()
     pair_blocks = sorted_ids is None
     dot_scaled = b_fmt == 1 and use_dot_scaled(a.dtype, a_fp8, st, triton_interpret())
@@ -196,7 +197,7 @@ def _launch_gemm(*, a, a_scale, b, b_scale, bias, c, c_scale, sorted_ids, expert
     def s(t, i):
         return t.stride(i) if t is not None and t.dim() > i else 0
 
-    K._moe_gemm_kernel[grid](
+    return K._moe_gemm_kernel[grid](
         a, a_scale_t, b, b_scale_t, bias_t, c, c_scale_t, sorted_ids, expert_ids, topk_w,
         pair_mask if pair_mask is not None else dummy,
         N, Kdim, num_slots, top_k, num_pid_m, num_experts,
