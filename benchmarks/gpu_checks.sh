@@ -20,6 +20,7 @@
 #   bash benchmarks/gpu_checks.sh combine      # stage 2 atomics vs slot rows + sum: bf16 prefill bench both ways
 #   bash benchmarks/gpu_checks.sh stage-sweep  # each bf16 prefill stage alone over a wide tile sweep
 #   bash benchmarks/gpu_checks.sh tune-4096    # tune bf16 at M = 4096 (k = 8 shapes, gpt-oss), bench with that table
+#   bash benchmarks/gpu_checks.sh fp8-tune     # tune the fp8 path at M = 16384 (never tuned), bench bf16 vs fp8
 # Uses the machine's own python3 (torch + triton preinstalled); moeprec from this checkout.
 set -uo pipefail
 OUT=${OUT:-out}
@@ -145,6 +146,15 @@ PY
       MOEPREC_FUSED_MOE_CONFIG_DIR="$OUT/configs" timeout 150 python3 -m moeprec bench \
         --paths bf16 --M 1024,4096,16384 --loop-max-m 0 --no-peers --reps 8 --sets 3 --no-plot \
         --out "$OUT/tuned_4096" 2>&1 | tee "$OUT/tuned_4096.log" | tail -14 ;;
+    fp8-tune)  # fp8 weights + fp8 activations at M = 16384 into a copy of the table; bf16 beside it
+      mkdir -p "$OUT/configs"
+      cp moeprec/configs/fused_moe_NVIDIA_H200.json "$OUT/configs/" 2>/dev/null
+      timeout 260 python3 -m moeprec tune --paths fp8 --M 16384 --reps 3 --budget-s 230 \
+        --out "$OUT/configs/fused_moe_NVIDIA_H200.json" --log "$OUT/fp8_tune.jsonl" 2>&1 \
+        | tee "$OUT/fp8_tune.log" | grep -v "^\[" | tail -6
+      MOEPREC_FUSED_MOE_CONFIG_DIR="$OUT/configs" timeout 160 python3 -m moeprec bench \
+        --paths bf16,fp8 --M 16384 --loop-max-m 0 --no-peers --reps 5 --sets 3 --no-plot \
+        --out "$OUT/fp8_tuned" 2>&1 | tee "$OUT/fp8_tuned.log" | tail -10 ;;
     align)  # the two block-alignment paths: host and GPU time per call
       timeout 120 python3 benchmarks/probes/align_paths.py 2>&1 | tee "$OUT/align_paths.log" ;;
     host)  # eager host time per fused_moe call vs its graphed GPU time; bench with graphs
@@ -155,6 +165,6 @@ PY
     dequant-probe)  # the probe: MXFP4 tiles, decoded first with bf16's and w4a16's settings, bf16
       timeout 330 python3 benchmarks/probes/w4a16_dequant.py --out "$OUT" 2>&1 \
         | tee "$OUT/w4a16_dequant.log" | tail -20 ;;
-    *) echo "unknown section: $section (tests | router | train | kernels | moe | decode | tiles | even-k | split-k | decode-flags | decode-tune | dequant | dequant-probe | prefill-tune | host | align | stages | combine | stage-sweep | tune-4096)" >&2; exit 2 ;;
+    *) echo "unknown section: $section (tests | router | train | kernels | moe | decode | tiles | even-k | split-k | decode-flags | decode-tune | dequant | dequant-probe | prefill-tune | host | align | stages | combine | stage-sweep | tune-4096 | fp8-tune)" >&2; exit 2 ;;
   esac
 done
