@@ -149,12 +149,13 @@ PY
     fp8-tune)  # fp8 weights + fp8 activations at M = 16384 into a copy of the table; bf16 beside it
       mkdir -p "$OUT/configs"
       cp moeprec/configs/fused_moe_NVIDIA_H200.json "$OUT/configs/" 2>/dev/null
-      timeout 260 python3 -m moeprec tune --paths fp8 --M 16384 --reps 3 --budget-s 230 \
-        --out "$OUT/configs/fused_moe_NVIDIA_H200.json" --log "$OUT/fp8_tune.jsonl" 2>&1 \
-        | tee "$OUT/fp8_tune.log" | grep -v "^\[" | tail -6
+      FP8_SHAPES=${FP8_SHAPES:-qwen3-30b-a3b,gpt-oss-20b,mixtral-8x7b,deepseek-v3}  # short of 1.6x first
+      timeout 260 python3 -m moeprec tune --shapes "$FP8_SHAPES" --paths fp8 --M 16384 --reps 3 \
+        --budget-s ${FP8_TUNE_S:-230} --out "$OUT/configs/fused_moe_NVIDIA_H200.json" \
+        --log "$OUT/fp8_tune.jsonl" 2>&1 | tee "$OUT/fp8_tune.log" | grep -v "^\[" | tail -6
       MOEPREC_FUSED_MOE_CONFIG_DIR="$OUT/configs" timeout 160 python3 -m moeprec bench \
-        --paths bf16,fp8 --M 16384 --loop-max-m 0 --no-peers --reps 5 --sets 3 --no-plot \
-        --out "$OUT/fp8_tuned" 2>&1 | tee "$OUT/fp8_tuned.log" | tail -10 ;;
+        --shapes "$FP8_SHAPES" --paths bf16,fp8 --M 16384 --loop-max-m 0 --no-peers --reps 5 \
+        --sets 3 --no-plot --out "$OUT/fp8_tuned" 2>&1 | tee "$OUT/fp8_tuned.log" | tail -10 ;;
     align)  # the two block-alignment paths: host and GPU time per call
       timeout 120 python3 benchmarks/probes/align_paths.py 2>&1 | tee "$OUT/align_paths.log" ;;
     host)  # eager host time per fused_moe call vs its graphed GPU time; bench with graphs
