@@ -1,0 +1,67 @@
+"""Probe (CPU, no GPU needed): host cost of Triton's argument binding per fused-MoE GEMM launch.
+
+    PYTHONPATH=<triton 3.6 install>:$PWD python3 benchmarks/probes/launch_binder.py
+
+Every `kernel[grid](...)` call runs Triton's generated binder (specialising each argument:
+alignment of pointers, divisibility of ints) and builds the compiled-kernel cache key before
+the driver launch. This captures the arguments of one Qwen3-30B-A3B M = 1024 call's two GEMM
+launches (kernels replaced by recorders, CPU tensors) and times binder + key for each, with an
+sm_90 backend object, so the part of an eager call's host time that a launch cache could save
+is known without a GPU.
+"""
+import time
+
+import torch
+import triton.runtime.jit as jit
+from triton import knobs
+from triton.backends.compiler import GPUTarget
+from triton.backends.nvidia.compiler import CUDABackend
+
+from moeprec.kernels import fused_moe_triton as F
+
+gemm = F.K._moe_gemm_kernel
+launches = []
+
+
+class Recorder:
+    def __getitem__(self, grid):
+        return lambda *args, **kwargs: launches.append((args, kwargs))
+
+
+class Skip:
+    def __getitem__(self, grid):
+        return lambda *args, **kwargs: None
+
+
+F.K._moe_gemm_kernel = Recorder()
+for name in ("_align_kernel", "_align_count_kernel", "_align_scan_kernel", "_align_place_kernel",
+             "_sum_slot_rows_kernel"):
+    setattr(F.K, name, Skip())
+
+M, H, I, E, k = 1024, 2048, 768, 128, 8  # noqa: E741
+x = torch.randn(M, H, dtype=torch.bfloat16)
+w1 = torch.randn(E, 2 * I, H, dtype=torch.bfloat16)
+w2 = torch.randn(E, H, I, dtype=torch.bfloat16)
+tw, ti = torch.rand(M, k), torch.randint(0, E, (M, k))
+stage = {"BLOCK_K": 64, "BLOCK_N": 128, "GROUP_M": 4, "num_stages": 3, "num_warps": 8}
+F.fused_moe_triton_impl(x, w1, w2, tw, ti, config={"BLOCK_M": 64, "s1": stage, "s2": stage})
+
+binder = jit.create_function_from_signature(gemm.signature, gemm.params,
+                                            CUDABackend(GPUTarget("cuda", 90, 32)))
+for name, (args, kwargs) in zip(("stage 1", "stage 2"), launches):
+    kwargs = dict(kwargs, debug=False, instrumentation_mode=knobs.compilation.instrumentation_mode)
+    cache: dict = {}
+
+    def bind(args=args, kwargs=kwargs, cache=cache):
+        _, spec, opts = binder(*args, **kwargs)
+        return jit.compute_cache_key(cache, spec, opts)
+
+    for _ in range(50):
+        bind()
+    n = 2000
+    t0 = time.perf_counter()
+    for _ in range(n):
+        bind()
+    us = (time.perf_counter() - t0) / n * 1e6
+    print(f"{name}: binder + cache key {us:.1f} us per launch ({len(args)} arguments, "
+          f"{len(kwargs)} keywords incl. constexprs and launch options)")
