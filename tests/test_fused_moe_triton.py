@@ -489,12 +489,16 @@ def test_unaligned_mxfp4_weights_are_realigned(block_m):
     assert_close(out, ref)
 
 
+@pytest.mark.parametrize("one_program_align", [True, False])
 @pytest.mark.parametrize("workspace_experts", [1, 2, 5])
 @pytest.mark.parametrize("atomic", [True, False])
-def test_mxfp4_weights_decoded_before_the_gemms(workspace_experts, atomic, monkeypatch):
+def test_mxfp4_weights_decoded_before_the_gemms(workspace_experts, atomic, one_program_align,
+                                                monkeypatch):
     # "dequant": MXFP4 weights decoded to bf16 a chunk of experts at a time, then the plain
     # kernels; sizes off the tile, biases, an expert without tokens, a masked expert
     m = _kernel_module()
+    if not one_program_align:  # the three-launch alignment, which counts slots per expert
+        monkeypatch.setattr(m, "_ALIGN_ONE_PROGRAM_MAX_SLOTS", 0)
     from moeprec.kernels import quantize as kq
     from moeprec.kernels.tuning import fix_config
 
@@ -522,13 +526,15 @@ def test_mxfp4_weights_decoded_before_the_gemms(workspace_experts, atomic, monke
         return real(packed, scales, dtype, keep)
 
     monkeypatch.setattr(kq, "dequantize_mxfp4_triton", spy)
-    # decoded weights start as NaN: the masked expert's stay so, and no block may read them
+    # decoded weights start as NaN: the skipped experts' stay so, and no block may read them
     monkeypatch.setattr(kq, "_empty", lambda shape, dtype, device: torch.full(
         shape, float("nan"), dtype=dtype, device=device))
     out = m.fused_moe_triton_impl(x, w1, w2, tw, ti, config=cfg, **args)
     assert_close(out, ref)
-    # each stage decodes every unmasked expert once, in chunks within the workspace
-    assert sum(e for e, _ in decoded) == 2 * (E - 1)
+    # each stage decodes once, in chunks within the workspace, every unmasked expert; with the
+    # slot counts of the three-launch alignment, only those that got a token
+    skipped = 1 if one_program_align else 2
+    assert sum(e for e, _ in decoded) == 2 * (E - skipped)
     assert all(b <= workspace for _, b in decoded)
     assert len(decoded) == 2 if workspace_experts >= E else len(decoded) > 2
     # the same values as the MXFP4 tiles' in-kernel decode: equal up to summation order

@@ -93,6 +93,14 @@ def align_blocks(topk_ids: torch.Tensor, num_experts: int, block_m: int,
 
     expert_ids is -1 for every block the GEMMs must skip. Sizes depend on shapes only.
     """
+    return _align(topk_ids, num_experts, block_m, expert_mask)[:2]
+
+
+def _align(topk_ids: torch.Tensor, num_experts: int, block_m: int,
+           expert_mask: torch.Tensor | None) -> tuple[torch.Tensor, torch.Tensor, Any]:
+    """`align_blocks`, plus the kept slots per expert (int32, >= num_experts entries) where the
+    alignment counted them in a buffer of their own (past `_ALIGN_ONE_PROGRAM_MAX_SLOTS`
+    slots), else None."""
     num_slots = topk_ids.numel()
     nb = max_blocks(num_slots, num_experts, block_m)
     dev = topk_ids.device
@@ -107,7 +115,7 @@ def align_blocks(topk_ids: torch.Tensor, num_experts: int, block_m: int,
     if num_slots <= _ALIGN_ONE_PROGRAM_MAX_SLOTS:
         K._align_kernel[(1,)](ids, mask, sorted_ids, expert_ids, num_slots, num_experts, nb,
                               BLOCK_M=block_m, **common)
-        return sorted_ids, expert_ids
+        return sorted_ids, expert_ids, None
     num_chunks = triton.cdiv(num_slots, chunk)
     chunk_base = torch.empty(num_chunks, e_pad, dtype=torch.int32, device=dev)
     totals = torch.empty(e_pad, dtype=torch.int32, device=dev)
@@ -118,7 +126,7 @@ def align_blocks(topk_ids: torch.Tensor, num_experts: int, block_m: int,
     K._align_place_kernel[(num_chunks,)](ids, mask, chunk_base, totals, sorted_ids, expert_ids,
                                          num_slots, num_experts, nb, triton.cdiv(nb, num_chunks),
                                          BLOCK_M=block_m, **common)
-    return sorted_ids, expert_ids
+    return sorted_ids, expert_ids, totals
 
 
 def _sum_slot_rows(rows: torch.Tensor, topk_ids: torch.Tensor, expert_mask: torch.Tensor | None,
@@ -225,8 +233,8 @@ def _gemm_dequantized(*, b, b_scale, bias, expert_ids, b_fmt, keep=None, **kw) -
     in-kernel decode feeds the MMAs (E2M1 * 2^(s-127) is exact in bf16), so results agree
     with the MXFP4 tiles up to summation order. Blocks of experts outside the chunk are marked
     -1 and skipped; the chunking depends on shapes only (no host sync). Experts flagged 0 in
-    `keep` (the expert mask as int32: expert parallelism masks most experts) are not decoded:
-    no block reads them. Takes `_launch_gemm`'s arguments; the MXFP4 ones (`b`, `b_scale`,
+    `keep` (int32 per expert: the kept slots the alignment counted, or the expert mask; expert
+    parallelism masks most experts) are not decoded: no block reads them. Takes `_launch_gemm`'s arguments; the MXFP4 ones (`b`, `b_scale`,
     `b_fmt`) are replaced by the decoded chunk.
     """
     from moeprec.kernels.quantize import dequantize_mxfp4_triton
@@ -279,12 +287,13 @@ def fused_moe_triton_impl(
     # the mask as the kernels read it, converted once for every launch below
     expert_mask = _mask_i32(expert_mask) if expert_mask is not None else None
     pair = {}
+    routed = None  # kept slots per expert, where the alignment counted them
     if bm == 1 and cfg.get("pair_blocks", True):
         # one block per flat (token, slot): no alignment launch; the kernel checks the ids
         sorted_ids, expert_ids = None, topk_ids.reshape(-1).contiguous()
         pair = dict(num_experts=E, pair_mask=expert_mask)
     else:
-        sorted_ids, expert_ids = align_blocks(topk_ids, E, bm, expert_mask)
+        sorted_ids, expert_ids, routed = _align(topk_ids, E, bm, expert_mask)
     topk_w = topk_weights.reshape(-1)
     if not topk_w.is_contiguous():
         topk_w = topk_w.contiguous()
@@ -303,8 +312,10 @@ def fused_moe_triton_impl(
     # large MXFP4 batches: decode the weights first, then the plain kernels
     dequant = (bool(cfg.get("dequant", False)) and quant == "mxfp4" and not a_fp8
                and out_dtype != torch.float32)
-    # (masked experts' weights are never decoded)
-    gemm = functools.partial(_gemm_dequantized, keep=expert_mask) if dequant else _launch_gemm
+    # experts without a kept slot (masked, or routed no token) are not decoded: no block reads
+    # them (the one-program alignment keeps no counts: then only the masked ones are skipped)
+    keep = routed if routed is not None else expert_mask
+    gemm = functools.partial(_gemm_dequantized, keep=keep) if dequant else _launch_gemm
     inter = _scratch((S, I), out_dtype, dev)
     # fp8 z, per-token scales as the reference: either stage 1 gathers each z row's amax
     # (atomic max from 0) and stage 2 quantizes as it loads (one pass, but A is no longer a plain
