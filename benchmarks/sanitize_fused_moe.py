@@ -3,8 +3,9 @@
 Includes out-of-range and masked expert ids, M=1, sizes off the tile, the CUDA-core decode
 blocks (BLOCK_M = 1) with stage-2 K splits, with and without the alignment launch, the
 three-launch block alignment (M = 200: 600 slots), MXFP4 weights decoded before the GEMMs
-("dequant", two experts at a time), the MXFP4 tiles' explicit decode ("dot_scaled": false;
-K = 96 and 64 against BLOCK_K = 128: K tails; BLOCK_M = 128 with BLOCK_K = 64: stage 2 without
+("dequant", two experts at a time; at M = 200 also with an expert that gets no token, whose
+weights are then not decoded), the MXFP4 tiles' explicit decode ("dot_scaled": false; K = 96
+and 64 against BLOCK_K = 128: K tails; BLOCK_M = 128 with BLOCK_K = 64: stage 2 without
 K masks), plain tiles with K a multiple of BLOCK_K in both stages and tile stage 2 split along
 K (3 ways), stage 2 storing slot rows that a per-token sum combines. Exit code 0 and the
 sanitizer's "0 errors" are the check; outputs are also compared with the torch reference.
@@ -59,6 +60,14 @@ def main() -> None:
                 m.DEQUANT_WORKSPACE_BYTES = 1 << 30
                 assert_close(out, ref)
                 print(quant, act, M, "dequant ok", flush=True)
+                if M == 200:  # three-launch alignment: an expert without tokens is not decoded
+                    idle = (int(ti[-1, 1]) + 1) % E  # not the masked one
+                    ti_idle = torch.where(ti == idle, (idle + 1) % E, ti)
+                    ref_idle = fused_moe(x, w1, w2, tw, ti_idle, backend="torch",
+                                         check_topk_ids=False, **args)
+                    out = fused_moe_triton_impl(x, w1, w2, tw, ti_idle, config=cfg, **args)
+                    assert_close(out, ref_idle)
+                    print(quant, act, M, "dequant, an expert without tokens ok", flush=True)
                 st = {"BLOCK_N": 32, "BLOCK_K": 128, "num_warps": 4, "num_stages": 2,
                       "dot_scaled": False}
                 for bm, bk in ((16, 128), (64, 128), (128, 64)):  # mma.sync and wgmma tiles
