@@ -152,9 +152,8 @@ def _align_scan_kernel(chunk_counts_ptr, totals_ptr, num_chunks, E_PAD: tl.const
 @triton.jit
 def _align_place_kernel(topk_ids_ptr, expert_mask_ptr, chunk_base_ptr, totals_ptr,
                         sorted_ids_ptr, expert_ids_ptr, used_blocks_ptr, num_slots, num_experts,
-                        max_blocks,
-                        blocks_per_chunk, HAS_MASK: tl.constexpr, BLOCK_M: tl.constexpr,
-                        E_PAD: tl.constexpr, CHUNK: tl.constexpr):
+                        max_blocks, blocks_per_chunk, HAS_MASK: tl.constexpr,
+                        BLOCK_M: tl.constexpr, E_PAD: tl.constexpr, CHUNK: tl.constexpr):
     c = tl.program_id(0)
     counts = tl.load(totals_ptr + tl.arange(0, E_PAD))
     padded, ends, starts, total = _block_layout(counts, BLOCK_M)
@@ -569,6 +568,30 @@ def _gemv_tiles(a_ptr, a_row, a_row_ok, stride_am, b_base, bs_base, rows, rows_o
 
 
 @triton.jit
+def _grouped_tile(pid, num_pid_m, num_pid_n, GROUP_M: tl.constexpr):
+    """(pid_m, pid_n) of output tile `pid` in grouped order: GROUP_M consecutive blocks share
+    each weight tile while it sits in L2."""
+    width = GROUP_M * num_pid_n
+    first_m = (pid // width) * GROUP_M
+    gsize = tl.minimum(num_pid_m - first_m, GROUP_M)
+    return first_m + (pid % width) % gsize, (pid % width) // gsize
+
+
+@triton.jit
+def _store_down(c_ptr, acc, slot, row_ok, col, col_ok, top_k, stride_cm, stride_cn,
+                ATOMIC_OUT: tl.constexpr):
+    """Stage 2's combine: fp32 atomic adds into the token's row of [M, H], or the slot's own
+    row of [M*k, H] (summed per token afterwards)."""
+    c_mask = row_ok[:, None] & col_ok[None, :]
+    if ATOMIC_OUT:
+        tl.atomic_add(c_ptr + (slot // top_k)[:, None] * stride_cm + col[None, :] * stride_cn,
+                      acc, mask=c_mask, sem="relaxed")
+    else:
+        tl.store(c_ptr + slot[:, None] * stride_cm + col[None, :] * stride_cn,
+                 acc.to(c_ptr.dtype.element_ty), mask=c_mask)
+
+
+@triton.jit
 def _mma_tiles(a_base, row_ok, a_sc, b_base, bs_base, rows, rows_ok, k_begin, k_end, K, stride_ak,
                stride_bn, stride_bk, stride_bsn, stride_bsk,
                B_FMT: tl.constexpr, A_FP8: tl.constexpr, A_QUANT: tl.constexpr,
@@ -642,14 +665,7 @@ def _moe_gemm_kernel(
 ):
     pid = tl.program_id(0)
     pid_k = tl.program_id(1)
-    num_pid_n = tl.cdiv(N, BLOCK_N)
-    # grouped order: GROUP_M consecutive blocks share each weight tile while it sits in L2
-    width = GROUP_M * num_pid_n
-    group = pid // width
-    first_m = group * GROUP_M
-    gsize = tl.minimum(num_pid_m - first_m, GROUP_M)
-    pid_m = first_m + (pid % width) % gsize
-    pid_n = (pid % width) // gsize
+    pid_m, pid_n = _grouped_tile(pid, num_pid_m, tl.cdiv(N, BLOCK_N), GROUP_M)
 
     offs_m = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)
     if PAIR_BLOCKS:  # the raw id, range-checked and masked as the alignment does (-1: skip)
@@ -758,14 +774,8 @@ def _moe_gemm_kernel(
             acc += tl.load(bias_ptr + expert * stride_biase + rows, mask=b_ok, other=0.0)[None, :]
         if MUL_WEIGHT:
             acc = acc * w[:, None]
-        c_mask = row_ok[:, None] & rows_ok[None, :]
-        if ATOMIC_OUT:
-            tok = slot // top_k
-            tl.atomic_add(c_ptr + tok[:, None] * stride_cm + col[None, :] * stride_cn, acc,
-                          mask=c_mask, sem="relaxed")
-        else:
-            tl.store(c_ptr + slot[:, None] * stride_cm + col[None, :] * stride_cn,
-                     acc.to(c_ptr.dtype.element_ty), mask=c_mask)
+        _store_down(c_ptr, acc, slot, row_ok, col, rows_ok, top_k, stride_cm, stride_cn,
+                    ATOMIC_OUT)
 
 
 @triton.jit
@@ -785,14 +795,9 @@ def _moe_down_persistent_kernel(
     fp32 rows (a one-tile program finishes its epilogue before the SM takes a new program)."""
     num_pid_m = tl.load(used_blocks_ptr)
     num_pid_n = tl.cdiv(N, BLOCK_N)
-    width = GROUP_M * num_pid_n
     j = tl.arange(0, BLOCK_N)
     for tile in tl.range(tl.program_id(0), num_pid_m * num_pid_n, NUM_PROGS, flatten=True):
-        # the grouped order of `_moe_gemm_kernel`: GROUP_M blocks share each weight tile in L2
-        first_m = (tile // width) * GROUP_M
-        gsize = tl.minimum(num_pid_m - first_m, GROUP_M)
-        pid_m = first_m + (tile % width) % gsize
-        pid_n = (tile % width) // gsize
+        pid_m, pid_n = _grouped_tile(tile, num_pid_m, num_pid_n, GROUP_M)
         expert = tl.load(expert_ids_ptr + pid_m).to(tl.int64)  # used blocks: always >= 0
         slot = tl.load(sorted_ids_ptr + pid_m * BLOCK_M + tl.arange(0, BLOCK_M))
         row_ok = slot < num_slots
@@ -807,13 +812,8 @@ def _moe_down_persistent_kernel(
             acc += tl.load(bias_ptr + expert * stride_biase + col, mask=col_ok, other=0.0)[None, :]
         if MUL_WEIGHT:
             acc = acc * tl.load(topk_w_ptr + slot, mask=row_ok, other=0.0).to(tl.float32)[:, None]
-        c_mask = row_ok[:, None] & col_ok[None, :]
-        if ATOMIC_OUT:
-            tl.atomic_add(c_ptr + (slot // top_k)[:, None] * stride_cm + col[None, :] * stride_cn,
-                          acc, mask=c_mask, sem="relaxed")
-        else:
-            tl.store(c_ptr + slot[:, None] * stride_cm + col[None, :] * stride_cn,
-                     acc.to(c_ptr.dtype.element_ty), mask=c_mask)
+        _store_down(c_ptr, acc, slot, row_ok, col, col_ok, top_k, stride_cm, stride_cn,
+                    ATOMIC_OUT)
 
 
 @triton.jit

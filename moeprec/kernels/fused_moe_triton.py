@@ -275,8 +275,9 @@ def _gemm_dequantized(*, b, b_scale, bias, expert_ids, b_fmt, keep=None, **kw) -
     with the MXFP4 tiles up to summation order. Blocks of experts outside the chunk are marked
     -1 and skipped; the chunking depends on shapes only (no host sync). Experts flagged 0 in
     `keep` (int32 per expert: the kept slots the alignment counted, or the expert mask; expert
-    parallelism masks most experts) are not decoded: no block reads them. Takes `_launch_gemm`'s arguments; the MXFP4 ones (`b`, `b_scale`,
-    `b_fmt`) are replaced by the decoded chunk.
+    parallelism masks most experts) are not decoded: no block reads them. Takes
+    `_launch_gemm`'s arguments; the MXFP4 ones (`b`, `b_scale`, `b_fmt`) are replaced by the
+    decoded chunk.
     """
     from moeprec.kernels.quantize import dequantize_mxfp4_triton
 
@@ -336,7 +337,6 @@ def fused_moe_triton_impl(
     else:
         aligned = _align(topk_ids, E, bm, expert_mask)
         sorted_ids, expert_ids = aligned.sorted_ids, aligned.expert_ids
-    routed = aligned.routed if aligned is not None else None
     topk_w = topk_weights.reshape(-1)
     if not topk_w.is_contiguous():
         topk_w = topk_w.contiguous()
@@ -357,7 +357,7 @@ def fused_moe_triton_impl(
                and out_dtype != torch.float32)
     # experts without a kept slot (masked, or routed no token) are not decoded: no block reads
     # them (the one-program alignment keeps no counts: then only the masked ones are skipped)
-    keep = routed if routed is not None else expert_mask
+    keep = aligned.routed if aligned is not None and aligned.routed is not None else expert_mask
     gemm = functools.partial(_gemm_dequantized, keep=keep) if dequant else _launch_gemm
     inter = _scratch((S, I), out_dtype, dev)
     # fp8 z, per-token scales as the reference: either stage 1 gathers each z row's amax
