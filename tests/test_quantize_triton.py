@@ -213,8 +213,9 @@ def test_mxfp4_dequant_other_launch_parameters(poisoned, monkeypatch):
 
 @interpret
 def test_mxfp4_dequant_leaves_unkept_experts_untouched(poisoned):
-    # the fused MoE's decode-first path passes its expert mask: flagged-off experts are neither
-    # read nor written (their rows keep the poison), the others decode as without the mask
+    # the fused MoE's decode-first path passes keep flags (kept-slot counts or its expert mask):
+    # flagged-off experts are neither read nor written (their rows keep the poison), the others
+    # decode as without the flags
     from moeprec.kernels.quantize import dequantize_mxfp4_triton
 
     x = torch.randn(4, 6, 96)

@@ -318,7 +318,8 @@ def dequantize_mxfp4_triton(packed: torch.Tensor, scales: torch.Tensor,
     """Triton twin of dequantize_mxfp4 for fp16/bf16/fp32 outputs (arguments are checked by
     the public function). `keep` (int32 [packed.shape[0]], internal use): entries along the
     first dim whose flag is 0 are left undecoded (their output is uninitialised memory); the
-    fused MoE passes its expert mask so that experts it never reads cost no decode."""
+    fused MoE passes its kept-slot counts (or its expert mask) so that experts it never reads
+    cost no decode."""
     half = packed.shape[-1]
     p2, s2 = _rows(packed), _rows(scales)
     out = _empty((p2.shape[0], half * 2), dtype, packed.device)
