@@ -6,7 +6,8 @@ For each bench shape and M: one call of the op with the launch settings it picks
 profiled (torch.profiler, CUDA kernels only, 5 calls averaged position by position), next to
 cuBLAS (torch.mm) on the same two GEMMs unrouted: [M*k, H] @ [H, 2I] and [M*k, I] @ [I, H].
 Variant "stores": the same config with stage 2 storing each slot's row (atomic=False; the op
-then sums the k rows in torch) to price the fp32 atomics of the default. Prints each kernel's
+then sums each token's rows in `_sum_slot_rows_kernel`; until 2026-12-03 07:40 UTC in torch) to
+price the fp32 atomics. Prints each kernel's
 time, the two GEMM kernels' TFLOP/s and cuBLAS's, so the gap to the floor can be assigned.
 """
 import argparse
