@@ -22,6 +22,7 @@
 #   bash benchmarks/gpu_checks.sh tune-4096    # tune bf16 at M = 4096 (k = 8 shapes, gpt-oss), bench with that table
 #   bash benchmarks/gpu_checks.sh fp8-tune     # tune the fp8 path at M = 16384 (never tuned), bench bf16 vs fp8
 #   bash benchmarks/gpu_checks.sh persistent   # persistent stage 2: its tests, memcheck, bf16 prefill bench off vs on
+#   bash benchmarks/gpu_checks.sh w4a8         # MXFP4 decoded to fp8 first: tests, mxfp4 bf16 / fp8 crossover
 # Uses the machine's own python3 (torch + triton preinstalled); moeprec from this checkout.
 set -uo pipefail
 OUT=${OUT:-out}
@@ -178,6 +179,32 @@ PY
           --M 1024,4096,16384 --graph-max-m 16384 --no-peers --reps 8 --sets 3 --no-plot \
           --out "$OUT/bench_$variant" 2>&1 | tee "$OUT/bench_$variant.log" | tail -14
       done ;;
+    w4a8)  # MXFP4 weights decoded to fp8 rows before the fp8 GEMMs (fp8 activations): tests,
+      # the mxfp4 bf16 / fp8 activation crossover, then decoded first from 256 and 1024 tokens on
+      { timeout 100 python3 -m pytest -q -p no:cacheprovider -m gpu tests/test_quantize_triton.py -k fp8_rows
+        timeout 200 python3 -m pytest -q -p no:cacheprovider tests/test_fused_moe_triton.py \
+          -k "decoded_before or smallest or dequant"; } 2>&1 | tee "$OUT/w4a8_tests.log" | tail -4
+      PYTORCH_NO_CUDA_MEMORY_CACHING=1 timeout 200 compute-sanitizer --tool memcheck \
+        python3 benchmarks/sanitize_fused_moe.py 2>&1 | tee "$OUT/memcheck.log" | grep -E "dequant|ERROR S"
+      timeout 260 python3 -m moeprec bench --paths mxfp4-w4a16,mxfp4-fp8 --M 256,1024,4096,16384 \
+        --loop-max-m 0 --reps 8 --sets 3 --no-plot --out "$OUT/crossover" 2>&1 \
+        | tee "$OUT/crossover.log" | tail -36
+      mkdir -p "$OUT/configs_w4a8"
+      python3 - "$OUT/configs_w4a8" <<'PY'
+import json, sys
+from moeprec.cli.bench import SHAPES
+from moeprec.kernels import tuning
+t = json.load(open("moeprec/configs/fused_moe_NVIDIA_H200.json"))
+for H, I, E, k in SHAPES.values():
+    key = tuning.shape_key(E, H, I, k)
+    for M in (256, 1024):
+        cfg = tuning.get_config("fp8", M, E, H, I, k, "NVIDIA H200")
+        t.setdefault("w4a8", {}).setdefault(key, {})[str(M)] = dict(cfg, dequant=True)
+json.dump(t, open(sys.argv[1] + "/fused_moe_NVIDIA_H200.json", "w"), indent=1, sort_keys=True)
+PY
+      MOEPREC_FUSED_MOE_CONFIG_DIR="$OUT/configs_w4a8" timeout 120 python3 -m moeprec bench \
+        --paths mxfp4-fp8 --M 256,1024 --loop-max-m 0 --reps 8 --sets 3 --no-plot \
+        --out "$OUT/w4a8_dequant_small" 2>&1 | tee "$OUT/w4a8_dequant_small.log" | tail -10 ;;
     align)  # the two block-alignment paths: host and GPU time per call
       timeout 120 python3 benchmarks/probes/align_paths.py 2>&1 | tee "$OUT/align_paths.log" ;;
     host)  # eager host time per fused_moe call vs its graphed GPU time; bench with graphs
@@ -188,6 +215,6 @@ PY
     dequant-probe)  # the probe: MXFP4 tiles, decoded first with bf16's and w4a16's settings, bf16
       timeout 330 python3 benchmarks/probes/w4a16_dequant.py --out "$OUT" 2>&1 \
         | tee "$OUT/w4a16_dequant.log" | tail -20 ;;
-    *) echo "unknown section: $section (tests | router | train | kernels | moe | decode | tiles | even-k | split-k | decode-flags | decode-tune | dequant | dequant-probe | prefill-tune | host | align | stages | combine | stage-sweep | tune-4096 | fp8-tune | persistent)" >&2; exit 2 ;;
+    *) echo "unknown section: $section (tests | router | train | kernels | moe | decode | tiles | even-k | split-k | decode-flags | decode-tune | dequant | dequant-probe | prefill-tune | host | align | stages | combine | stage-sweep | tune-4096 | fp8-tune | persistent | w4a8)" >&2; exit 2 ;;
   esac
 done

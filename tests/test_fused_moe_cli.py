@@ -100,13 +100,15 @@ def test_equally_near_tuned_batches_pick_the_larger(tuned_table):
 
 
 def test_mxfp4_prefill_decodes_the_weights_first(tuned_table):
-    # from DEQUANT_MIN_TOKENS_PER_EXPERT tokens per expert on, unless a tuned entry says otherwise
+    # from DEQUANT_MIN_TOKENS_PER_EXPERT tokens per expert on, unless a tuned entry says
+    # otherwise, with the settings of the plain path that runs the decoded weights
     E, H, I, k = 8, 64, 32, 2  # noqa: E741
     edge = tuning.DEQUANT_MIN_TOKENS_PER_EXPERT * E // k
-    assert not tuning.get_config("w4a16", edge - 1, E, H, I, k)["dequant"]
-    big = tuning.get_config("w4a16", edge, E, H, I, k)
-    assert big["dequant"] and big["s1"] == tuning.get_config("bf16", edge, E, H, I, k)["s1"]
-    for path in ("bf16", "w4a8", "w8a16"):
+    for path, plain in (("w4a16", "bf16"), ("w4a8", "fp8")):
+        assert not tuning.get_config(path, edge - 1, E, H, I, k)["dequant"]
+        big = tuning.get_config(path, edge, E, H, I, k)
+        assert big["dequant"] and big["s1"] == tuning.get_config(plain, edge, E, H, I, k)["s1"]
+    for path in ("bf16", "fp8", "w8a16"):
         assert not tuning.get_config(path, 16 * edge, E, H, I, k)["dequant"]
     key = tuning.shape_key(E, H, I, k)
     tiles = {"BLOCK_M": 128, "s1": {"BLOCK_N": 64, "BLOCK_K": 128}, "s2": {"BLOCK_N": 64, "BLOCK_K": 128}}

@@ -389,7 +389,8 @@ def test_tiles_with_k_a_multiple_of_block_k(quant, act_dtype):
 
 
 @pytest.mark.parametrize("act_dtype,block_m,dequant", [("bf16", 1, False), ("bf16", 16, False),
-                                                     ("bf16", 16, True), ("fp8", 16, False)])
+                                                     ("bf16", 16, True), ("fp8", 16, False),
+                                                     ("fp8", 16, True)])
 def test_mxfp4_smallest_scale_byte_is_not_flushed(act_dtype, block_m, dequant):
     # E8M0 byte 0 is 2^-127 (an fp32 subnormal), not zero: with every w2 block at that scale
     # the output is ~1e-37, and each decode (CUDA-core blocks, tiles, decoded first, fp8
@@ -547,57 +548,67 @@ def test_unaligned_mxfp4_weights_are_realigned(block_m):
     assert_close(out, ref)
 
 
+@pytest.mark.parametrize("act_dtype", ["bf16", "fp8"])
 @pytest.mark.parametrize("one_program_align", [True, False])
 @pytest.mark.parametrize("workspace_experts", [1, 2, 5])
 @pytest.mark.parametrize("atomic", [True, False])
 def test_mxfp4_weights_decoded_before_the_gemms(workspace_experts, atomic, one_program_align,
-                                                monkeypatch):
-    # "dequant": MXFP4 weights decoded to bf16 a chunk of experts at a time, then the plain
-    # kernels; sizes off the tile, biases, an expert without tokens, a masked expert
+                                                act_dtype, monkeypatch):
+    # "dequant": MXFP4 weights decoded a chunk of experts at a time (to bf16, or to fp8 with a
+    # power of two per row for fp8 activations), then the plain kernels; sizes off the tile,
+    # biases, an expert without tokens, a masked expert
     m = _kernel_module()
     if not one_program_align:  # the three-launch alignment, which counts slots per expert
         monkeypatch.setattr(m, "_ALIGN_ONE_PROGRAM_MAX_SLOTS", 0)
     from moeprec.kernels import quantize as kq
-    from moeprec.kernels.tuning import fix_config
+    from moeprec.kernels.tuning import fix_config, path_name
 
     M, H, I, E, k = 9, 96, 160, 5, 2  # noqa: E741 (I = 160: 5 tiles of 32, K of stage 2 too)
     x, w1, w2, tw, ti, kw = make_case(M, H, I, E, k, "mxfp4", bias=True, seed=31)
     ti = torch.where(ti == 2, 0, ti)  # expert 2 gets no token
     mask = torch.ones(E, dtype=torch.bool, device=x.device)
     mask[3] = False
-    args = dict(quant="mxfp4", act_dtype="bf16", activation="swiglu_oai", gate_mode="interleaved",
-                expert_mask=mask, **kw)
+    args = dict(quant="mxfp4", act_dtype=act_dtype, activation="swiglu_oai",
+                gate_mode="interleaved", expert_mask=mask, **kw)
     ref = fused_moe(x, w1, w2, tw, ti, backend="torch", **args)
     st = {"BLOCK_N": 32, "BLOCK_K": 32, "num_warps": 4, "num_stages": 2}
     cfg = fix_config({"BLOCK_M": 16, "atomic": atomic, "dequant": True, "s1": dict(st),
-                      "s2": dict(st)}, "w4a16")
+                      "s2": dict(st)}, path_name("mxfp4", act_dtype))
     assert cfg["dequant"] and cfg["s1"]["BLOCK_K"] == 32  # plain tiles: no MXFP4 minimum
-    # a workspace of `workspace_experts` experts' stage-1 weights; count what gets decoded
-    workspace = workspace_experts * 2 * I * H * 2
+    # a workspace of `workspace_experts` experts' decoded stage-1 weights; count what gets decoded
+    weight_bytes = 1 if act_dtype == "fp8" else 2
+    workspace = workspace_experts * 2 * I * H * weight_bytes
     monkeypatch.setattr(m, "DEQUANT_WORKSPACE_BYTES", workspace)
     decoded = []  # (experts decoded, workspace bytes) per call
-    real = kq.dequantize_mxfp4_triton
+    name = "mxfp4_to_fp8_triton" if act_dtype == "fp8" else "dequantize_mxfp4_triton"
+    real = getattr(kq, name)
 
-    def spy(packed, scales, dtype, keep=None):
+    def spy(packed, scales, *rest):
+        keep = rest[-1] if rest else None
         kept = packed.shape[0] if keep is None else int((keep != 0).sum())
-        decoded.append((kept, packed.numel() * 2 * dtype.itemsize))
-        return real(packed, scales, dtype, keep)
+        decoded.append((kept, packed.numel() * 2 * weight_bytes))
+        return real(packed, scales, *rest)
 
-    monkeypatch.setattr(kq, "dequantize_mxfp4_triton", spy)
-    # decoded weights start as NaN: the skipped experts' stay so, and no block may read them
+    monkeypatch.setattr(kq, name, spy)
+    # decoded weights (and row scales) start as NaN: the skipped experts' stay so, and no block
+    # may read them
     monkeypatch.setattr(kq, "_empty", lambda shape, dtype, device: torch.full(
-        shape, float("nan"), dtype=dtype, device=device))
+        shape, 0x7F if dtype == torch.uint8 else float("nan"), dtype=dtype, device=device))
     out = m.fused_moe_triton_impl(x, w1, w2, tw, ti, config=cfg, **args)
-    assert_close(out, ref)
+    assert_close(out, ref, _tol(act_dtype))
     # each stage decodes once, in chunks within the workspace, every unmasked expert; with the
     # slot counts of the three-launch alignment, only those that got a token
     skipped = 1 if one_program_align else 2
     assert sum(e for e, _ in decoded) == 2 * (E - skipped)
     assert all(b <= workspace for _, b in decoded)
     assert len(decoded) == 2 if workspace_experts >= E else len(decoded) > 2
-    # the same values as the MXFP4 tiles' in-kernel decode: equal up to summation order
+    # the same values as the MXFP4 tiles' in-kernel decode: equal up to summation order (and
+    # fp8 rounding of z, whose per-token scale may differ by that order)
     tiles = m.fused_moe_triton_impl(x, w1, w2, tw, ti, config=dict(cfg, dequant=False), **args)
-    torch.testing.assert_close(out, tiles, rtol=1e-2, atol=1e-2)
+    if act_dtype == "bf16":
+        torch.testing.assert_close(out, tiles, rtol=1e-2, atol=1e-2)
+    else:
+        assert_close(out, tiles, _tol(act_dtype))
 
 
 def test_dequant_config_rules():
@@ -605,8 +616,8 @@ def test_dequant_config_rules():
 
     st = {"BLOCK_N": 64, "BLOCK_K": 32}
     cfg = {"BLOCK_M": 64, "dequant": True, "s1": dict(st), "s2": dict(st)}
-    assert fix_config(cfg, "w4a16")["dequant"]
-    for path in ("bf16", "w4a8", "fp8", "w8a16"):  # MXFP4 weights with 16-bit activations only
+    assert fix_config(cfg, "w4a16")["dequant"] and fix_config(cfg, "w4a8")["dequant"]
+    for path in ("bf16", "fp8", "w8a16"):  # MXFP4 weights only
         assert not fix_config(cfg, path)["dequant"]
     assert not fix_config(dict(cfg, BLOCK_M=1), "w4a16")["dequant"]  # decode blocks read MXFP4
     assert not fix_config(dict(cfg, dequant=False), "w4a16")["dequant"]

@@ -328,6 +328,58 @@ def test_dtype_views():
             mxfp4.as_float4_e2m1fn_x2(packed)
 
 
+# ----------------------------------------------------------------------------- to fp8 rows
+
+
+def _rows_with_scale_spans(rows=64, blocks=6, seed=4):
+    """Random packed bytes (every code) under scale rows spanning 0..40 binades, down to byte 0
+    and up to 252 (the fp32 decode overflows from 6 * 2^126 on), and one NaN-scale row."""
+    g = torch.Generator().manual_seed(seed)
+    packed = torch.randint(0, 256, (rows, blocks * 16), generator=g).to(torch.uint8)
+    top = torch.randint(0, 253, (rows, 1), generator=g)
+    span = torch.arange(rows).remainder(41).unsqueeze(1)
+    scales = (top - torch.randint(0, 1 << 20, (rows, blocks), generator=g) % (span + 1)).clamp(0, 254)
+    scales[:, 0] = top[:, 0]
+    scales[5, 2] = mxfp4.E8M0_NAN
+    return packed, scales.to(torch.uint8)
+
+
+def test_to_fp8_rows_exact_within_the_span_and_bounded_beyond():
+    packed, scales = _rows_with_scale_spans()
+    w, row_scale = mxfp4.mxfp4_to_fp8_torch(packed, scales)
+    assert w.dtype == torch.float8_e4m3fn and w.shape == (64, 192) and row_scale.shape == (64,)
+    ref = dequantize_mxfp4(packed, scales, torch.float64)
+    got = w.double() * row_scale.double().unsqueeze(1)
+    s = scales.long()
+    smax = s.amax(1)
+    # the NaN row: NaN where the reference is (its block) and, through the row scale, elsewhere
+    assert torch.isnan(row_scale[5]) and torch.isnan(got[5]).all() and torch.isnan(ref[5, 64:96]).all()
+    ok = torch.arange(64) != 5
+    exact_rows = ok & (smax - s.amin(1) <= mxfp4.FP8_EXACT_SPAN)
+    assert exact_rows.sum() > 10 and (~exact_rows & ok).sum() > 10
+    assert torch.equal(got[exact_rows], ref[exact_rows])
+    err = (got[ok] - ref[ok]).abs().amax(1)
+    assert (err <= torch.exp2(smax[ok].double() - 143)).all()
+    # rounding beyond the span: E4M3 round-to-nearest-even of the shifted values (ml_dtypes)
+    shift = torch.exp2((s - smax.unsqueeze(1) + mxfp4.FP8_ROW_HEADROOM).double()).repeat_interleave(32, 1)
+    vals = dequantize_mxfp4(packed, torch.full_like(scales, 127), torch.float64) * shift
+    expect = vals[ok].numpy().astype(ml_dtypes.float8_e4m3fn).view(np.uint8)
+    assert np.array_equal(w[ok].view(torch.uint8).numpy(), expect)
+    assert (err > 0).any()  # some rows did round
+
+
+def test_to_fp8_rows_shapes():
+    packed, scales = q(torch.randn(3, 5, 96))
+    w, row_scale = mxfp4.mxfp4_to_fp8_torch(packed, scales)
+    assert w.shape == (3, 5, 96) and row_scale.shape == (3, 5)
+    assert torch.equal(w.double() * row_scale.double()[..., None],
+                       dequantize_mxfp4(packed, scales, torch.float64))
+    w, row_scale = mxfp4.mxfp4_to_fp8_torch(*q(torch.zeros(4, 0)))
+    assert w.shape == (4, 0) and row_scale.shape == (4,)
+    with pytest.raises(ValueError, match="scales"):
+        mxfp4.mxfp4_to_fp8_torch(packed, scales[..., :1])
+
+
 # ----------------------------------------------------------------------------- properties
 
 hypothesis = pytest.importorskip("hypothesis")

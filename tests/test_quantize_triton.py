@@ -227,6 +227,53 @@ def test_mxfp4_dequant_leaves_unkept_experts_untouched(poisoned):
     assert (out[keep == 0].view(torch.uint8) == 0xA5).all()
 
 
+def assert_same_fp8_rows(packed, scales, device="cpu", keep=None):
+    from moeprec.formats.mxfp4 import mxfp4_to_fp8_torch
+    from moeprec.kernels.quantize import mxfp4_to_fp8_triton
+
+    ref, ref_scale = mxfp4_to_fp8_torch(packed.cpu(), scales.cpu())
+    got, got_scale = mxfp4_to_fp8_triton(packed.to(device), scales.to(device),
+                                         keep.to(device) if keep is not None else None)
+    assert got.dtype == torch.float8_e4m3fn and got.shape == ref.shape
+    assert got_scale.dtype == torch.float32 and got_scale.shape == ref_scale.shape
+    got, got_scale = got.cpu(), got_scale.cpu()
+    rows = slice(None) if keep is None else keep.cpu() != 0
+    assert torch.equal(got[rows].view(torch.uint8), ref[rows].view(torch.uint8))  # NaN codes too
+    assert torch.equal(got_scale[rows].view(torch.int32), ref_scale[rows].view(torch.int32))
+    return got, got_scale
+
+
+@interpret
+def test_mxfp4_to_fp8_rows_every_code_and_scale(poisoned):
+    # every scale byte as a row's largest (2^(smax-133) from fp32 subnormals up) and below it,
+    # spans past the exact 14 binades, NaN scales
+    packed, scales = every_code_and_scale(rows=40, blocks=3)
+    assert_same_fp8_rows(packed, scales)
+    scales[:, 1] = 255 - scales[:, 1]  # other spans and row maxima
+    assert_same_fp8_rows(packed, scales)
+
+
+@interpret
+@pytest.mark.parametrize("shape", [(1, 32), (3, 5, 96), (0, 64), (7, 0), (11, 608)],
+                         ids=lambda s: "x".join(map(str, s)))
+def test_mxfp4_to_fp8_rows_shapes(shape, poisoned):
+    # (11, 608): rows off the program's row tile, 19 blocks off its block step
+    x = torch.randn(shape) * torch.exp2(torch.randint(-20, 20, (*shape[:-1], 1)).float())
+    packed, scales = quantize_mxfp4(x, backend="torch")
+    assert_same_fp8_rows(packed, scales)
+    if x.dim() == 3:  # a slice of experts
+        assert_same_fp8_rows(packed[:, 1:4], scales[:, 1:4])
+
+
+@interpret
+def test_mxfp4_to_fp8_rows_leaves_unkept_experts_untouched(poisoned):
+    packed, scales = quantize_mxfp4(torch.randn(4, 6, 96), backend="torch")
+    keep = torch.tensor([0, 1, 1, 0], dtype=torch.int32)
+    got, got_scale = assert_same_fp8_rows(packed, scales, keep=keep)
+    assert (got[keep == 0].view(torch.uint8) == 0xA5).all()
+    assert (got_scale[keep == 0].view(torch.int32) == int.from_bytes(b"\xa5" * 4, "little", signed=True)).all()
+
+
 # ----------------------------------------------------------------------------- FP8
 
 
@@ -360,6 +407,16 @@ def test_gpu_mxfp4_dequant_matches_reference(dtype, poisoned):
     packed, scales = quantize_mxfp4(w)
     assert_same_dequant(packed, scales, dtype, "cuda")
     assert_same_dequant(packed[1:3], scales[1:3], dtype, "cuda")
+
+
+@pytest.mark.gpu
+def test_gpu_mxfp4_to_fp8_rows_matches_reference(poisoned):
+    packed, scales = every_code_and_scale(rows=256, blocks=4)
+    assert_same_fp8_rows(packed, scales, "cuda")
+    w = torch.randn(4, 576, 2880, device="cuda", dtype=torch.bfloat16)  # expert weights
+    packed, scales = quantize_mxfp4(w)
+    assert_same_fp8_rows(packed, scales, "cuda")
+    assert_same_fp8_rows(packed, scales, "cuda", keep=torch.tensor([1, 0, 0, 1], dtype=torch.int32))
 
 
 @pytest.mark.gpu

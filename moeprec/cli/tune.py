@@ -86,7 +86,7 @@ def tune_point(shape: str, path: str, M: int, weights: dict, reps: int, log) -> 
     import torch
 
     from moeprec.kernels.fused_moe_triton import fused_moe_triton_impl, use_dot_scaled
-    from moeprec.kernels.tuning import default_config, fix_config
+    from moeprec.kernels.tuning import DEQUANT_PLAIN_PATH, default_config, fix_config, get_config
 
     H, I, E, k = SHAPES[shape]  # noqa: E741
     quant, act = PATHS[path]
@@ -156,8 +156,10 @@ def tune_point(shape: str, path: str, M: int, weights: dict, reps: int, log) -> 
             ms, cfg = timed(dict(best, s2=dict(best["s2"], split_k=split_k)))
             if ms < best_ms:
                 best_ms, best = ms, cfg
-    if kpath == "w4a16" and M * k > 96 * E:  # MXFP4 decoded first, then the plain kernels
-        for cand in (dict(best, dequant=True), dict(default_config("bf16", M, E, H, I, k), dequant=True)):
+    if kpath in DEQUANT_PLAIN_PATH and M * k > 96 * E:  # MXFP4 decoded first, then the plain
+        # kernels: at this search's best tile, and at the plain path's own (table or heuristic)
+        plain = get_config(DEQUANT_PLAIN_PATH[kpath], M, E, H, I, k, torch.cuda.get_device_name())
+        for cand in (dict(best, dequant=True), dict(plain, dequant=True)):
             ms, cfg = timed(cand)
             if ms < best_ms:
                 best_ms, best = ms, cfg

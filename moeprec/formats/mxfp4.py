@@ -222,6 +222,41 @@ def dequantize_mxfp4(
     return out.reshape(*lead, half * 2)
 
 
+# E4M3 holds every E2M1 value times 2^j exactly for -8 <= j <= FP8_ROW_HEADROOM (6 * 2^6 = 384
+# <= 448; 0.5 * 2^-8 and 1.5 * 2^-8 are E4M3 subnormals, multiples of 2^-9): MXFP4 rows brought
+# to fp8 put their largest block scale at 2^6, so every block within FP8_EXACT_SPAN binades of it
+# is exact.
+FP8_ROW_HEADROOM = 6
+FP8_EXACT_SPAN = 14
+
+
+def mxfp4_to_fp8_torch(packed: torch.Tensor, scales: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """MXFP4 rows -> (E4M3 values [..., K], fp32 row scales [...]), value = e4m3 * row scale.
+
+    Each block's E2M1 values are multiplied by 2^(s - smax + 6), smax the row's largest scale
+    byte, and the row scale is 2^(smax - 127 - 6). Exact for every block within 14 binades of
+    its row's largest (real weights stay far inside); blocks further down round to E4M3's
+    subnormals, an absolute error of at most 2^(smax - 143), 2^-16 / 6 of the largest value the
+    row's scales allow. A NaN scale (0xFF) gives NaN values in its block and a NaN row scale,
+    so the row's products are NaN as with `dequantize_mxfp4`. The fused MoE's fp8-activation
+    path decodes MXFP4 weights this way before its fp8 GEMMs (moeprec/kernels/quantize.py has
+    the Triton twin, bit for bit).
+    """
+    packed, scales = check_mxfp4_pair(packed, scales)
+    lead, half = packed.shape[:-1], packed.shape[-1]
+    s = scales.to(torch.int32)
+    smax = s.amax(-1) if s.shape[-1] else torch.zeros(lead, dtype=torch.int32, device=s.device)
+    p = packed.long()
+    vals = torch.stack([e2m1_table(packed.device)[p & 0xF], e2m1_table(packed.device)[p >> 4]],
+                       dim=-1).reshape(*lead, s.shape[-1], MX_BLOCK).double()
+    shift = pow2_f64(s - smax.unsqueeze(-1) + FP8_ROW_HEADROOM).unsqueeze(-1)
+    v = (vals * shift).float()  # exact down to fp32's subnormals, far below E4M3's
+    v = torch.where((s == E8M0_NAN).unsqueeze(-1), float("nan"), v)
+    row_scale = pow2_f64(smax - E8M0_BIAS - FP8_ROW_HEADROOM).float()
+    row_scale = torch.where(smax == E8M0_NAN, float("nan"), row_scale)
+    return v.reshape(*lead, half * 2).to(torch.float8_e4m3fn), row_scale
+
+
 def fake_quantize_mxfp4(
     x: torch.Tensor, scale_mode: str = "rceil", *, dtype: torch.dtype | None = None, backend: str = "auto"
 ) -> torch.Tensor:

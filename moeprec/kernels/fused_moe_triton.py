@@ -7,7 +7,9 @@
 
 Weights stay in the SPEC layout: MXFP4 is decoded in registers (nibbles + E8M0 -> bf16 for the
 w4a16 path; -> exact fp8 with a per-column power of two per K block for the fp8 path; -> fp32
-on the CUDA cores for BLOCK_M = 1 decode blocks), fp8 weights keep their per-channel scales.
+on the CUDA cores for BLOCK_M = 1 decode blocks), or for large batches decoded first, a chunk
+of experts at a time (to bf16, or to fp8 with a power of two per row); fp8 weights keep their
+per-channel scales.
 Launch configurations come from `tuning.get_config`.
 
 `fused_moe_triton` is registered as the torch custom op `moeprec::fused_moe_triton` (with a
@@ -266,33 +268,41 @@ def _launch_down_persistent(*, a, b, bias, c, aligned, topk_w, N, Kdim, num_slot
 
 
 def _gemm_dequantized(*, b, b_scale, bias, expert_ids, b_fmt, keep=None, **kw) -> None:
-    """One stage on MXFP4 weights decoded to the model dtype first, a chunk of experts at a time.
+    """One stage on MXFP4 weights decoded first, a chunk of experts at a time.
 
     For large batches: every expert's weights are met by many token blocks, so decoding them
-    once (bytes: 0.53 read + 2 written per weight) costs less than the MXFP4 tiles' slower
-    main loop; the product is then the plain bf16 kernel's. The decoded values are the ones the
-    in-kernel decode feeds the MMAs (E2M1 * 2^(s-127) is exact in bf16), so results agree
-    with the MXFP4 tiles up to summation order. Blocks of experts outside the chunk are marked
-    -1 and skipped; the chunking depends on shapes only (no host sync). Experts flagged 0 in
-    `keep` (int32 per expert: the kept slots the alignment counted, or the expert mask; expert
-    parallelism masks most experts) are not decoded: no block reads them. Takes
-    `_launch_gemm`'s arguments; the MXFP4 ones (`b`, `b_scale`, `b_fmt`) are replaced by the
-    decoded chunk.
+    once costs less than the MXFP4 tiles' slower main loop; the product is then a plain
+    kernel's. 16-bit activations: decoded to the model dtype (0.53 bytes read and 2 written per
+    weight; E2M1 * 2^(s-127) is exact there, so the MMAs see the in-kernel decode's values and
+    results agree with the MXFP4 tiles up to summation order), then the bf16 kernel. fp8
+    activations: decoded to E4M3 with one power of two per weight row (`mxfp4_to_fp8_triton`:
+    exact for blocks within 14 binades of the row's largest, 1 byte written per weight), then
+    the fp8 kernel with those as its per-channel scales, on fp8 tensor cores (the MXFP4 tiles
+    with fp8 activations go through tl.dot_scaled, which Hopper runs on bf16 MMAs).
+    Blocks of experts outside the chunk are marked -1 and skipped; the chunking depends on
+    shapes only (no host sync). Experts flagged 0 in `keep` (int32 per expert: the kept slots
+    the alignment counted, or the expert mask; expert parallelism masks most experts) are not
+    decoded: no block reads them. Takes `_launch_gemm`'s arguments; the MXFP4 ones (`b`,
+    `b_scale`, `b_fmt`) are replaced by the decoded chunk.
     """
-    from moeprec.kernels.quantize import dequantize_mxfp4_triton
+    from moeprec.kernels import quantize as kq
 
+    to_fp8 = kw["a_fp8"]
     dtype = kw["a"].dtype
     E = b.shape[0]
-    per_expert = b.shape[1] * b.shape[2] * 2 * dtype.itemsize
+    per_expert = b.shape[1] * b.shape[2] * 2 * (1 if to_fp8 else dtype.itemsize)
     step = max(1, min(E, DEQUANT_WORKSPACE_BYTES // per_expert))
     for lo in range(0, E, step):
         hi = min(E, lo + step)
         ids = expert_ids if (lo, hi) == (0, E) else torch.where(
             (expert_ids >= lo) & (expert_ids < hi), expert_ids - lo, -1)
-        w = dequantize_mxfp4_triton(b[lo:hi], b_scale[lo:hi], dtype,
-                                    keep[lo:hi] if keep is not None else None)
-        _launch_gemm(b=w, b_scale=None,
-                     bias=bias[lo:hi] if bias is not None else None, expert_ids=ids, b_fmt=0, **kw)
+        chunk_keep = keep[lo:hi] if keep is not None else None
+        if to_fp8:
+            w, w_scale = kq.mxfp4_to_fp8_triton(b[lo:hi], b_scale[lo:hi], chunk_keep)
+        else:
+            w, w_scale = kq.dequantize_mxfp4_triton(b[lo:hi], b_scale[lo:hi], dtype, chunk_keep), None
+        _launch_gemm(b=w, b_scale=w_scale, bias=bias[lo:hi] if bias is not None else None,
+                     expert_ids=ids, b_fmt=2 if to_fp8 else 0, **kw)
 
 
 def fused_moe_triton_impl(
@@ -353,8 +363,8 @@ def fused_moe_triton_impl(
 
     s1, s2 = cfg["s1"], cfg["s2"]
     # large MXFP4 batches: decode the weights first, then the plain kernels
-    dequant = (bool(cfg.get("dequant", False)) and quant == "mxfp4" and not a_fp8
-               and out_dtype != torch.float32)
+    dequant = (bool(cfg.get("dequant", False)) and quant == "mxfp4"
+               and (a_fp8 or out_dtype != torch.float32))
     # experts without a kept slot (masked, or routed no token) are not decoded: no block reads
     # them (the one-program alignment keeps no counts: then only the masked ones are skipped)
     keep = aligned.routed if aligned is not None and aligned.routed is not None else expert_mask

@@ -169,6 +169,49 @@ def _mxfp4_dequant_kernel(packed_ptr, scales_ptr, out_ptr, NB, keep_ptr, blocks_
 
 
 @triton.jit
+def _mxfp4_to_fp8_kernel(packed_ptr, scales_ptr, out_ptr, row_scale_ptr, R, NB, keep_ptr,
+                         rows_per_group, HAS_KEEP: tl.constexpr, EXACT_CAST: tl.constexpr,
+                         BLOCK_R: tl.constexpr, BLOCK_B: tl.constexpr):
+    """BLOCK_R rows of MXFP4 -> E4M3 bytes and one fp32 scale per row (mxfp4_to_fp8_torch):
+    a first pass over the row's scale bytes finds the largest, a second decodes each block as
+    E2M1 * 2^(s - smax + 6), exact in fp32 and rounded once, by the cast. HAS_KEEP: rows of
+    groups (experts) whose keep flag is 0 are neither read nor written."""
+    rows = tl.program_id(0).to(tl.int64) * BLOCK_R + tl.arange(0, BLOCK_R)
+    rmask = rows < R
+    if HAS_KEEP:
+        rmask = rmask & (tl.load(keep_ptr + rows // rows_per_group, mask=rmask, other=0) != 0)
+    smax = tl.zeros([BLOCK_R], dtype=tl.int32)
+    for b0 in range(0, NB, BLOCK_B):
+        blk = b0 + tl.arange(0, BLOCK_B)
+        s = tl.load(scales_ptr + rows[:, None] * NB + blk[None, :],
+                    mask=rmask[:, None] & (blk < NB)[None, :], other=0).to(tl.int32)
+        smax = tl.maximum(smax, tl.max(s, axis=1))
+    # 2^(smax - 133) from bits: normal from smax = 7 on, an fp32 subnormal below
+    row_bits = tl.where(smax >= 7, (smax - 6) << 23, 1 << (smax + 16))
+    row_scale = tl.where(smax == _NAN_BYTE, float("nan"), row_bits.to(tl.float32, bitcast=True))
+    tl.store(row_scale_ptr + rows, row_scale, mask=rmask)
+    for b0 in range(0, NB, BLOCK_B):
+        blk = b0 + tl.arange(0, BLOCK_B)
+        bmask = rmask[:, None] & (blk < NB)[None, :]
+        s = tl.load(scales_ptr + rows[:, None] * NB + blk[None, :], mask=bmask, other=0).to(tl.int32)
+        # 2^(s - smax + 6) <= 64; below 2^-126 every value rounds to a signed zero in E4M3 anyway
+        shift = tl.maximum(s - smax[:, None] + 6, -126)
+        factor = ((shift + 127) << 23).to(tl.float32, bitcast=True)
+        factor = tl.where(s == _NAN_BYTE, float("nan"), factor)
+        pcols = (blk * 16)[None, :, None] + tl.arange(0, 16)[None, None, :]
+        byte = tl.load(packed_ptr + rows[:, None, None] * (NB * 16) + pcols,
+                       mask=bmask[:, :, None], other=0).to(tl.int32)
+        v = tl.join(_e2m1_to_f32(byte & 15), _e2m1_to_f32(byte >> 4))  # [R, B, 16, 2]
+        v = tl.reshape(v, (BLOCK_R, BLOCK_B, 32)) * factor[:, :, None]
+        if EXACT_CAST:
+            q = _e4m3_bits_rne(v).to(tl.uint8)
+        else:
+            q = v.to(tl.float8e4nv).to(tl.uint8, bitcast=True)
+        offs = rows[:, None, None] * (NB * 32) + (blk * 32)[None, :, None] + tl.arange(0, 32)[None, None, :]
+        tl.store(out_ptr + offs, q, mask=bmask[:, :, None])
+
+
+@triton.jit
 def _e4m3_bits_rne(q):
     """float32 in [-448, 448] (or NaN) -> E4M3 bits (int32), round to nearest even, in integer
     arithmetic. The interpreter's own fp32 -> fp8 cast mis-rounds values whose rounding carries
@@ -277,6 +320,8 @@ def _fp8_tensor_quant_kernel(x_ptr, out_ptr, scale_ptr, N, BLOCK: tl.constexpr, 
 LAUNCH = {
     "mx_blocks": 128,  # 32-blocks per program
     "mx_warps": 4,
+    "fp8_rows": 8,  # MXFP4 -> fp8 rows: rows per program, 32-blocks per step
+    "fp8_row_blocks": 16,
     "fp8_tile": 4096,  # elements per program (rows x group columns)
     "fp8_max_group": 8192,  # widest group read in one pass; wider groups take two passes
     "fp8_warps": 16,  # per_token / per_channel / per_tensor (wide groups)
@@ -331,6 +376,26 @@ def dequantize_mxfp4_triton(packed: torch.Tensor, scales: torch.Tensor,
             nb // packed.shape[0] if keep is not None else 1, HAS_KEEP=keep is not None,
             BLOCK_B=block_b, num_warps=LAUNCH["mx_warps"])
     return out.reshape(*packed.shape[:-1], half * 2)
+
+
+def mxfp4_to_fp8_triton(packed: torch.Tensor, scales: torch.Tensor,
+                        keep: torch.Tensor | None = None) -> tuple[torch.Tensor, torch.Tensor]:
+    """Triton twin of mxfp4_to_fp8_torch (arguments checked by the caller). `keep` (int32
+    [packed.shape[0]]): entries along the first dim flagged 0 are left undecoded (values and
+    row scales uninitialised), as in dequantize_mxfp4_triton."""
+    half = packed.shape[-1]
+    p2, s2 = _rows(packed), _rows(scales)
+    r, nb = s2.shape
+    out = _empty((r, half * 2), torch.uint8, packed.device)
+    row_scale = _empty((r,), torch.float32, packed.device)
+    if r:
+        block_r, block_b = LAUNCH["fp8_rows"], LAUNCH["fp8_row_blocks"]
+        _mxfp4_to_fp8_kernel[(triton.cdiv(r, block_r),)](
+            p2, s2, out, row_scale, r, nb, keep if keep is not None else s2,
+            r // packed.shape[0] if keep is not None else 1, HAS_KEEP=keep is not None,
+            EXACT_CAST=triton_interpret(), BLOCK_R=block_r, BLOCK_B=block_b, num_warps=4)
+    return (out.view(torch.float8_e4m3fn).reshape(*packed.shape[:-1], half * 2),
+            row_scale.reshape(packed.shape[:-1]))
 
 
 def quantize_fp8_triton(

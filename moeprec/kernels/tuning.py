@@ -17,15 +17,17 @@ CUDA cores, one (token, expert) pair per block; there "pair_blocks" (true unless
 says false) skips the alignment launch (block b is flat slot b; the GEMM kernels check each
 id's range and mask themselves). Stage 2 may split K ("split_k", atomic combine only: more
 programs for few output tiles over a long K, e.g. Mixtral's I = 14336), on either kind of block.
-"dequant": true (MXFP4 with 16-bit activations, tensor-core tiles) decodes the weights to the
-model dtype before each stage and runs the plain kernels with the config's settings.
+"dequant": true (MXFP4 weights, tensor-core tiles) decodes the weights before each stage and
+runs the plain kernels with the config's settings: to the model dtype for 16-bit activations,
+to fp8 with a power of two per row (the fp8 kernel's per-channel scales) for fp8 activations.
 "persistent": true in stage 2's settings (bf16 path, tensor-core tiles, no K split) runs stage 2
 as a persistent kernel: one program per SM walking the used blocks' output tiles, so one tile's
 epilogue can overlap the next tile's loads.
 Lookup takes the exact shape key and the nearest tuned M (in log scale) if it is within a factor
 of 4; anything missing falls back to `default_config`. MXFP4 entries that do not say whether to
 decode first (tables written before that choice existed, or none at all) do so from
-DEQUANT_MIN_TOKENS_PER_EXPERT routed tokens per expert on, with the bf16 path's configuration.
+DEQUANT_MIN_TOKENS_PER_EXPERT routed tokens per expert on, with the configuration of the plain
+path that runs them (bf16, or fp8 for fp8 activations).
 """
 
 from __future__ import annotations
@@ -48,6 +50,8 @@ NEAREST_M_FACTOR = 4
 # tiles at 256 tokens per expert, 1.5-2.3x at 512-2048, even at 128, slower at 64 and below;
 # benchmarks/results/README.md).
 DEQUANT_MIN_TOKENS_PER_EXPERT = 256
+# the plain kernel path that runs MXFP4 weights decoded first
+DEQUANT_PLAIN_PATH = {"w4a16": "bf16", "w4a8": "fp8"}
 
 
 def path_name(quant: str, act_dtype: str) -> str:
@@ -116,8 +120,8 @@ def fix_config(cfg: dict[str, Any], path: str) -> dict[str, Any]:
     bm = cfg["BLOCK_M"]
     if bm != 1 and (bm < 16 or bm & (bm - 1)):
         raise ValueError(f"BLOCK_M must be 1 or a power of two >= 16, got {bm}")
-    # weights decoded before the GEMMs: MXFP4 with 16-bit activations, tensor-core tiles only
-    cfg["dequant"] = cfg["dequant"] and path == "w4a16" and bm != 1
+    # weights decoded before the GEMMs: MXFP4 weights, tensor-core tiles only
+    cfg["dequant"] = cfg["dequant"] and path in ("w4a16", "w4a8") and bm != 1
     dequant = cfg["dequant"]
     if path in ("w4a8", "fp8"):  # fp8 activations only run on the tensor cores
         cfg["BLOCK_M"] = max(bm, 16)
@@ -147,7 +151,7 @@ def fix_config(cfg: dict[str, Any], path: str) -> dict[str, Any]:
         # shared memory per pipeline stage: the A tile plus the weight tile (stage 1 loads the
         # gate and up rows, 2 x BLOCK_N); drop stages until it fits the 227 KiB of an H100 SM
         a_bytes = 1 if path in ("fp8", "w4a8") else 2
-        b_bytes = 2 if dequant else {"bf16": 2, "w4a16": 0.5, "w4a8": 0.5, "fp8": 1,
+        b_bytes = (1 if path == "w4a8" else 2) if dequant else {"bf16": 2, "w4a16": 0.5, "w4a8": 0.5, "fp8": 1,
                                      "w8a16": 1}.get(path, 2)
         rows = s["BLOCK_N"] * (2 if st == "s1" else 1)
         per_stage = cfg["BLOCK_M"] * s["BLOCK_K"] * a_bytes + rows * s["BLOCK_K"] * b_bytes
@@ -199,8 +203,8 @@ def get_config(path: str, M: int, E: int, H: int, I: int, top_k: int,  # noqa: E
             if (dist[best] <= math.log(NEAREST_M_FACTOR) + 1e-9
                     and not (per_m[best]["BLOCK_M"] == 1 and int(best) < M)):
                 entry = per_m[best]
-    if (path == "w4a16" and (entry is None or "dequant" not in entry)
+    if (path in ("w4a16", "w4a8") and (entry is None or "dequant" not in entry)
             and M * top_k >= DEQUANT_MIN_TOKENS_PER_EXPERT * E):
-        bf16 = get_config("bf16", M, E, H, I, top_k, device_name)
-        return fix_config(dict(bf16, dequant=True), path)
+        plain = get_config(DEQUANT_PLAIN_PATH[path], M, E, H, I, top_k, device_name)
+        return fix_config(dict(plain, dequant=True), path)
     return fix_config(entry if entry is not None else default_config(path, M, E, H, I, top_k), path)
