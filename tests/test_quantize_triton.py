@@ -266,6 +266,17 @@ def test_mxfp4_to_fp8_rows_shapes(shape, poisoned):
 
 
 @interpret
+def test_mxfp4_to_fp8_rows_other_launch_parameters(poisoned, monkeypatch):
+    # the row-max pass over several steps of 2 blocks (a partial last one), 4 rows per program;
+    # the decode 2 blocks per program: row boundaries inside and between programs
+    for key, value in (("fp8_row_blocks", 2), ("fp8_rows", 4), ("mx_blocks", 2)):
+        monkeypatch.setitem(poisoned.LAUNCH, key, value)
+    packed, scales = every_code_and_scale(rows=17, blocks=3)
+    scales[:, 2] = 255 - scales[:, 2]
+    assert_same_fp8_rows(packed, scales)
+
+
+@interpret
 def test_mxfp4_to_fp8_rows_leaves_unkept_experts_untouched(poisoned):
     packed, scales = quantize_mxfp4(torch.randn(4, 6, 96), backend="torch")
     keep = torch.tensor([0, 1, 1, 0], dtype=torch.int32)
