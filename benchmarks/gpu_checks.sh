@@ -180,31 +180,34 @@ PY
           --out "$OUT/bench_$variant" 2>&1 | tee "$OUT/bench_$variant.log" | tail -14
       done ;;
     w4a8)  # MXFP4 weights decoded to fp8 rows before the fp8 GEMMs (fp8 activations): tests,
-      # the mxfp4 bf16 / fp8 activation crossover, then decoded first from 256 and 1024 tokens on
+      # memcheck, both decoders' bandwidth, the mxfp4 bf16 / fp8 activation crossover
       { timeout 100 python3 -m pytest -q -p no:cacheprovider -m gpu tests/test_quantize_triton.py -k fp8_rows
         timeout 200 python3 -m pytest -q -p no:cacheprovider tests/test_fused_moe_triton.py \
           -k "decoded_before or smallest or dequant"; } 2>&1 | tee "$OUT/w4a8_tests.log" | tail -4
       PYTORCH_NO_CUDA_MEMORY_CACHING=1 timeout 200 compute-sanitizer --tool memcheck \
         python3 benchmarks/sanitize_fused_moe.py 2>&1 | tee "$OUT/memcheck.log" | grep -E "dequant|ERROR S"
-      timeout 260 python3 -m moeprec bench --paths mxfp4-w4a16,mxfp4-fp8 --M 256,1024,4096,16384 \
-        --loop-max-m 0 --reps 8 --sets 3 --no-plot --out "$OUT/crossover" 2>&1 \
-        | tee "$OUT/crossover.log" | tail -36
-      mkdir -p "$OUT/configs_w4a8"
-      python3 - "$OUT/configs_w4a8" <<'PY'
-import json, sys
-from moeprec.cli.bench import SHAPES
-from moeprec.kernels import tuning
-t = json.load(open("moeprec/configs/fused_moe_NVIDIA_H200.json"))
-for H, I, E, k in SHAPES.values():
-    key = tuning.shape_key(E, H, I, k)
-    for M in (256, 1024):
-        cfg = tuning.get_config("fp8", M, E, H, I, k, "NVIDIA H200")
-        t.setdefault("w4a8", {}).setdefault(key, {})[str(M)] = dict(cfg, dequant=True)
-json.dump(t, open(sys.argv[1] + "/fused_moe_NVIDIA_H200.json", "w"), indent=1, sort_keys=True)
+      python3 - <<'PY' 2>&1 | tee "$OUT/decoders.log"
+import torch
+from moeprec.formats.mxfp4 import quantize_mxfp4
+from moeprec.kernels.quantize import dequantize_mxfp4_triton, mxfp4_to_fp8_triton
+packed, scales = quantize_mxfp4(torch.randn(128, 1536, 2048, device="cuda", dtype=torch.bfloat16))
+n = packed.numel() * 2  # Qwen3-30B-A3B's stage-1 weights
+for name, fn, out_bytes in (("to bf16", lambda: dequantize_mxfp4_triton(packed, scales), 2),
+                            ("to fp8 rows", lambda: mxfp4_to_fp8_triton(packed, scales), 1)):
+    for _ in range(3):
+        fn()
+    a, b = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+    a.record()
+    for _ in range(20):
+        fn()
+    b.record()
+    torch.cuda.synchronize()
+    us = a.elapsed_time(b) / 20 * 1e3
+    print(f"{name:12s} {us:8.1f} us  {n * (0.53125 + out_bytes) / us / 1e6:6.2f} TB/s")
 PY
-      MOEPREC_FUSED_MOE_CONFIG_DIR="$OUT/configs_w4a8" timeout 120 python3 -m moeprec bench \
-        --paths mxfp4-fp8 --M 256,1024 --loop-max-m 0 --reps 8 --sets 3 --no-plot \
-        --out "$OUT/w4a8_dequant_small" 2>&1 | tee "$OUT/w4a8_dequant_small.log" | tail -10 ;;
+      timeout 260 python3 -m moeprec bench --paths mxfp4-w4a16,mxfp4-fp8 --M 1024,2048,4096,8192,16384 \
+        --loop-max-m 0 --reps 8 --sets 3 --no-plot --out "$OUT/crossover" 2>&1 \
+        | tee "$OUT/crossover.log" | tail -44 ;;
     align)  # the two block-alignment paths: host and GPU time per call
       timeout 120 python3 benchmarks/probes/align_paths.py 2>&1 | tee "$OUT/align_paths.log" ;;
     host)  # eager host time per fused_moe call vs its graphed GPU time; bench with graphs

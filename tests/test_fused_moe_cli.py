@@ -104,10 +104,11 @@ def test_mxfp4_prefill_decodes_the_weights_first(tuned_table):
     # otherwise, with the settings of the plain path that runs the decoded weights
     E, H, I, k = 8, 64, 32, 2  # noqa: E741
     edge = tuning.DEQUANT_MIN_TOKENS_PER_EXPERT * E // k
-    for path, plain in (("w4a16", "bf16"), ("w4a8", "fp8")):
-        assert not tuning.get_config(path, edge - 1, E, H, I, k)["dequant"]
-        big = tuning.get_config(path, edge, E, H, I, k)
-        assert big["dequant"] and big["s1"] == tuning.get_config(plain, edge, E, H, I, k)["s1"]
+    fp8_edge = tuning.DEQUANT_FP8_MIN_TOKENS_PER_EXPERT * E // k
+    for path, plain, at in (("w4a16", "bf16", edge), ("w4a8", "fp8", fp8_edge)):
+        assert not tuning.get_config(path, at - 1, E, H, I, k)["dequant"]
+        big = tuning.get_config(path, at, E, H, I, k)
+        assert big["dequant"] and big["s1"] == tuning.get_config(plain, at, E, H, I, k)["s1"]
     for path in ("bf16", "fp8", "w8a16"):
         assert not tuning.get_config(path, 16 * edge, E, H, I, k)["dequant"]
     key = tuning.shape_key(E, H, I, k)

@@ -26,8 +26,8 @@ epilogue can overlap the next tile's loads.
 Lookup takes the exact shape key and the nearest tuned M (in log scale) if it is within a factor
 of 4; anything missing falls back to `default_config`. MXFP4 entries that do not say whether to
 decode first (tables written before that choice existed, or none at all) do so from
-DEQUANT_MIN_TOKENS_PER_EXPERT routed tokens per expert on, with the configuration of the plain
-path that runs them (bf16, or fp8 for fp8 activations).
+DEQUANT_MIN_TOKENS_PER_EXPERT (fp8 activations: DEQUANT_FP8_MIN_TOKENS_PER_EXPERT) routed tokens
+per expert on, with the configuration of the plain path that runs them (bf16, or fp8).
 """
 
 from __future__ import annotations
@@ -50,6 +50,11 @@ NEAREST_M_FACTOR = 4
 # tiles at 256 tokens per expert, 1.5-2.3x at 512-2048, even at 128, slower at 64 and below;
 # benchmarks/results/README.md).
 DEQUANT_MIN_TOKENS_PER_EXPERT = 256
+# The same for fp8 activations (weights decoded to fp8 rows, 1 byte written per weight): the
+# MXFP4 tiles there run tl.dot_scaled on bf16 MMAs, so decoding first pays earlier (H200,
+# 2026-12-03: 1.27x at 128 tokens per expert on gpt-oss-20b, slower at 32-64 on Qwen3-30B-A3B
+# and DeepSeek-V3; benchmarks/results/README.md).
+DEQUANT_FP8_MIN_TOKENS_PER_EXPERT = 128
 # the plain kernel path that runs MXFP4 weights decoded first
 DEQUANT_PLAIN_PATH = {"w4a16": "bf16", "w4a8": "fp8"}
 
@@ -203,8 +208,10 @@ def get_config(path: str, M: int, E: int, H: int, I: int, top_k: int,  # noqa: E
             if (dist[best] <= math.log(NEAREST_M_FACTOR) + 1e-9
                     and not (per_m[best]["BLOCK_M"] == 1 and int(best) < M)):
                 entry = per_m[best]
-    if (path in ("w4a16", "w4a8") and (entry is None or "dequant" not in entry)
-            and M * top_k >= DEQUANT_MIN_TOKENS_PER_EXPERT * E):
+    min_per_expert = (DEQUANT_FP8_MIN_TOKENS_PER_EXPERT if path == "w4a8"
+                      else DEQUANT_MIN_TOKENS_PER_EXPERT)
+    if (path in DEQUANT_PLAIN_PATH and (entry is None or "dequant" not in entry)
+            and M * top_k >= min_per_expert * E):
         plain = get_config(DEQUANT_PLAIN_PATH[path], M, E, H, I, top_k, device_name)
         return fix_config(dict(plain, dequant=True), path)
     return fix_config(entry if entry is not None else default_config(path, M, E, H, I, top_k), path)
