@@ -5,8 +5,7 @@ and for the CUDA-core (BLOCK_M = 1) variants the SASS instructions per weight of
 (with the alignment's block lists, then without them: config "pair_blocks");
 the MMA instruction (wgmma = Hopper tensor cores; mma.sync = the older path Triton takes for
 BLOCK_M < 64) and the wgmma wait depths (pendings >= 1 means consecutive MMAs overlap; 0 after
-every dot means they are serialized); then the persistent stage 2 (is its flattened tile loop
-pipelined?). Pointer and stride divisibility are declared as the
+every dot means they are serialized). Pointer and stride divisibility are declared as the
 runtime specialization would (without it the compiler emits scalar loads and no cp.async).
 
     PYTHONPATH=<dir with the device's triton, e.g. triton==3.6.0> python benchmarks/compile_fused_moe_sm90.py
@@ -54,24 +53,6 @@ def compile_variant(stage1, b_fmt, a_fp8, dot_scaled, bm, bn, bk, warps, stages=
            for n in names}
     attrs = {(i,): [["tt.divisibility", 16]] for i, n in enumerate(names)
              if n not in consts and n not in NOT_DIVISIBLE}
-    src = ASTSource(fn, sig, constexprs={(names.index(k),): v for k, v in consts.items()}, attrs=attrs)
-    return triton.compile(src, target=GPUTarget("cuda", 90, 32),
-                          options=dict(num_warps=warps, num_stages=stages))
-
-
-def compile_persistent(bm, bn, bk, warps, stages=3, atomic=False):
-    """`_moe_down_persistent_kernel` (bf16 weights, fp32 slot rows or atomics), 132 programs."""
-    fn = K._moe_down_persistent_kernel
-    names = fn.arg_names
-    consts = dict(HAS_BIAS=False, MUL_WEIGHT=True, ATOMIC_OUT=atomic, COMPUTE_DTYPE=tl.bfloat16,
-                  INTERP=False, BLOCK_M=bm, BLOCK_N=bn, BLOCK_K=bk, GROUP_M=8, NUM_PROGS=132,
-                  EVEN_K=True, stride_ak=1, stride_bk=1, stride_cn=1)
-    ptrs = {"a_ptr": "*bf16", "b_ptr": "*bf16", "bias_ptr": "*fp32", "c_ptr": "*fp32",
-            "sorted_ids_ptr": "*i32", "expert_ids_ptr": "*i32", "topk_w_ptr": "*fp32",
-            "used_blocks_ptr": "*i32"}
-    sig = {n: "constexpr" if n in consts else ptrs.get(n, "i32") for n in names}
-    attrs = {(i,): [["tt.divisibility", 16]] for i, n in enumerate(names)
-             if n not in consts and n not in ("num_slots", "top_k", "used_blocks_ptr")}
     src = ASTSource(fn, sig, constexprs={(names.index(k),): v for k, v in consts.items()}, attrs=attrs)
     return triton.compile(src, target=GPUTarget("cuda", 90, 32),
                           options=dict(num_warps=warps, num_stages=stages))
@@ -134,18 +115,6 @@ def main() -> None:
             weights = (2 * v[5] if v[0] else v[5]) * v[6] // (32 * v[7])
             print(f"  loop: {n} SASS instructions for {weights} weights per thread "
                   f"({n / weights:.1f} per weight): {dict(mix.most_common(8))}")
-    # the persistent stage 2: is the flattened tile loop pipelined (cp.async, wgmma overlap)?
-    for bm, bn, bk, warps, stages, atomic in ((128, 256, 64, 8, 3, False), (128, 128, 64, 8, 4, False),
-                                              (128, 128, 64, 8, 3, True)):
-        c = compile_persistent(bm, bn, bk, warps, stages, atomic)
-        ptx, ttgir = c.asm["ptx"], c.asm["ttgir"]
-        ops = collections.Counter(re.findall(r"\b(wgmma\.mma_async|mma\.sync)", ptx))
-        cp = len(re.findall(r"cp\.async\.c[ag]", ptx))
-        waits = sorted(set(re.findall(r"pendings = (\d+)", ttgir)))
-        print(f"persistent stage2 BM={bm} BN={bn} BK={bk} stages={stages} atomic={atomic:d}: "
-              f"smem {c.metadata.shared} B, cp.async {cp}, {dict(ops)}, wgmma waits {waits}, "
-              f"loops in ttgir {ttgir.count('scf.for')} (flattened + the unflattened fallback)")
-
 
 if __name__ == "__main__":
     main()

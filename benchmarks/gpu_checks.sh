@@ -21,7 +21,6 @@
 #   bash benchmarks/gpu_checks.sh stage-sweep  # each bf16 prefill stage alone over a wide tile sweep
 #   bash benchmarks/gpu_checks.sh tune-4096    # tune bf16 at M = 4096 (k = 8 shapes, gpt-oss), bench with that table
 #   bash benchmarks/gpu_checks.sh fp8-tune     # tune the fp8 path at M = 16384 (never tuned), bench bf16 vs fp8
-#   bash benchmarks/gpu_checks.sh persistent   # persistent stage 2: its tests, memcheck, bf16 prefill bench off vs on
 #   bash benchmarks/gpu_checks.sh w4a8         # MXFP4 decoded to fp8 first: tests, mxfp4 bf16 / fp8 crossover
 # Uses the machine's own python3 (torch + triton preinstalled); moeprec from this checkout.
 set -uo pipefail
@@ -158,27 +157,6 @@ PY
       MOEPREC_FUSED_MOE_CONFIG_DIR="$OUT/configs" timeout 160 python3 -m moeprec bench \
         --shapes "$FP8_SHAPES" --paths bf16,fp8 --M 16384 --loop-max-m 0 --no-peers --reps 5 \
         --sets 3 --no-plot --out "$OUT/fp8_tuned" 2>&1 | tee "$OUT/fp8_tuned.log" | tail -10 ;;
-    persistent)  # stage 2 as one program per SM over the used tiles, against the table's kernel
-      timeout 150 python3 -m pytest -q -p no:cacheprovider tests/test_fused_moe_triton.py \
-        -k "persistent or align or decoded_before" 2>&1 | tee "$OUT/persistent_tests.log" | tail -3
-      PYTORCH_NO_CUDA_MEMORY_CACHING=1 timeout 200 compute-sanitizer --tool memcheck \
-        python3 benchmarks/sanitize_fused_moe.py 2>&1 | tee "$OUT/memcheck.log" | tail -3
-      mkdir -p "$OUT/configs_persistent"
-      python3 - "$OUT/configs_persistent" <<'PY'
-import json, sys
-t = json.load(open("moeprec/configs/fused_moe_NVIDIA_H200.json"))
-for shape in t["bf16"].values():
-    for m, cfg in shape.items():
-        if int(m) >= 1024 and cfg["BLOCK_M"] > 1:
-            cfg["s2"].update(persistent=True, split_k=1, BLOCK_N=128)
-json.dump(t, open(sys.argv[1] + "/fused_moe_NVIDIA_H200.json", "w"), indent=1, sort_keys=True)
-PY
-      for variant in table persistent; do
-        dir=""; [ $variant = persistent ] && dir="$OUT/configs_persistent"
-        MOEPREC_FUSED_MOE_CONFIG_DIR="$dir" timeout 150 python3 -m moeprec bench --paths bf16 \
-          --M 1024,4096,16384 --graph-max-m 16384 --no-peers --reps 8 --sets 3 --no-plot \
-          --out "$OUT/bench_$variant" 2>&1 | tee "$OUT/bench_$variant.log" | tail -14
-      done ;;
     w4a8)  # MXFP4 weights decoded to fp8 rows before the fp8 GEMMs (fp8 activations): tests,
       # memcheck, both decoders' bandwidth, the mxfp4 bf16 / fp8 activation crossover
       { timeout 100 python3 -m pytest -q -p no:cacheprovider -m gpu tests/test_quantize_triton.py -k fp8_rows
@@ -218,6 +196,6 @@ PY
     dequant-probe)  # the probe: MXFP4 tiles, decoded first with bf16's and w4a16's settings, bf16
       timeout 330 python3 benchmarks/probes/w4a16_dequant.py --out "$OUT" 2>&1 \
         | tee "$OUT/w4a16_dequant.log" | tail -20 ;;
-    *) echo "unknown section: $section (tests | router | train | kernels | moe | decode | tiles | even-k | split-k | decode-flags | decode-tune | dequant | dequant-probe | prefill-tune | host | align | stages | combine | stage-sweep | tune-4096 | fp8-tune | persistent | w4a8)" >&2; exit 2 ;;
+    *) echo "unknown section: $section (tests | router | train | kernels | moe | decode | tiles | even-k | split-k | decode-flags | decode-tune | dequant | dequant-probe | prefill-tune | host | align | stages | combine | stage-sweep | tune-4096 | fp8-tune | w4a8)" >&2; exit 2 ;;
   esac
 done

@@ -214,12 +214,11 @@ def test_align_blocks_layout(one_program, M, k, E, bm, monkeypatch):
     ti[2:4] = 1  # a crowded expert: several blocks
     mask = torch.ones(E, dtype=torch.bool, device=ti.device)
     mask[2] = False
-    sorted_ids, expert_ids, used_blocks, routed = m._align(ti, E, bm, mask)
+    sorted_ids, expert_ids, routed = m._align(ti, E, bm, mask)
     # the two paths give the same layout (ascending flat ids within an expert)
     monkeypatch.setattr(m, "_ALIGN_ONE_PROGRAM_MAX_SLOTS", 0 if one_program else 1 << 30)
     other = m.align_blocks(ti, E, bm, mask)
     used = int((expert_ids >= 0).sum())  # rows of unused blocks are never written nor read
-    assert int(used_blocks) == used  # the count the persistent stage 2 walks
     if not one_program:  # kept slots per expert, the decode-first keep flags
         kept = torch.bincount(ti[(ti >= 0) & (ti < E)].cpu().long(), minlength=E)
         kept[~mask.cpu()] = 0
@@ -415,59 +414,6 @@ def test_mxfp4_smallest_scale_byte_is_not_flushed(act_dtype, block_m, dequant):
     assert cfg["dequant"] == dequant
     out = m.fused_moe_triton_impl(x, w1, w2, tw, ti, config=cfg, **args)
     assert_close(out.float() * 2.0**127, ref.float() * 2.0**127, 2.0**-4)
-
-
-@pytest.mark.parametrize("dtype,atomic,one_program_align", [
-    (torch.bfloat16, False, False), (torch.bfloat16, True, True), (torch.float16, False, True)])
-def test_persistent_stage_2(dtype, atomic, one_program_align, monkeypatch):
-    # stage 2 as a persistent loop (3 programs under the interpreter) over the used blocks'
-    # tiles, whose count the alignment writes: 23 tokens x 3 slots in blocks of 16 over 6
-    # experts (an expert without tokens, a masked one, an out-of-range id) make ~7 used blocks
-    # of 9 allocated; H = 80 is 3 column tiles of 32 (the last partly past H), K = I = 48 is
-    # 2 steps of 32 (the last partly past K); biases; slot rows or atomics; M = 0
-    m = _kernel_module()
-    from moeprec.kernels.tuning import fix_config
-
-    monkeypatch.setattr(m, "_ALIGN_ONE_PROGRAM_MAX_SLOTS", 1 << 30 if one_program_align else 0)
-    M, H, I, E, k = 23, 80, 48, 6, 3  # noqa: E741
-    x, w1, w2, tw, ti, kw = make_case(M, H, I, E, k, dtype=dtype, bias=True, seed=57)
-    ti = torch.where(ti == 2, 0, ti)
-    ti[0, 0] = E + 1
-    mask = torch.ones(E, dtype=torch.bool, device=x.device)
-    mask[4] = False
-    args = dict(expert_mask=mask, **kw)
-    ref = fused_moe(x, w1, w2, tw, ti, backend="torch", check_topk_ids=False, **args)
-    st = {"BLOCK_N": 32, "BLOCK_K": 32, "GROUP_M": 2, "num_warps": 4, "num_stages": 2}
-    cfg = fix_config({"BLOCK_M": 16, "atomic": atomic, "s1": dict(st),
-                      "s2": dict(st, persistent=True)}, "bf16")
-    assert cfg["s2"]["persistent"] and "persistent" not in cfg["s1"]
-    launched = []
-    real = m._launch_down_persistent
-    monkeypatch.setattr(m, "_launch_down_persistent", lambda **kw: launched.append(1) or real(**kw))
-    out = m.fused_moe_triton_impl(x, w1, w2, tw, ti, config=cfg, **args)
-    assert launched and out.dtype == dtype
-    assert_close(out, ref)
-    # the same sums as the one-tile-per-program kernel, up to the order of fp32 additions
-    tiles = m.fused_moe_triton_impl(x, w1, w2, tw, ti, config=fix_config(
-        dict(cfg, s2=dict(st)), "bf16"), **args)
-    torch.testing.assert_close(out, tiles, rtol=1e-2, atol=1e-2)
-    empty = m.fused_moe_triton_impl(x[:0], w1, w2, tw[:0], ti[:0], config=cfg, **args)
-    assert empty.shape == (0, H)
-
-
-def test_persistent_stage_2_config_rules():
-    from moeprec.kernels.tuning import fix_config
-
-    st = {"BLOCK_N": 64, "BLOCK_K": 64}
-    cfg = {"BLOCK_M": 64, "s1": dict(st, persistent=True), "s2": dict(st, persistent=True)}
-    fixed = fix_config(cfg, "bf16")
-    assert fixed["s2"]["persistent"] and "persistent" not in fixed["s1"]  # stage 2 only
-    for path in ("w4a16", "w4a8", "fp8", "w8a16"):  # plain 16-bit weights only
-        assert "persistent" not in fix_config(cfg, path)["s2"]
-    assert "persistent" not in fix_config(dict(cfg, BLOCK_M=1), "bf16")["s2"]  # no CUDA-core blocks
-    split = dict(cfg, atomic=True, s2=dict(st, persistent=True, split_k=2))
-    assert "persistent" not in fix_config(split, "bf16")["s2"]  # whole K per tile
-    assert "persistent" not in fix_config(dict(cfg, s2=dict(st)), "bf16")["s2"]
 
 
 @pytest.mark.parametrize("quant,act_dtype,split_k", [("none", "bf16", 2), ("mxfp4", "bf16", 3),

@@ -143,15 +143,7 @@ def tune_point(shape: str, path: str, M: int, weights: dict, reps: int, log) -> 
         ms, cfg = timed(dict(best, atomic=not best.get("atomic", True)))
         if ms < best_ms:
             best_ms, best = ms, cfg
-    if kpath == "bf16" and best["BLOCK_M"] != 1:  # stage 2 as a persistent kernel (one
-        # program per SM over the used blocks' tiles), at the best tile and at 128 wide
-        for s2 in (dict(best["s2"], persistent=True, split_k=1),
-                   dict(best["s2"], persistent=True, split_k=1, BLOCK_N=128)):
-            ms, cfg = timed(dict(best, s2=s2))
-            if ms < best_ms:
-                best_ms, best = ms, cfg
-    if (best["BLOCK_M"] != 1 and best.get("atomic", True)
-            and not best["s2"].get("persistent")):  # tiles: stage 2 split along K
+    if best["BLOCK_M"] != 1 and best.get("atomic", True):  # tiles: stage 2 split along K
         for split_k in (2, 4):
             ms, cfg = timed(dict(best, s2=dict(best["s2"], split_k=split_k)))
             if ms < best_ms:

@@ -11,8 +11,6 @@ The kernels:
   product itself runs on the tensor cores (`_mma_tiles`) or, for blocks of one (token, expert)
   pair with 16-bit activations, on the CUDA cores (`_gemv_tiles`, optionally split along K in
   stage 2).
-- `_moe_down_persistent_kernel`: stage 2 on plain 16-bit weights as a persistent loop over the
-  used blocks' output tiles (a config choice, `"persistent"` in the stage-2 settings).
 - `_sum_slot_rows_kernel`: the per-token sum of stage 2's stored slot rows.
 
 Weight formats (B_FMT): 0 = plain float (bf16/fp16/fp32), 1 = MXFP4 (packed nibbles + E8M0
@@ -87,7 +85,7 @@ def _place_chunk(topk_ids_ptr, expert_mask_ptr, sorted_ids_ptr, offs, base, num_
 
 @triton.jit
 def _align_kernel(
-    topk_ids_ptr, expert_mask_ptr, sorted_ids_ptr, expert_ids_ptr, used_blocks_ptr,
+    topk_ids_ptr, expert_mask_ptr, sorted_ids_ptr, expert_ids_ptr,
     num_slots, num_experts, max_blocks,
     HAS_MASK: tl.constexpr, BLOCK_M: tl.constexpr, E_PAD: tl.constexpr, CHUNK: tl.constexpr,
 ):
@@ -103,7 +101,6 @@ def _align_kernel(
     padded, ends, starts, total = _block_layout(counts, BLOCK_M)
     _write_pads(sorted_ids_ptr, counts, padded, starts, num_slots, BLOCK_M)
     _write_block_owners(expert_ids_ptr, ends, total, 0, max_blocks, BLOCK_M, CHUNK)
-    tl.store(used_blocks_ptr, total // BLOCK_M)
     # pass 2: place each slot at its expert's start + rank
     base = starts
     for c0 in range(0, num_slots, CHUNK):
@@ -151,7 +148,7 @@ def _align_scan_kernel(chunk_counts_ptr, totals_ptr, num_chunks, E_PAD: tl.const
 
 @triton.jit
 def _align_place_kernel(topk_ids_ptr, expert_mask_ptr, chunk_base_ptr, totals_ptr,
-                        sorted_ids_ptr, expert_ids_ptr, used_blocks_ptr, num_slots, num_experts,
+                        sorted_ids_ptr, expert_ids_ptr, num_slots, num_experts,
                         max_blocks, blocks_per_chunk, HAS_MASK: tl.constexpr,
                         BLOCK_M: tl.constexpr, E_PAD: tl.constexpr, CHUNK: tl.constexpr):
     c = tl.program_id(0)
@@ -159,7 +156,6 @@ def _align_place_kernel(topk_ids_ptr, expert_mask_ptr, chunk_base_ptr, totals_pt
     padded, ends, starts, total = _block_layout(counts, BLOCK_M)
     if c == 0:
         _write_pads(sorted_ids_ptr, counts, padded, starts, num_slots, BLOCK_M)
-        tl.store(used_blocks_ptr, total // BLOCK_M)
     b_lo = c * blocks_per_chunk
     _write_block_owners(expert_ids_ptr, ends, total, b_lo,
                         tl.minimum(b_lo + blocks_per_chunk, max_blocks), BLOCK_M, CHUNK)
@@ -775,44 +771,6 @@ def _moe_gemm_kernel(
         if MUL_WEIGHT:
             acc = acc * w[:, None]
         _store_down(c_ptr, acc, slot, row_ok, col, rows_ok, top_k, stride_cm, stride_cn,
-                    ATOMIC_OUT)
-
-
-@triton.jit
-def _moe_down_persistent_kernel(
-    a_ptr, b_ptr, bias_ptr, c_ptr, sorted_ids_ptr, expert_ids_ptr, topk_w_ptr, used_blocks_ptr,
-    N, K, num_slots, top_k,
-    stride_am, stride_ak, stride_be, stride_bn, stride_bk, stride_biase, stride_cm, stride_cn,
-    HAS_BIAS: tl.constexpr, MUL_WEIGHT: tl.constexpr, ATOMIC_OUT: tl.constexpr,
-    COMPUTE_DTYPE: tl.constexpr, INTERP: tl.constexpr, BLOCK_M: tl.constexpr,
-    BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, GROUP_M: tl.constexpr,
-    NUM_PROGS: tl.constexpr, EVEN_K: tl.constexpr,
-):
-    """Stage 2 on plain 16-bit weights (the down GEMM, routed weight, bias, combine as
-    `_moe_gemm_kernel`'s) as a persistent kernel: NUM_PROGS programs walk the output tiles of
-    the used blocks (their count written by the alignment), and the tile loop nest is flattened
-    so that the pipeliner can issue the next tile's loads while this tile's epilogue stores its
-    fp32 rows (a one-tile program finishes its epilogue before the SM takes a new program)."""
-    num_pid_m = tl.load(used_blocks_ptr)
-    num_pid_n = tl.cdiv(N, BLOCK_N)
-    j = tl.arange(0, BLOCK_N)
-    for tile in tl.range(tl.program_id(0), num_pid_m * num_pid_n, NUM_PROGS, flatten=True):
-        pid_m, pid_n = _grouped_tile(tile, num_pid_m, num_pid_n, GROUP_M)
-        expert = tl.load(expert_ids_ptr + pid_m).to(tl.int64)  # used blocks: always >= 0
-        slot = tl.load(sorted_ids_ptr + pid_m * BLOCK_M + tl.arange(0, BLOCK_M))
-        row_ok = slot < num_slots
-        slot = tl.where(row_ok, slot, 0).to(tl.int64)
-        col = pid_n * BLOCK_N + j
-        col_ok = col < N
-        b_base = b_ptr + expert * stride_be
-        acc = _mma_tiles(a_ptr + slot[:, None] * stride_am, row_ok, row_ok, b_base, b_base, col,
-                         col_ok, 0, K, K, stride_ak, stride_bn, stride_bk, 0, 0, 0, False, False,
-                         COMPUTE_DTYPE, INTERP, False, "bf16", BLOCK_M, BLOCK_K, BLOCK_N, EVEN_K)
-        if HAS_BIAS:
-            acc += tl.load(bias_ptr + expert * stride_biase + col, mask=col_ok, other=0.0)[None, :]
-        if MUL_WEIGHT:
-            acc = acc * tl.load(topk_w_ptr + slot, mask=row_ok, other=0.0).to(tl.float32)[:, None]
-        _store_down(c_ptr, acc, slot, row_ok, col, col_ok, top_k, stride_cm, stride_cn,
                     ATOMIC_OUT)
 
 

@@ -3,7 +3,7 @@
     align:   flat (token, slot) ids grouped by expert in blocks of BLOCK_M rows (no host sync)
     stage 1: z[slot] = act(gate(h), up(h)), h = Q(x[token]) @ W1_e^T (* w) + b1  (one kernel)
     stage 2: out[token] += w * (Q(z[slot]) @ W2_e^T + b2)  (fp32 atomics into [M, H], one kernel;
-             or fp32 rows per slot summed by a second kernel; optionally a persistent kernel)
+             or fp32 rows per slot summed by a second kernel)
 
 Weights stay in the SPEC layout: MXFP4 is decoded in registers (nibbles + E8M0 -> bf16 for the
 w4a16 path; -> exact fp8 with a per-column power of two per K block for the fp8 path; -> fp32
@@ -93,7 +93,6 @@ def _mask_i32(expert_mask: torch.Tensor) -> torch.Tensor:
 class Alignment(NamedTuple):
     sorted_ids: torch.Tensor   # flat slot ids grouped by expert, blocks padded with num_slots
     expert_ids: torch.Tensor   # expert of each block, -1 past the used ones
-    used_blocks: torch.Tensor  # int32 [1]: the number of used blocks (device side)
     routed: torch.Tensor | None  # kept slots per expert (int32, >= E entries), where counted
 
 
@@ -108,15 +107,12 @@ def align_blocks(topk_ids: torch.Tensor, num_experts: int, block_m: int,
 
 def _align(topk_ids: torch.Tensor, num_experts: int, block_m: int,
            expert_mask: torch.Tensor | None) -> Alignment:
-    """`align_blocks`, plus the used-block count and the kept slots per expert where the
-    alignment counted them in a buffer of their own (past `_ALIGN_ONE_PROGRAM_MAX_SLOTS`
-    slots; else None)."""
+    """`align_blocks`, plus the kept slots per expert where the alignment counted them in a
+    buffer of their own (past `_ALIGN_ONE_PROGRAM_MAX_SLOTS` slots; else None)."""
     num_slots = topk_ids.numel()
     nb = max_blocks(num_slots, num_experts, block_m)
     dev = topk_ids.device
-    # one allocation: the block table's slots, then the used-block count
-    sorted_buf = torch.empty(nb * block_m + 1, dtype=torch.int32, device=dev)
-    sorted_ids, used_blocks = sorted_buf[:-1], sorted_buf[-1:]
+    sorted_ids = torch.empty(nb * block_m, dtype=torch.int32, device=dev)
     expert_ids = torch.empty(nb, dtype=torch.int32, device=dev)
     mask = _mask_i32(expert_mask) if expert_mask is not None else sorted_ids
     ids = topk_ids.reshape(-1)
@@ -125,9 +121,9 @@ def _align(topk_ids: torch.Tensor, num_experts: int, block_m: int,
     warps = 4 if e_pad <= 64 else 8
     common = dict(HAS_MASK=expert_mask is not None, E_PAD=e_pad, CHUNK=chunk, num_warps=warps)
     if num_slots <= _ALIGN_ONE_PROGRAM_MAX_SLOTS:
-        K._align_kernel[(1,)](ids, mask, sorted_ids, expert_ids, used_blocks, num_slots,
-                              num_experts, nb, BLOCK_M=block_m, **common)
-        return Alignment(sorted_ids, expert_ids, used_blocks, None)
+        K._align_kernel[(1,)](ids, mask, sorted_ids, expert_ids, num_slots, num_experts, nb,
+                              BLOCK_M=block_m, **common)
+        return Alignment(sorted_ids, expert_ids, None)
     num_chunks = triton.cdiv(num_slots, chunk)
     chunk_base = torch.empty(num_chunks, e_pad, dtype=torch.int32, device=dev)
     totals = torch.empty(e_pad, dtype=torch.int32, device=dev)
@@ -136,9 +132,9 @@ def _align(topk_ids: torch.Tensor, num_experts: int, block_m: int,
     K._align_scan_kernel[(e_pad // eb,)](chunk_base, totals, num_chunks, E_PAD=e_pad, EB=eb,
                                          ROWS=_ALIGN_SCAN_ROWS, num_warps=4)
     K._align_place_kernel[(num_chunks,)](ids, mask, chunk_base, totals, sorted_ids, expert_ids,
-                                         used_blocks, num_slots, num_experts, nb,
-                                         triton.cdiv(nb, num_chunks), BLOCK_M=block_m, **common)
-    return Alignment(sorted_ids, expert_ids, used_blocks, totals)
+                                         num_slots, num_experts, nb, triton.cdiv(nb, num_chunks),
+                                         BLOCK_M=block_m, **common)
+    return Alignment(sorted_ids, expert_ids, totals)
 
 
 def _sum_slot_rows(rows: torch.Tensor, topk_ids: torch.Tensor, expert_mask: torch.Tensor | None,
@@ -233,37 +229,6 @@ def _launch_gemm(*, a, a_scale, b, b_scale, bias, c, c_scale, sorted_ids, expert
         TILE_ROWS=2 * st["BLOCK_N"] if stage1 else st["BLOCK_N"], GEMV=gemv, SPLIT_K=split_k,
         PAIR_BLOCKS=pair_blocks, HAS_MASK=pair_mask is not None, EVEN_K=Kdim % st["BLOCK_K"] == 0,
         num_warps=st["num_warps"], num_stages=st["num_stages"],
-    )
-
-
-# Programs of the persistent stage 2 under the interpreter: few, so each walks several tiles
-_INTERPRET_PROGRAMS = 3
-
-
-@functools.cache
-def _sm_count(device_index: int) -> int:
-    return torch.cuda.get_device_properties(device_index).multi_processor_count
-
-
-def _launch_down_persistent(*, a, b, bias, c, aligned, topk_w, N, Kdim, num_slots, top_k,
-                            mul_weight, atomic_out, compute_dtype, block_m, st):
-    """Stage 2 as `_moe_down_persistent_kernel` (plain 16-bit weights, no fp8 activations):
-    one program per SM, each walking output tiles of the used blocks."""
-    interp = triton_interpret()
-    progs = _INTERPRET_PROGRAMS if interp else _sm_count(a.device.index or 0)
-    tiles = aligned.expert_ids.numel() * triton.cdiv(N, st["BLOCK_N"])  # an upper bound
-    if tiles == 0:
-        return
-    dummy = aligned.expert_ids
-    K._moe_down_persistent_kernel[(min(progs, tiles),)](
-        a, b, bias if bias is not None else dummy, c, aligned.sorted_ids, aligned.expert_ids,
-        topk_w, aligned.used_blocks, N, Kdim, num_slots, top_k,
-        a.stride(0), a.stride(1), b.stride(0), b.stride(1), b.stride(2),
-        bias.stride(0) if bias is not None else 0, c.stride(0), c.stride(1),
-        HAS_BIAS=bias is not None, MUL_WEIGHT=mul_weight, ATOMIC_OUT=atomic_out,
-        COMPUTE_DTYPE=compute_dtype, INTERP=interp, BLOCK_M=block_m, BLOCK_N=st["BLOCK_N"],
-        BLOCK_K=st["BLOCK_K"], GROUP_M=st["GROUP_M"], NUM_PROGS=progs,
-        EVEN_K=Kdim % st["BLOCK_K"] == 0, num_warps=st["num_warps"], num_stages=st["num_stages"],
     )
 
 
@@ -396,21 +361,15 @@ def fused_moe_triton_impl(
         out32 = torch.zeros(M, H, dtype=torch.float32, device=dev)
     else:  # one fp32 row per kept slot, summed per token below (the rest are never read)
         out32 = _scratch((S, H), torch.float32, dev)
-    if s2.get("persistent", False) and aligned is not None and b_fmt == 0 and not a_fp8:
-        _launch_down_persistent(a=inter, b=w2, bias=bias2, c=out32, aligned=aligned,
-                                topk_w=topk_w, N=H, Kdim=I, num_slots=S, top_k=k,
-                                mul_weight=not apply_router_weight_on_input, atomic_out=atomic,
-                                compute_dtype=compute_dtype, block_m=bm, st=s2)
-    else:
-        gemm(
-            a=inter, a_scale=inter_scale, b=w2, b_scale=w2_scale, bias=bias2, c=out32,
-            c_scale=None, sorted_ids=sorted_ids, expert_ids=expert_ids, topk_w=topk_w, N=H,
-            Kdim=I, num_slots=S, top_k=k, interleaved=False, stage1=False, b_fmt=b_fmt,
-            a_fp8=a_fp8, a_quant=fuse_quant, act=act,
-            mul_weight=not apply_router_weight_on_input, atomic_out=atomic, quant_out=False,
-            compute_dtype=compute_dtype, alpha=swiglu_alpha, limit=swiglu_limit, block_m=bm,
-            st=s2, **pair,
-        )
+    gemm(
+        a=inter, a_scale=inter_scale, b=w2, b_scale=w2_scale, bias=bias2, c=out32, c_scale=None,
+        sorted_ids=sorted_ids, expert_ids=expert_ids, topk_w=topk_w, N=H, Kdim=I, num_slots=S,
+        top_k=k, interleaved=False, stage1=False, b_fmt=b_fmt, a_fp8=a_fp8,
+        a_quant=fuse_quant, act=act,
+        mul_weight=not apply_router_weight_on_input, atomic_out=atomic, quant_out=False,
+        compute_dtype=compute_dtype, alpha=swiglu_alpha, limit=swiglu_limit, block_m=bm, st=s2,
+        **pair,
+    )
     if not atomic:
         return _sum_slot_rows(out32, topk_ids, expert_mask, M, k, E, out_dtype)
     return out32.to(out_dtype)

@@ -20,9 +20,6 @@ programs for few output tiles over a long K, e.g. Mixtral's I = 14336), on eithe
 "dequant": true (MXFP4 weights, tensor-core tiles) decodes the weights before each stage and
 runs the plain kernels with the config's settings: to the model dtype for 16-bit activations,
 to fp8 with a power of two per row (the fp8 kernel's per-channel scales) for fp8 activations.
-"persistent": true in stage 2's settings (bf16 path, tensor-core tiles, no K split) runs stage 2
-as a persistent kernel: one program per SM walking the used blocks' output tiles, so one tile's
-epilogue can overlap the next tile's loads.
 Lookup takes the exact shape key and the nearest tuned M (in log scale) if it is within a factor
 of 4; anything missing falls back to `default_config`. MXFP4 entries that do not say whether to
 decode first (tables written before that choice existed, or none at all) do so from
@@ -137,12 +134,6 @@ def fix_config(cfg: dict[str, Any], path: str) -> dict[str, Any]:
         # K splits add into the fp32 output with atomics: stage 2 only, atomic combine only
         split_ok = st == "s2" and cfg["atomic"]
         s["split_k"] = max(1, int(s.get("split_k", 1))) if split_ok else 1
-        # the persistent stage 2: plain 16-bit weights on tensor-core tiles, whole K
-        persistent_ok = st == "s2" and path == "bf16" and not gemv and s["split_k"] == 1
-        if bool(s.get("persistent", False)) and persistent_ok:
-            s["persistent"] = True
-        else:
-            s.pop("persistent", None)
         if gemv:  # whole 32-value blocks, a power of two of them per step
             s["BLOCK_K"] = max(32, 1 << (int(s["BLOCK_K"]) - 1).bit_length())
         s.setdefault("GROUP_M", 1)
@@ -162,9 +153,6 @@ def fix_config(cfg: dict[str, Any], path: str) -> dict[str, Any]:
         per_stage = cfg["BLOCK_M"] * s["BLOCK_K"] * a_bytes + rows * s["BLOCK_K"] * b_bytes
         # the explicit MXFP4 decode (bf16 activations) stages its decoded tile once more
         fixed = rows * s["BLOCK_K"] * 2 if path == "w4a16" and not dequant else 0
-        # the persistent stage 2 stages its fp32 output tile for the store (sm_90 compile of
-        # 128x128: 160 KiB with 3 stages against the one-tile kernel's 96)
-        fixed += cfg["BLOCK_M"] * s["BLOCK_N"] * 4 if s.get("persistent") else 0
         while s["num_stages"] > 2 and s["num_stages"] * per_stage + fixed > 200 * 1024:
             s["num_stages"] -= 1
     return cfg
