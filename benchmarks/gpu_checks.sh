@@ -158,9 +158,11 @@ PY
         --shapes "$FP8_SHAPES" --paths bf16,fp8 --M 16384 --loop-max-m 0 --no-peers --reps 5 \
         --sets 3 --no-plot --out "$OUT/fp8_tuned" 2>&1 | tee "$OUT/fp8_tuned.log" | tail -10 ;;
     w4a8)  # MXFP4 weights decoded to fp8 rows before the fp8 GEMMs (fp8 activations): tests,
-      # memcheck, both decoders' bandwidth, the mxfp4 bf16 / fp8 activation crossover
+      # memcheck, both decoders' bandwidth, the mxfp4 bf16 / fp8 activation crossover (env
+      # W4A8_K: a -k selection of the fused-MoE tests; W4A8_PATHS, W4A8_M: the bench's)
       { timeout 100 python3 -m pytest -q -p no:cacheprovider -m gpu tests/test_quantize_triton.py -k fp8_rows
-        timeout 200 python3 -m pytest -q -p no:cacheprovider tests/test_fused_moe_triton.py; } 2>&1 \
+        timeout 200 python3 -m pytest -q -p no:cacheprovider tests/test_fused_moe_triton.py \
+          ${W4A8_K:+-k "$W4A8_K"}; } 2>&1 \
         | tee "$OUT/w4a8_tests.log" | grep -E "passed|failed|FAIL|Error"
       PYTORCH_NO_CUDA_MEMORY_CACHING=1 timeout 200 compute-sanitizer --tool memcheck \
         python3 benchmarks/sanitize_fused_moe.py 2>&1 | tee "$OUT/memcheck.log" | grep -E "dequant|ERROR S"
@@ -183,7 +185,8 @@ for name, fn, out_bytes in (("to bf16", lambda: dequantize_mxfp4_triton(packed, 
     us = a.elapsed_time(b) / 20 * 1e3
     print(f"{name:12s} {us:8.1f} us  {n * (0.53125 + out_bytes) / us / 1e6:6.2f} TB/s")
 PY
-      timeout 260 python3 -m moeprec bench --paths mxfp4-w4a16,mxfp4-fp8 --M 1024,2048,4096,8192,16384 \
+      timeout 260 python3 -m moeprec bench --paths ${W4A8_PATHS:-mxfp4-w4a16,mxfp4-fp8} \
+        --M ${W4A8_M:-1024,2048,4096,8192,16384} \
         --loop-max-m 0 --reps 8 --sets 3 --no-plot --out "$OUT/crossover" 2>&1 \
         | tee "$OUT/crossover.log" | tail -44 ;;
     align)  # the two block-alignment paths: host and GPU time per call
