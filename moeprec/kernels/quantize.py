@@ -141,12 +141,11 @@ def _decoded_to(v, dtype: tl.constexpr):
 
 
 @triton.jit
-def _mxfp4_dequant_kernel(packed_ptr, scales_ptr, out_ptr, NB, keep_ptr, blocks_per_group,
-                          HAS_KEEP: tl.constexpr, BLOCK_B: tl.constexpr):
-    """BLOCK_B consecutive 32-blocks per program, the quantizer's tile read backwards: 16 packed
-    bytes and one scale byte in, 32 values out. E2M1 * 2^(s-127) is exact in fp32 (a 2^-127
-    scale is subnormal: applied as 0.5 * 2^-126) and is rounded once, to the output dtype.
-    HAS_KEEP: blocks of groups (experts) whose keep flag is 0 are neither read nor written."""
+def _load_mx_blocks(packed_ptr, scales_ptr, keep_ptr, NB, blocks_per_group,
+                    HAS_KEEP: tl.constexpr, BLOCK_B: tl.constexpr):
+    """This program's BLOCK_B consecutive 32-blocks of a flat MXFP4 pair: (first block, block
+    offsets, mask, packed bytes [BLOCK_B, 16] and scale bytes as int32). HAS_KEEP: blocks of
+    groups (experts) whose keep flag is 0 are masked off (masked scales read as 127)."""
     b0 = tl.program_id(0).to(tl.int64) * BLOCK_B
     blk = tl.arange(0, BLOCK_B)
     bmask = blk < NB - b0
@@ -156,6 +155,18 @@ def _mxfp4_dequant_kernel(packed_ptr, scales_ptr, out_ptr, NB, keep_ptr, blocks_
     pcols = blk[:, None] * 16 + tl.arange(0, 16)[None, :]
     byte = tl.load(packed_ptr + b0 * 16 + pcols, mask=bmask[:, None], other=0).to(tl.int32)
     s = tl.load(scales_ptr + b0 + blk, mask=bmask, other=127).to(tl.int32)
+    return b0, blk, bmask, byte, s
+
+
+@triton.jit
+def _mxfp4_dequant_kernel(packed_ptr, scales_ptr, out_ptr, NB, keep_ptr, blocks_per_group,
+                          HAS_KEEP: tl.constexpr, BLOCK_B: tl.constexpr):
+    """BLOCK_B consecutive 32-blocks per program, the quantizer's tile read backwards: 16 packed
+    bytes and one scale byte in, 32 values out. E2M1 * 2^(s-127) is exact in fp32 (a 2^-127
+    scale is subnormal: applied as 0.5 * 2^-126) and is rounded once, to the output dtype.
+    HAS_KEEP: blocks of groups (experts) whose keep flag is 0 are neither read nor written."""
+    b0, blk, bmask, byte, s = _load_mx_blocks(packed_ptr, scales_ptr, keep_ptr, NB,
+                                              blocks_per_group, HAS_KEEP, BLOCK_B)
     scale = (tl.maximum(s, 1) << 23).to(tl.float32, bitcast=True)
     scale = tl.where(s == _NAN_BYTE, float("nan"), scale)
     half = tl.where(s == 0, 0.5, 1.0)
@@ -197,15 +208,8 @@ def _mxfp4_to_fp8_kernel(packed_ptr, scales_ptr, smax_ptr, out_ptr, NB, blocks_p
     """BLOCK_B consecutive 32-blocks per program (the decoder's tile): E2M1 * 2^(s - smax + 6),
     smax its row's largest scale byte, exact in fp32 and rounded once, by the cast to E4M3.
     HAS_KEEP: blocks of groups (experts) whose keep flag is 0 are neither read nor written."""
-    b0 = tl.program_id(0).to(tl.int64) * BLOCK_B
-    blk = tl.arange(0, BLOCK_B)
-    bmask = blk < NB - b0
-    if HAS_KEEP:
-        group = (b0 + blk) // blocks_per_group
-        bmask = bmask & (tl.load(keep_ptr + group, mask=bmask, other=0) != 0)
-    pcols = blk[:, None] * 16 + tl.arange(0, 16)[None, :]
-    byte = tl.load(packed_ptr + b0 * 16 + pcols, mask=bmask[:, None], other=0).to(tl.int32)
-    s = tl.load(scales_ptr + b0 + blk, mask=bmask, other=0).to(tl.int32)
+    b0, blk, bmask, byte, s = _load_mx_blocks(packed_ptr, scales_ptr, keep_ptr, NB,
+                                              blocks_per_group, HAS_KEEP, BLOCK_B)
     smax = tl.load(smax_ptr + (b0 + blk) // blocks_per_row, mask=bmask, other=0)
     # 2^(s - smax + 6) <= 64; below 2^-126 every value rounds to a signed zero in E4M3 anyway
     factor = ((tl.maximum(s - smax + 6, -126) + 127) << 23).to(tl.float32, bitcast=True)
