@@ -193,15 +193,23 @@ def test_mxfp4_dequant_every_code_and_scale(dtype, poisoned):
 
 
 @interpret
-@pytest.mark.parametrize("shape", [(1, 32), (3, 5, 96), (0, 64), (7, 0), (130, 64)],
+@pytest.mark.parametrize("decoder", ["dequant", "fp8_rows"])
+@pytest.mark.parametrize("shape", [(1, 32), (3, 5, 96), (0, 64), (7, 0), (130, 64), (11, 608)],
                          ids=lambda s: "x".join(map(str, s)))
-def test_mxfp4_dequant_shapes_and_round_trip(shape, poisoned):
+def test_mxfp4_decoders_shapes(shape, decoder, poisoned):
+    # both decoders against their torch code; (130, 64), (11, 608): rows and blocks off the
+    # programs' tiles
     x = torch.randn(shape) * torch.exp2(torch.randint(-20, 20, (*shape[:-1], 1)).float())
     packed, scales = quantize_mxfp4(x, backend="torch")
-    assert_same_dequant(packed, scales, torch.bfloat16)
-    # not contiguous: a slice of experts' weights, transposed storage
-    if x.dim() == 3:
-        assert_same_dequant(packed[:, 1:4], scales[:, 1:4], torch.float32)
+    if decoder == "dequant":
+        assert_same_dequant(packed, scales, torch.bfloat16)
+    else:
+        assert_same_fp8_rows(packed, scales)
+    if x.dim() == 3:  # not contiguous: a slice of experts' weights
+        if decoder == "dequant":
+            assert_same_dequant(packed[:, 1:4], scales[:, 1:4], torch.float32)
+        else:
+            assert_same_fp8_rows(packed[:, 1:4], scales[:, 1:4])
 
 
 @interpret
@@ -251,18 +259,6 @@ def test_mxfp4_to_fp8_rows_every_code_and_scale(poisoned):
     assert_same_fp8_rows(packed, scales)
     scales[:, 1] = 255 - scales[:, 1]  # other spans and row maxima
     assert_same_fp8_rows(packed, scales)
-
-
-@interpret
-@pytest.mark.parametrize("shape", [(1, 32), (3, 5, 96), (0, 64), (7, 0), (11, 608)],
-                         ids=lambda s: "x".join(map(str, s)))
-def test_mxfp4_to_fp8_rows_shapes(shape, poisoned):
-    # (11, 608): rows off the program's row tile, 19 blocks off its block step
-    x = torch.randn(shape) * torch.exp2(torch.randint(-20, 20, (*shape[:-1], 1)).float())
-    packed, scales = quantize_mxfp4(x, backend="torch")
-    assert_same_fp8_rows(packed, scales)
-    if x.dim() == 3:  # a slice of experts
-        assert_same_fp8_rows(packed[:, 1:4], scales[:, 1:4])
 
 
 @interpret
