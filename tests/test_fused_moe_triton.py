@@ -595,21 +595,33 @@ def test_explicit_mxfp4_decode_counts_its_decoded_tile_in_shared_memory():
     assert fix_config(cfg, "w4a8")["s1"]["num_stages"] == 3  # fp8 activations: tl.dot_scaled
 
 
+@pytest.mark.parametrize("act_dtype", ["bf16", "fp8"])
 @pytest.mark.parametrize("dtype", [torch.float16, torch.float32])
-def test_dequant_with_fp16_and_fp32_models(dtype):
-    # fp16: the weights are decoded to fp16 (rounded once, as the tiles' decode); fp32 models
-    # keep the MXFP4 tiles (their explicit fp32 decode), whatever the config says
+def test_dequant_with_fp16_and_fp32_models(dtype, act_dtype, monkeypatch):
+    # 16-bit activations: fp16 weights are decoded to fp16 (rounded once, as the tiles'
+    # decode); fp32 models keep the MXFP4 tiles (their explicit fp32 decode), whatever the
+    # config says. fp8 activations decode to fp8 rows for either model dtype.
     m = _kernel_module()
-    from moeprec.kernels.tuning import fix_config
+    from moeprec.kernels import quantize as kq
+    from moeprec.kernels.tuning import fix_config, path_name
 
     M, H, I, E, k = 6, 64, 96, 3, 2  # noqa: E741
     x, w1, w2, tw, ti, kw = make_case(M, H, I, E, k, "mxfp4", dtype=dtype, seed=41)
-    ref = fused_moe(x, w1, w2, tw, ti, backend="torch", quant="mxfp4", **kw)
+    args = dict(quant="mxfp4", act_dtype=act_dtype, **kw)
+    ref = fused_moe(x, w1, w2, tw, ti, backend="torch", **args)
     st = {"BLOCK_N": 32, "BLOCK_K": 64, "num_warps": 4, "num_stages": 2}
-    cfg = fix_config({"BLOCK_M": 16, "dequant": True, "s1": dict(st), "s2": dict(st)}, "w4a16")
-    out = m.fused_moe_triton_impl(x, w1, w2, tw, ti, quant="mxfp4", config=cfg, **kw)
+    cfg = fix_config({"BLOCK_M": 16, "dequant": True, "s1": dict(st), "s2": dict(st)},
+                     path_name("mxfp4", act_dtype))
+    decoded = []
+    for name in ("dequantize_mxfp4_triton", "mxfp4_to_fp8_triton"):
+        real = getattr(kq, name)
+        monkeypatch.setattr(kq, name, lambda *a, _r=real, _n=name: decoded.append(_n) or _r(*a))
+    out = m.fused_moe_triton_impl(x, w1, w2, tw, ti, config=cfg, **args)
     assert out.dtype == dtype
-    assert_close(out, ref)
+    assert_close(out, ref, _tol(act_dtype))
+    want = ("mxfp4_to_fp8_triton" if act_dtype == "fp8" else
+            None if dtype == torch.float32 else "dequantize_mxfp4_triton")
+    assert decoded == ([want] * 2 if want else [])
 
 
 def test_decode_defaults_take_the_cuda_core_blocks_for_mxfp4_only():
