@@ -212,8 +212,9 @@ def _load_b_tile(
             lo = _e2m1_to_f32(packed & 15)
             hi = _e2m1_to_f32(packed >> 4)
             if A_FP8:
-                # Exact fp8 weights: rescale each 32-block by 2^(s - smax) (a power of two <= 1)
-                # and apply 2^smax per column after the dot.
+                # fp8 weights: rescale each 32-block by 2^(s - smax) (a power of two <= 1) and
+                # apply 2^smax per column after the dot; exact for blocks within 8 binades of
+                # smax (the decode-first path's rows keep 14: mxfp4_to_fp8_torch)
                 smax = tl.max(s, axis=0)
                 rel = tl.maximum(s - smax[None, :] + 127, 0)
                 rel_f = tl.reshape(tl.broadcast_to(_e8m0_to_f32(rel)[:, None, :], (NSB, 16, BLOCK_N)),
@@ -615,7 +616,7 @@ def _mma_tiles(a_base, row_ok, a_sc, b_base, bs_base, rows, rows_ok, k_begin, k_
             w_lo, w_hi, w_cs = _load_b_tile(b_base, bs_base, rows, rows_ok, k0, K, stride_bn,
                                             stride_bk, stride_bsn, stride_bsk, B_FMT, A_FP8,
                                             BLOCK_K, TILE_ROWS, COMPUTE_DTYPE, INTERP, EVEN_K)
-            if PER_ITER:  # per-column power of two of this K block (exact fp8 MXFP4 weights)
+            if PER_ITER:  # per-column power of two of this K block (MXFP4 weights as fp8)
                 part = _tile_dot(tl.zeros_like(acc), a_base, row_ok, a_sc, k0, K, stride_ak,
                                  w_lo, w_hi, B_FMT, A_UPCAST, A_QUANT, BLOCK_K, INTERP, EVEN_K)
                 acc += part * w_cs[None, :]
