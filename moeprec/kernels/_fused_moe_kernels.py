@@ -212,16 +212,16 @@ def _load_b_tile(
             lo = _e2m1_to_f32(packed & 15)
             hi = _e2m1_to_f32(packed >> 4)
             if A_FP8:
-                # fp8 weights: rescale each 32-block by 2^(s - smax) (a power of two <= 1) and
-                # apply 2^smax per column after the dot; exact for blocks within 8 binades of
-                # smax (the decode-first path's rows keep 14: mxfp4_to_fp8_torch)
+                # fp8 weights as mxfp4_to_fp8_torch's rows, per K tile: each 32-block times
+                # 2^(s - smax + 6) (<= 64: E2M1's 6 becomes 384 <= 448), 2^(smax - 133) per
+                # column after the dot; exact for blocks within 14 binades of smax
                 smax = tl.max(s, axis=0)
-                rel = tl.maximum(s - smax[None, :] + 127, 0)
+                rel = tl.maximum(s - smax[None, :] + 127 + 6, 0)
                 rel_f = tl.reshape(tl.broadcast_to(_e8m0_to_f32(rel)[:, None, :], (NSB, 16, BLOCK_N)),
                                    (HALF, BLOCK_N))
                 w_lo = _to_fp8(lo * rel_f, INTERP)
                 w_hi = _to_fp8(hi * rel_f, INTERP)
-                col_scale = _e8m0_to_f32(smax)
+                col_scale = _e8m0_to_f32(smax) * 0.015625  # 2^-6: exact, fp32 subnormals kept
             else:
                 sf = tl.reshape(tl.broadcast_to(_e8m0_to_f32(s)[:, None, :], (NSB, 16, BLOCK_N)),
                                 (HALF, BLOCK_N))
@@ -314,7 +314,9 @@ def _to_fp8(x, INTERP: tl.constexpr):
         bits = x.to(tl.int32, bitcast=True)
         rbits = (bits + 0x7FFFF + ((bits >> 20) & 1)) & ~0xFFFFF
         normal = rbits.to(tl.float32, bitcast=True)
-        sub = ((x * 512.0 + 12582912.0) - 12582912.0) / 512.0
+        mag = tl.abs(x)
+        sub = ((mag * 512.0 + 12582912.0) - 12582912.0) / 512.0
+        sub = tl.where(bits < 0, -sub, sub)  # the sign bit, so that -0.0 stays -0.0
         y = tl.where(tl.abs(x) < 0.015625, sub, normal).to(tl.float8e4nv)
         nan8 = (((bits >> 24) & 0x80) | 0x7F).to(tl.uint8).to(tl.float8e4nv, bitcast=True)
         return tl.where(x != x, nan8, y)
