@@ -46,6 +46,15 @@ def _tile_decode(packed, scales):
 
 
 def test_fp8_tile_decode_equals_the_row_decode():
+    _check_tile_decode()
+
+
+@pytest.mark.gpu
+def test_gpu_fp8_tile_decode_equals_the_row_decode():  # in the GPU suite's -m gpu selection
+    _check_tile_decode()
+
+
+def _check_tile_decode():
     # 16 columns x K = 128 (4 blocks, one tile): block scales spanning 0-20 binades under a
     # largest byte from 0 (subnormal 2^-127) to 254, a NaN scale, every nibble
     g = torch.Generator().manual_seed(12)
