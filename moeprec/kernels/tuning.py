@@ -123,7 +123,7 @@ def fix_config(cfg: dict[str, Any], path: str) -> dict[str, Any]:
     if bm != 1 and (bm < 16 or bm & (bm - 1)):
         raise ValueError(f"BLOCK_M must be 1 or a power of two >= 16, got {bm}")
     # weights decoded before the GEMMs: MXFP4 weights, tensor-core tiles only
-    cfg["dequant"] = cfg["dequant"] and path in ("w4a16", "w4a8") and bm != 1
+    cfg["dequant"] = cfg["dequant"] and path in DEQUANT_PLAIN_PATH and bm != 1
     dequant = cfg["dequant"]
     if path in ("w4a8", "fp8"):  # fp8 activations only run on the tensor cores
         cfg["BLOCK_M"] = max(bm, 16)
@@ -147,8 +147,9 @@ def fix_config(cfg: dict[str, Any], path: str) -> dict[str, Any]:
         # shared memory per pipeline stage: the A tile plus the weight tile (stage 1 loads the
         # gate and up rows, 2 x BLOCK_N); drop stages until it fits the 227 KiB of an H100 SM
         a_bytes = 1 if path in ("fp8", "w4a8") else 2
-        b_bytes = (1 if path == "w4a8" else 2) if dequant else {"bf16": 2, "w4a16": 0.5, "w4a8": 0.5, "fp8": 1,
-                                     "w8a16": 1}.get(path, 2)
+        # weights decoded first are read as the plain path's (bf16, or fp8 rows)
+        b_path = DEQUANT_PLAIN_PATH[path] if dequant else path
+        b_bytes = {"bf16": 2, "w4a16": 0.5, "w4a8": 0.5, "fp8": 1, "w8a16": 1}.get(b_path, 2)
         rows = s["BLOCK_N"] * (2 if st == "s1" else 1)
         per_stage = cfg["BLOCK_M"] * s["BLOCK_K"] * a_bytes + rows * s["BLOCK_K"] * b_bytes
         # the explicit MXFP4 decode (bf16 activations) stages its decoded tile once more
