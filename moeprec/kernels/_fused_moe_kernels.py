@@ -22,7 +22,7 @@ from __future__ import annotations
 import triton
 import triton.language as tl
 
-from moeprec.kernels.quantize import _decoded_to, _e2m1_to_f32
+from moeprec.kernels.quantize import _decoded_to, _e2m1_to_f32, _e8m0_to_f32
 
 
 @triton.jit
@@ -163,14 +163,6 @@ def _align_place_kernel(topk_ids_ptr, expert_mask_ptr, chunk_base_ptr, totals_pt
     base = tl.load(chunk_base_ptr + c * E_PAD + tl.arange(0, E_PAD)) + starts
     _place_chunk(topk_ids_ptr, expert_mask_ptr, sorted_ids_ptr, offs, base, num_slots,
                  num_experts, HAS_MASK, E_PAD)
-
-
-@triton.jit
-def _e8m0_to_f32(s):
-    """E8M0 byte (int32) -> 2^(s-127) as fp32, exactly: 0xFF -> NaN, 0 -> the subnormal 2^-127
-    (fp32 bits 0x00400000: byte 0 shifted into the exponent field would read as zero)."""
-    f = tl.where(s == 0, 0x00400000, s << 23).to(tl.float32, bitcast=True)
-    return tl.where(s == 255, float("nan"), f)
 
 
 @triton.jit

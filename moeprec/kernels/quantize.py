@@ -131,6 +131,14 @@ def _e2m1_to_f32(code):
 
 
 @triton.jit
+def _e8m0_to_f32(s):
+    """E8M0 byte (int32) -> 2^(s-127) as fp32, exactly: 0xFF -> NaN, 0 -> the subnormal 2^-127
+    (fp32 bits 0x00400000: byte 0 shifted into the exponent field would read as zero)."""
+    f = tl.where(s == 0, 0x00400000, s << 23).to(tl.float32, bitcast=True)
+    return tl.where(s == 255, float("nan"), f)
+
+
+@triton.jit
 def _decoded_to(v, dtype: tl.constexpr):
     """Decoded MXFP4 values (fp32, exact: at most 2 significant bits) in `dtype`, rounded once.
     To bf16 as the top half of the fp32 bits: exact, subnormals included (the interpreter's own
@@ -194,9 +202,7 @@ def _mxfp4_row_scale_kernel(scales_ptr, smax_ptr, row_scale_ptr, R, NB, keep_ptr
         s = tl.load(scales_ptr + rows[:, None] * NB + blk[None, :],
                     mask=rmask[:, None] & (blk < NB)[None, :], other=0).to(tl.int32)
         smax = tl.maximum(smax, tl.max(s, axis=1))
-    # 2^(smax - 133) from bits: normal from smax = 7 on, an fp32 subnormal below
-    row_bits = tl.where(smax >= 7, (smax - 6) << 23, 1 << (smax + 16))
-    row_scale = tl.where(smax == _NAN_BYTE, float("nan"), row_bits.to(tl.float32, bitcast=True))
+    row_scale = _e8m0_to_f32(smax) * 0.015625  # 2^(smax - 133): exact, fp32 subnormals kept
     tl.store(smax_ptr + rows, smax, mask=rmask)
     tl.store(row_scale_ptr + rows, row_scale, mask=rmask)
 
