@@ -22,6 +22,8 @@
 #   bash benchmarks/gpu_checks.sh tune-4096    # tune bf16 at M = 4096 (k = 8 shapes, gpt-oss), bench with that table
 #   bash benchmarks/gpu_checks.sh fp8-tune     # tune the fp8 path at M = 16384 (never tuned), bench bf16 vs fp8
 #   bash benchmarks/gpu_checks.sh w4a8         # MXFP4 decoded to fp8 first: tests, mxfp4 bf16 / fp8 crossover
+#   bash benchmarks/gpu_checks.sh decoders     # both MXFP4 decoders' time and bandwidth
+#   bash benchmarks/gpu_checks.sh w4a8-tune    # tune fp8 GEMMs at M = 4096, 8192; mxfp4 bf16 / fp8 act with them
 # Uses the machine's own python3 (torch + triton preinstalled); moeprec from this checkout.
 set -uo pipefail
 OUT=${OUT:-out}
@@ -30,6 +32,27 @@ export PYTHONPATH=$PWD${PYTHONPATH:+:$PYTHONPATH} PYTHONUNBUFFERED=1
 { nvidia-smi --query-gpu=name,driver_version,memory.total --format=csv,noheader
   python3 -c "import torch, triton; print('torch', torch.__version__, 'triton', triton.__version__)"
   date -u +%Y-%m-%dT%H:%MZ; } | tee -a "$OUT/env.txt"
+decoders() {  # both MXFP4 decoders on Qwen3-30B-A3B's stage-1 weights: time and bandwidth
+  python3 - <<'PY' 2>&1 | tee "$OUT/decoders.log"
+import torch
+from moeprec.formats.mxfp4 import quantize_mxfp4
+from moeprec.kernels.quantize import dequantize_mxfp4_triton, mxfp4_to_fp8_triton
+packed, scales = quantize_mxfp4(torch.randn(128, 1536, 2048, device="cuda", dtype=torch.bfloat16))
+n = packed.numel() * 2  # Qwen3-30B-A3B's stage-1 weights
+for name, fn, out_bytes in (("to bf16", lambda: dequantize_mxfp4_triton(packed, scales), 2),
+                            ("to fp8 rows", lambda: mxfp4_to_fp8_triton(packed, scales), 1)):
+    for _ in range(3):
+        fn()
+    a, b = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+    a.record()
+    for _ in range(20):
+        fn()
+    b.record()
+    torch.cuda.synchronize()
+    us = a.elapsed_time(b) / 20 * 1e3
+    print(f"{name:12s} {us:8.1f} us  {n * (0.53125 + out_bytes) / us / 1e6:6.2f} TB/s")
+PY
+}
 for section in "${@:-tests}"; do
   case $section in
     tests)
@@ -166,29 +189,23 @@ PY
         | tee "$OUT/w4a8_tests.log" | grep -E "passed|failed|FAIL|Error"
       PYTORCH_NO_CUDA_MEMORY_CACHING=1 timeout 200 compute-sanitizer --tool memcheck \
         python3 benchmarks/sanitize_fused_moe.py 2>&1 | tee "$OUT/memcheck.log" | grep -E "dequant|ERROR S"
-      python3 - <<'PY' 2>&1 | tee "$OUT/decoders.log"
-import torch
-from moeprec.formats.mxfp4 import quantize_mxfp4
-from moeprec.kernels.quantize import dequantize_mxfp4_triton, mxfp4_to_fp8_triton
-packed, scales = quantize_mxfp4(torch.randn(128, 1536, 2048, device="cuda", dtype=torch.bfloat16))
-n = packed.numel() * 2  # Qwen3-30B-A3B's stage-1 weights
-for name, fn, out_bytes in (("to bf16", lambda: dequantize_mxfp4_triton(packed, scales), 2),
-                            ("to fp8 rows", lambda: mxfp4_to_fp8_triton(packed, scales), 1)):
-    for _ in range(3):
-        fn()
-    a, b = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
-    a.record()
-    for _ in range(20):
-        fn()
-    b.record()
-    torch.cuda.synchronize()
-    us = a.elapsed_time(b) / 20 * 1e3
-    print(f"{name:12s} {us:8.1f} us  {n * (0.53125 + out_bytes) / us / 1e6:6.2f} TB/s")
-PY
+      decoders
       timeout 260 python3 -m moeprec bench --paths ${W4A8_PATHS:-mxfp4-w4a16,mxfp4-fp8} \
         --M ${W4A8_M:-1024,2048,4096,8192,16384} \
         --loop-max-m 0 --reps 8 --sets 3 --no-plot --out "$OUT/crossover" 2>&1 \
         | tee "$OUT/crossover.log" | tail -44 ;;
+    decoders)
+      decoders ;;
+    w4a8-tune)  # fp8 GEMM configs at the act-dtype crossover's M (only M = 16384 was tuned; mxfp4
+      # decoded to fp8 rows reads the same entries) into a copy of the table, then the paths beside
+      mkdir -p "$OUT/configs"
+      cp moeprec/configs/fused_moe_NVIDIA_H200.json "$OUT/configs/" 2>/dev/null
+      timeout 300 python3 -m moeprec tune --paths fp8 --M ${W4A8_TUNE_M:-4096,8192} --reps 3 \
+        --budget-s ${W4A8_TUNE_S:-280} --out "$OUT/configs/fused_moe_NVIDIA_H200.json" \
+        --log "$OUT/w4a8_tune.jsonl" 2>&1 | tee "$OUT/w4a8_tune.log" | grep -v "^\[" | tail -6
+      MOEPREC_FUSED_MOE_CONFIG_DIR="$OUT/configs" timeout 200 python3 -m moeprec bench \
+        --paths mxfp4-w4a16,mxfp4-fp8 --M ${W4A8_TUNE_M:-4096,8192} --loop-max-m 0 --no-peers \
+        --reps 8 --sets 3 --no-plot --out "$OUT/w4a8_tuned" 2>&1 | tee "$OUT/w4a8_tuned.log" | tail -20 ;;
     align)  # the two block-alignment paths: host and GPU time per call
       timeout 120 python3 benchmarks/probes/align_paths.py 2>&1 | tee "$OUT/align_paths.log" ;;
     host)  # eager host time per fused_moe call vs its graphed GPU time; bench with graphs
@@ -199,6 +216,6 @@ PY
     dequant-probe)  # the probe: MXFP4 tiles, decoded first with bf16's and w4a16's settings, bf16
       timeout 330 python3 benchmarks/probes/w4a16_dequant.py --out "$OUT" 2>&1 \
         | tee "$OUT/w4a16_dequant.log" | tail -20 ;;
-    *) echo "unknown section: $section (tests | router | train | kernels | moe | decode | tiles | even-k | split-k | decode-flags | decode-tune | dequant | dequant-probe | prefill-tune | host | align | stages | combine | stage-sweep | tune-4096 | fp8-tune | w4a8)" >&2; exit 2 ;;
+    *) echo "unknown section: $section (tests | router | train | kernels | moe | decode | tiles | even-k | split-k | decode-flags | decode-tune | dequant | dequant-probe | prefill-tune | host | align | stages | combine | stage-sweep | tune-4096 | fp8-tune | w4a8 | decoders | w4a8-tune)" >&2; exit 2 ;;
   esac
 done
