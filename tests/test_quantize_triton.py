@@ -263,9 +263,9 @@ def test_mxfp4_to_fp8_rows_every_code_and_scale(poisoned):
 
 @interpret
 def test_mxfp4_to_fp8_rows_other_launch_parameters(poisoned, monkeypatch):
-    # each row's max over several steps of 2 scale bytes (a partial last one); 2 blocks per
-    # program: a row in two chunks, the last one partial
-    for key, value in (("fp8_row_scan", 2), ("fp8_row_blocks", 2)):
+    # the row-max pass over several steps of 2 blocks (a partial last one), 4 rows per program;
+    # the decode 2 blocks per program: row boundaries inside and between programs
+    for key, value in (("fp8_row_blocks", 2), ("fp8_rows", 4), ("mx_blocks", 2)):
         monkeypatch.setitem(poisoned.LAUNCH, key, value)
     packed, scales = every_code_and_scale(rows=17, blocks=3)
     scales[:, 2] = 255 - scales[:, 2]

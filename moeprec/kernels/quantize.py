@@ -188,43 +188,46 @@ def _mxfp4_dequant_kernel(packed_ptr, scales_ptr, out_ptr, NB, keep_ptr, blocks_
 
 
 @triton.jit
-def _mxfp4_to_fp8_kernel(packed_ptr, scales_ptr, out_ptr, row_scale_ptr, NB, keep_ptr,
-                         rows_per_group, HAS_KEEP: tl.constexpr, EXACT_CAST: tl.constexpr,
-                         NB_SCAN: tl.constexpr, BLOCK_B: tl.constexpr):
-    """MXFP4 -> E4M3 bytes and one fp32 scale per row (mxfp4_to_fp8_torch). Program (row,
-    chunk) reads the row's NB scale bytes for their largest, smax (no second launch, no
-    per-block division by the row length), and decodes BLOCK_B blocks of the row as
-    E2M1 * 2^(s - smax + 6): exact in fp32, rounded once, by the cast to E4M3. Chunk 0 stores
-    the row scale 2^(smax - 133). HAS_KEEP: rows of groups (experts) whose keep flag is 0 are
-    neither read nor written."""
-    row = tl.program_id(0).to(tl.int64)
-    nb_row = NB  # -1 for a row that is not kept: every mask below is then false
+def _mxfp4_row_scale_kernel(scales_ptr, smax_ptr, row_scale_ptr, R, NB, keep_ptr, rows_per_group,
+                            HAS_KEEP: tl.constexpr, BLOCK_R: tl.constexpr, BLOCK_B: tl.constexpr):
+    """Per MXFP4 row: its largest scale byte smax (int32) and the row scale 2^(smax - 133) of
+    mxfp4_to_fp8_torch (NaN for 0xFF). Rows of groups whose keep flag is 0 are skipped."""
+    rows = tl.program_id(0).to(tl.int64) * BLOCK_R + tl.arange(0, BLOCK_R)
+    rmask = rows < R
     if HAS_KEEP:
-        nb_row = tl.where(tl.load(keep_ptr + row // rows_per_group) != 0, NB, -1)
-    s_row = scales_ptr + row * NB
-    s_seen = tl.zeros([NB_SCAN], dtype=tl.int32)
-    for b0 in range(0, NB, NB_SCAN):  # one step unless a row has more than NB_SCAN blocks
-        blk = b0 + tl.arange(0, NB_SCAN)
-        s_seen = tl.maximum(s_seen, tl.load(s_row + blk, mask=blk < nb_row, other=0).to(tl.int32))
-    smax = tl.max(s_seen)
-    if tl.program_id(1) == 0:  # 2^(smax - 133): exact, fp32 subnormals kept; NaN for 0xFF
-        tl.store(row_scale_ptr + row, _e8m0_to_f32(smax) * 0.015625, mask=nb_row >= 0)
-    blk = tl.program_id(1) * BLOCK_B + tl.arange(0, BLOCK_B)
-    bmask = blk < nb_row
-    s = tl.load(s_row + blk, mask=bmask, other=0).to(tl.int32)
+        rmask = rmask & (tl.load(keep_ptr + rows // rows_per_group, mask=rmask, other=0) != 0)
+    smax = tl.zeros([BLOCK_R], dtype=tl.int32)
+    for b0 in range(0, NB, BLOCK_B):
+        blk = b0 + tl.arange(0, BLOCK_B)
+        s = tl.load(scales_ptr + rows[:, None] * NB + blk[None, :],
+                    mask=rmask[:, None] & (blk < NB)[None, :], other=0).to(tl.int32)
+        smax = tl.maximum(smax, tl.max(s, axis=1))
+    row_scale = _e8m0_to_f32(smax) * 0.015625  # 2^(smax - 133): exact, fp32 subnormals kept
+    tl.store(smax_ptr + rows, smax, mask=rmask)
+    tl.store(row_scale_ptr + rows, row_scale, mask=rmask)
+
+
+@triton.jit
+def _mxfp4_to_fp8_kernel(packed_ptr, scales_ptr, smax_ptr, out_ptr, NB, blocks_per_row, keep_ptr,
+                         blocks_per_group, HAS_KEEP: tl.constexpr, EXACT_CAST: tl.constexpr,
+                         BLOCK_B: tl.constexpr):
+    """BLOCK_B consecutive 32-blocks per program (the decoder's tile): E2M1 * 2^(s - smax + 6),
+    smax its row's largest scale byte, exact in fp32 and rounded once, by the cast to E4M3.
+    HAS_KEEP: blocks of groups (experts) whose keep flag is 0 are neither read nor written."""
+    b0, blk, bmask, byte, s = _load_mx_blocks(packed_ptr, scales_ptr, keep_ptr, NB,
+                                              blocks_per_group, HAS_KEEP, BLOCK_B)
+    smax = tl.load(smax_ptr + (b0 + blk) // blocks_per_row, mask=bmask, other=0)
     # 2^(s - smax + 6) <= 64; below 2^-126 every value rounds to a signed zero in E4M3 anyway
     factor = ((tl.maximum(s - smax + 6, -126) + 127) << 23).to(tl.float32, bitcast=True)
     factor = tl.where(s == _NAN_BYTE, float("nan"), factor)
-    byte = tl.load(packed_ptr + row * (NB * 16) + blk[:, None] * 16 + tl.arange(0, 16)[None, :],
-                   mask=bmask[:, None], other=0).to(tl.int32)
     v = tl.join(_e2m1_to_f32(byte & 15), _e2m1_to_f32(byte >> 4))  # low nibble first
     v = tl.reshape(v, (BLOCK_B, 32)) * factor[:, None]
     if EXACT_CAST:
         q = _e4m3_bits_rne(v).to(tl.uint8)
     else:
         q = v.to(tl.float8e4nv).to(tl.uint8, bitcast=True)
-    tl.store(out_ptr + row * (NB * 32) + blk[:, None] * 32 + tl.arange(0, 32)[None, :], q,
-             mask=bmask[:, None])
+    offs = blk[:, None] * 32 + tl.arange(0, 32)[None, :]
+    tl.store(out_ptr + b0 * 32 + offs, q, mask=bmask[:, None])
 
 
 @triton.jit
@@ -336,8 +339,8 @@ def _fp8_tensor_quant_kernel(x_ptr, out_ptr, scale_ptr, N, BLOCK: tl.constexpr, 
 LAUNCH = {
     "mx_blocks": 128,  # 32-blocks per program
     "mx_warps": 4,
-    "fp8_row_scan": 512,  # MXFP4 -> fp8 rows: scale bytes per step of a row's max,
-    "fp8_row_blocks": 128,  # and 32-blocks per program
+    "fp8_rows": 32,  # MXFP4 -> fp8 rows, the row-max pass: rows per program, blocks per step
+    "fp8_row_blocks": 128,
     "fp8_tile": 4096,  # elements per program (rows x group columns)
     "fp8_max_group": 8192,  # widest group read in one pass; wider groups take two passes
     "fp8_warps": 16,  # per_token / per_channel / per_tensor (wide groups)
@@ -396,23 +399,30 @@ def dequantize_mxfp4_triton(packed: torch.Tensor, scales: torch.Tensor,
 
 def mxfp4_to_fp8_triton(packed: torch.Tensor, scales: torch.Tensor,
                         keep: torch.Tensor | None = None) -> tuple[torch.Tensor, torch.Tensor]:
-    """Triton twin of mxfp4_to_fp8_torch (arguments checked by the caller), one program per
-    (row, chunk of blocks). `keep` (int32 [packed.shape[0]]): entries along the first dim
-    flagged 0 are left undecoded (values and row scales uninitialised), as in
-    dequantize_mxfp4_triton."""
+    """Triton twin of mxfp4_to_fp8_torch (arguments checked by the caller): a pass over the
+    scale bytes for each row's largest, then the decoder's flat walk over the blocks. `keep`
+    (int32 [packed.shape[0]]): entries along the first dim flagged 0 are left undecoded
+    (values and row scales uninitialised), as in dequantize_mxfp4_triton."""
     half = packed.shape[-1]
     p2, s2 = _rows(packed), _rows(scales)
-    r, nb = s2.shape
+    r, nb_row = s2.shape
     out = _empty((r, half * 2), torch.uint8, packed.device)
     row_scale = _empty((r,), torch.float32, packed.device)
+    groups = packed.shape[0] if keep is not None else 1
     if r:
-        nb_scan = min(LAUNCH["fp8_row_scan"], triton.next_power_of_2(max(nb, 1)))
-        block_b = min(LAUNCH["fp8_row_blocks"], triton.next_power_of_2(max(nb, 1)))
-        groups = packed.shape[0] if keep is not None else 1
-        _mxfp4_to_fp8_kernel[(r, max(1, triton.cdiv(nb, block_b)))](
-            p2, s2, out, row_scale, nb, keep if keep is not None else s2, r // groups,
-            HAS_KEEP=keep is not None, EXACT_CAST=triton_interpret(), NB_SCAN=nb_scan,
-            BLOCK_B=block_b, num_warps=LAUNCH["mx_warps"])
+        smax = torch.empty(r, dtype=torch.int32, device=packed.device)
+        block_r = LAUNCH["fp8_rows"]
+        _mxfp4_row_scale_kernel[(triton.cdiv(r, block_r),)](
+            s2, smax, row_scale, r, nb_row, keep if keep is not None else s2, r // groups,
+            HAS_KEEP=keep is not None, BLOCK_R=block_r,
+            BLOCK_B=min(LAUNCH["fp8_row_blocks"], triton.next_power_of_2(max(nb_row, 1))), num_warps=4)
+        nb = s2.numel()
+        if nb:
+            block_b = LAUNCH["mx_blocks"]
+            _mxfp4_to_fp8_kernel[(triton.cdiv(nb, block_b),)](
+                p2, s2, smax, out, nb, nb_row, keep if keep is not None else s2, nb // groups,
+                HAS_KEEP=keep is not None, EXACT_CAST=triton_interpret(), BLOCK_B=block_b,
+                num_warps=LAUNCH["mx_warps"])
     return (out.view(torch.float8_e4m3fn).reshape(*packed.shape[:-1], half * 2),
             row_scale.reshape(packed.shape[:-1]))
 
