@@ -28,7 +28,7 @@ NOT_DIVISIBLE = ("alpha", "limit", "num_slots", "top_k", "num_pid_m", "num_exper
 
 
 def compile_variant(stage1, b_fmt, a_fp8, dot_scaled, bm, bn, bk, warps, stages=3, pair=False,
-                    even_k=True):
+                    even_k=True, tma=False):
     fn = K._moe_gemm_kernel
     names = fn.arg_names
     a_quant = a_fp8 and not stage1
@@ -38,8 +38,11 @@ def compile_variant(stage1, b_fmt, a_fp8, dot_scaled, bm, bn, bk, warps, stages=
         COMPUTE_DTYPE=tl.bfloat16, INTERP=False, DOT_SCALED=dot_scaled,
         A_FMT="e4m3" if a_fp8 else "bf16", BLOCK_M=bm, BLOCK_N=bn, BLOCK_K=bk, GROUP_M=8,
         TILE_ROWS=2 * bn if stage1 else bn, GEMV=bm == 1, SPLIT_K=1, PAIR_BLOCKS=pair,
-        HAS_MASK=pair, EVEN_K=even_k, **{s: 1 for s in UNIT_STRIDES},
+        HAS_MASK=pair, EVEN_K=even_k, B_TMA=tma, B_PARTS=2 if stage1 else 1,
+        **{s: 1 for s in UNIT_STRIDES},
     )
+    if not tma:
+        consts["b_desc"] = None
     ptrs = {
         "a_ptr": "*fp8e4nv" if (a_fp8 and stage1) else "*bf16",
         "a_scale_ptr": "*fp32",
@@ -48,6 +51,9 @@ def compile_variant(stage1, b_fmt, a_fp8, dot_scaled, bm, bn, bk, warps, stages=
         "c_ptr": "*bf16" if stage1 else "*fp32", "c_scale_ptr": "*fp32",
         "sorted_ids_ptr": "*i32", "expert_ids_ptr": "*i32", "topk_w_ptr": "*fp32",
         "expert_mask_ptr": "*i32",
+        # the weights as [E, parts, rows, K], one box of both parts (stage 1's gate and up rows)
+        "b_desc": "tensordesc<{}[1,{},{},{}]>".format(
+            {0: "bf16", 2: "fp8e4nv"}.get(b_fmt, "u8"), 2 if stage1 else 1, bn, bk),
     }
     sig = {n: "constexpr" if n in consts else ptrs.get(n, "fp32" if n in ("alpha", "limit") else "i32")
            for n in names}
@@ -100,6 +106,9 @@ def main() -> None:
     # the decode blocks again without alignment (config "pair_blocks": raw ids and the expert
     # mask read by the GEMM kernels)
     variants += [v + (3, True) for v in variants if v[4] == 1]
+    # plain / fp8 weight tiles through TMA (config "tma_b")
+    variants += [v + (3, False, True, True) for v in variants
+                 if v[1] in (0, 2) and v[4] == 128]
     for v in variants:
         c = compile_variant(*v)
         ptx, ttgir = c.asm["ptx"], c.asm["ttgir"]
@@ -107,8 +116,10 @@ def main() -> None:
         cp = len(re.findall(r"cp\.async\.c[ag]", ptx))
         waits = sorted(set(re.findall(r"pendings = (\d+)", ttgir)))
         f32 = " pair_blocks" if len(v) > 9 and v[9] else ""
+        f32 += " tma_b" if len(v) > 11 and v[11] else ""
+        tma = len(re.findall(r"cp\.async\.bulk\.tensor", ptx))
         print(f"stage{'1' if v[0] else '2'} b_fmt={v[1]} a_fp8={v[2]:d} dot_scaled={v[3]:d} "
-              f"BM={v[4]} BN={v[5]} BK={v[6]}{f32}: smem {c.metadata.shared} B, cp.async {cp}, "
+              f"BM={v[4]} BN={v[5]} BK={v[6]}{f32}: smem {c.metadata.shared} B, cp.async {cp}, TMA {tma}, "
               f"{dict(ops)}, wgmma waits {waits}")
         if v[4] == 1 or (v[1] == 1 and not v[2]):  # what one K step costs per weight decoded
             n, mix = loop_sass(c.asm["cubin"])

@@ -23,6 +23,7 @@
 #   bash benchmarks/gpu_checks.sh fp8-tune     # tune the fp8 path at M = 16384 (never tuned), bench bf16 vs fp8
 #   bash benchmarks/gpu_checks.sh w4a8         # MXFP4 decoded to fp8 first: tests, mxfp4 bf16 / fp8 crossover
 #   bash benchmarks/gpu_checks.sh decoders     # both MXFP4 decoders' time and bandwidth
+#   bash benchmarks/gpu_checks.sh tma          # weight tiles through TMA vs pointer loads: tests, bench both
 #   bash benchmarks/gpu_checks.sh w4a8-tune    # tune fp8 GEMMs at M = 4096, 8192; mxfp4 bf16 / fp8 act with them
 # Uses the machine's own python3 (torch + triton preinstalled); moeprec from this checkout.
 set -uo pipefail
@@ -206,6 +207,27 @@ PY
       MOEPREC_FUSED_MOE_CONFIG_DIR="$OUT/configs" timeout 200 python3 -m moeprec bench \
         --paths mxfp4-w4a16,mxfp4-fp8 --M ${W4A8_TUNE_M:-4096,8192} --loop-max-m 0 --no-peers \
         --reps 8 --sets 3 --no-plot --out "$OUT/w4a8_tuned" 2>&1 | tee "$OUT/w4a8_tuned.log" | tail -20 ;;
+    tma)  # weight tiles through TMA descriptors ("tma_b") vs pointer loads: its tests, then the
+      # bench with the table as is and with tma_b set on every stage of a copy of it
+      timeout 200 python3 -m pytest -q -p no:cacheprovider tests/test_fused_moe_triton.py -k tma \
+        2>&1 | tee "$OUT/tma_tests.log" | tail -3
+      mkdir -p "$OUT/configs"
+      python3 - moeprec/configs/fused_moe_NVIDIA_H200.json "$OUT/configs/fused_moe_NVIDIA_H200.json" <<'PY'
+import json, sys
+t = json.load(open(sys.argv[1]))
+for path, shapes in t.items():
+    for entries in (shapes.values() if path != "_comment" else ()):
+        for cfg in entries.values():
+            cfg["s1"]["tma_b"] = cfg["s2"]["tma_b"] = True
+json.dump(t, open(sys.argv[2], "w"), indent=1, sort_keys=True)
+PY
+      for table in pointers tma; do
+        [ $table = tma ] && export MOEPREC_FUSED_MOE_CONFIG_DIR="$OUT/configs"
+        timeout 200 python3 -m moeprec bench --paths ${TMA_PATHS:-bf16,fp8,mxfp4-w4a16,mxfp4-fp8} \
+          --M ${TMA_M:-256,1024,4096,16384} --no-peers --reps 8 --sets 3 --no-plot \
+          --out "$OUT/tma_$table" 2>&1 | tee "$OUT/tma_$table.log" | tail -66
+      done
+      unset MOEPREC_FUSED_MOE_CONFIG_DIR ;;
     align)  # the two block-alignment paths: host and GPU time per call
       timeout 120 python3 benchmarks/probes/align_paths.py 2>&1 | tee "$OUT/align_paths.log" ;;
     host)  # eager host time per fused_moe call vs its graphed GPU time; bench with graphs
@@ -216,6 +238,6 @@ PY
     dequant-probe)  # the probe: MXFP4 tiles, decoded first with bf16's and w4a16's settings, bf16
       timeout 330 python3 benchmarks/probes/w4a16_dequant.py --out "$OUT" 2>&1 \
         | tee "$OUT/w4a16_dequant.log" | tail -20 ;;
-    *) echo "unknown section: $section (tests | router | train | kernels | moe | decode | tiles | even-k | split-k | decode-flags | decode-tune | dequant | dequant-probe | prefill-tune | host | align | stages | combine | stage-sweep | tune-4096 | fp8-tune | w4a8 | decoders | w4a8-tune)" >&2; exit 2 ;;
+    *) echo "unknown section: $section (tests | router | train | kernels | moe | decode | tiles | even-k | split-k | decode-flags | decode-tune | dequant | dequant-probe | prefill-tune | host | align | stages | combine | stage-sweep | tune-4096 | fp8-tune | w4a8 | decoders | w4a8-tune | tma)" >&2; exit 2 ;;
   esac
 done

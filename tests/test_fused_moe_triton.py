@@ -728,3 +728,71 @@ def test_gpu_every_packaged_config_matches_reference(table):
         out = _kernel_module().fused_moe_triton_impl(x, w1, w2, tw, ti, quant=quant,
                                                      act_dtype=act_dtype, config=cfg, **kw)
         assert_close(out, ref, _tol(act_dtype))
+
+
+# (quant, act_dtype, activation, gate_mode, bias, dequant, M, H, I, E, k)
+TMA_CASES = [
+    ("none", "bf16", "silu", "separated", False, False, 7, 80, 48, 5, 2),  # tile edges in N, K
+    ("none", "bf16", "swiglu_oai", "interleaved", True, False, 9, 64, 40, 4, 2),
+    ("fp8", "fp8", "silu", "separated", True, False, 6, 80, 48, 4, 2),
+    ("fp8", "bf16", "silu", "interleaved", False, False, 4, 64, 64, 4, 2),  # fp8 tiles upcast
+    ("fp8", "fp8", "silu", "separated", False, False, 5, 64, 40, 4, 2),  # w2 rows of 40 bytes
+    ("mxfp4", "fp8", "silu", "separated", False, True, 6, 64, 64, 4, 2),  # decoded first
+    ("mxfp4", "bf16", "swiglu_oai", "interleaved", True, True, 5, 64, 96, 4, 2),
+]
+
+
+@pytest.mark.parametrize("quant,act_dtype,activation,gate_mode,bias,dequant,M,H,I,E,k", TMA_CASES)
+def test_weight_tiles_through_tma(quant, act_dtype, activation, gate_mode, bias, dequant,  # noqa: E741
+                                  M, H, I, E, k, monkeypatch):
+    # "tma_b": plain / fp8 weight tiles through a TMA descriptor (zeros past N and K), the same
+    # products as the pointer loads; a stage whose weights TMA cannot address (rows of 40 fp8
+    # bytes: strides off 16 bytes) falls back to the pointer loads
+    m = _kernel_module()
+    from moeprec.kernels.tuning import fix_config, path_name
+
+    x, w1, w2, tw, ti, kw = make_case(M, H, I, E, k, quant, bias=bias, seed=7 + M)
+    ti = torch.where(ti == 1, 0, ti)  # expert 1 gets no token
+    args = dict(quant=quant, act_dtype=act_dtype, activation=activation, gate_mode=gate_mode, **kw)
+    st = {"BLOCK_N": 32, "BLOCK_K": 32, "num_warps": 4, "num_stages": 2}
+    path = path_name(quant, act_dtype)
+    cfg = fix_config({"BLOCK_M": 16, "dequant": dequant, "s1": dict(st, tma_b=True),
+                      "s2": dict(st, tma_b=True)}, path)
+    assert cfg["s1"]["tma_b"] and cfg["s2"]["tma_b"]
+    made = []
+    real = m._weight_descriptor
+    monkeypatch.setattr(m, "_weight_descriptor", lambda *a: made.append(real(*a)) or made[-1])
+    out = m.fused_moe_triton_impl(x, w1, w2, tw, ti, config=cfg, **args)
+    monkeypatch.setattr(m, "_weight_descriptor", real)
+    addressable = I * w2.element_size() % 16 == 0
+    assert [d is not None for d in made[:2]] == [True, addressable]
+    ref = fused_moe(x, w1, w2, tw, ti, backend="torch", **args)
+    assert_close(out, ref, _tol(act_dtype))
+    ptr = m.fused_moe_triton_impl(x, w1, w2, tw, ti, config=fix_config(
+        dict(cfg, s1=dict(cfg["s1"], tma_b=False), s2=dict(cfg["s2"], tma_b=False)), path), **args)
+    if ON_GPU:  # same MMAs on the same values; only the route into shared memory differs
+        torch.testing.assert_close(out, ptr, rtol=1e-2, atol=1e-2)
+    else:
+        assert torch.equal(out, ptr)
+
+
+def test_tma_weight_tiles_config_and_descriptor_rules():
+    m = _kernel_module()
+    from moeprec.kernels.tuning import fix_config
+
+    st = {"BLOCK_N": 64, "BLOCK_K": 64, "tma_b": True}
+    cfg = {"BLOCK_M": 16, "s1": dict(st), "s2": dict(st)}
+    assert fix_config(cfg, "bf16")["s1"]["tma_b"] and fix_config(cfg, "fp8")["s2"]["tma_b"]
+    assert not fix_config(cfg, "w4a16")["s1"]["tma_b"]  # MXFP4 tiles: packed bytes, decoded
+    assert fix_config(dict(cfg, dequant=True), "w4a8")["s1"]["tma_b"]  # decoded first: plain
+    assert not fix_config(dict(cfg, BLOCK_M=1), "bf16")["s1"]["tma_b"]  # CUDA-core blocks
+    assert not fix_config({"BLOCK_M": 16, "s1": {"BLOCK_N": 64, "BLOCK_K": 64},
+                           "s2": {"BLOCK_N": 64, "BLOCK_K": 64}}, "bf16")["s1"]["tma_b"]
+    w = torch.randn(3, 2 * 48, 64).to(torch.bfloat16)
+    d = m._weight_descriptor(w, 2, 64, 32)  # separated gate / up rows: two parts in one box
+    assert d.shape == [3, 2, 48, 64] and d.block_shape == [1, 2, 32, 32]
+    assert d.strides == [w.stride(0), 48 * 64, 64, 1]
+    assert m._weight_descriptor(w, 1, 512, 32) is None  # a box side over 256
+    assert m._weight_descriptor(w.transpose(1, 2), 1, 32, 32) is None  # K not contiguous
+    assert m._weight_descriptor(torch.empty(3, 8, 40, dtype=torch.float8_e4m3fn), 1, 8, 32) is None
+    assert m._weight_descriptor(w[:, :, 1:], 1, 32, 32) is None  # base off 16 bytes

@@ -583,15 +583,30 @@ def _store_down(c_ptr, acc, slot, row_ok, col, col_ok, top_k, stride_cm, stride_
 
 
 @triton.jit
+def _load_b_tile_tma(b_desc, expert, row0, k0, A_FP8: tl.constexpr, B_FMT: tl.constexpr,
+                     BLOCK_K: tl.constexpr, TILE_ROWS: tl.constexpr,
+                     COMPUTE_DTYPE: tl.constexpr, INTERP: tl.constexpr):
+    """Plain / fp8 weight tile [BLOCK_K, TILE_ROWS] through a TMA descriptor over the weights
+    viewed as [E, parts, rows per part, K] (stage 1 with separated gate/up rows: the gate and
+    up halves as parts 0 and 1, one box holding both). Rows and K past the ends read as zeros."""
+    w = b_desc.load([expert, 0, row0, k0])
+    w = tl.trans(tl.reshape(w, (TILE_ROWS, BLOCK_K)))
+    if not (A_FP8 and B_FMT == 2):  # fp8 weights meet bf16 activations: upcast (exact)
+        w = _upcast(w, COMPUTE_DTYPE, INTERP)
+    return w
+
+
+@triton.jit
 def _mma_tiles(a_base, row_ok, a_sc, b_base, bs_base, rows, rows_ok, k_begin, k_end, K, stride_ak,
-               stride_bn, stride_bk, stride_bsn, stride_bsk,
+               stride_bn, stride_bk, stride_bsn, stride_bsk, b_desc, expert, b_row0,
                B_FMT: tl.constexpr, A_FP8: tl.constexpr, A_QUANT: tl.constexpr,
                COMPUTE_DTYPE: tl.constexpr, INTERP: tl.constexpr, DOT_SCALED: tl.constexpr,
                A_FMT: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_K: tl.constexpr,
-               TILE_ROWS: tl.constexpr, EVEN_K: tl.constexpr):
+               TILE_ROWS: tl.constexpr, EVEN_K: tl.constexpr, B_TMA: tl.constexpr):
     """[BLOCK_M, TILE_ROWS] = A[:, k_begin:k_end] @ W[rows, k_begin:k_end]^T on the tensor cores
     (fp32; the range is whole BLOCK_K steps, masked against K). EVEN_K (K a multiple of BLOCK_K)
-    drops the per-step K masks: fewer compares and selects per weight."""
+    drops the per-step K masks: fewer compares and selects per weight. B_TMA: plain / fp8
+    weights through `b_desc` (box at expert, b_row0), the A rows as before."""
     PER_ITER: tl.constexpr = A_FP8 and B_FMT == 1 and not DOT_SCALED
     A_UPCAST: tl.constexpr = A_FP8 and B_FMT == 0
     # MXFP4 with 16-bit activations is decoded to one K-ordered tile: then a plain dot
@@ -606,6 +621,11 @@ def _mma_tiles(a_base, row_ok, a_sc, b_base, bs_base, rows, rows_ok, k_begin, k_
             a = _quant_a(a, a_sc, A_QUANT, INTERP)
             acc = _mx_dot(a, acc, b_base, bs_base, rows, rows_ok, k0, K, stride_bn, stride_bk,
                           stride_bsn, stride_bsk, A_FMT, BLOCK_K, EVEN_K)
+        elif B_TMA:
+            w = _load_b_tile_tma(b_desc, expert, b_row0, k0, A_FP8, B_FMT, BLOCK_K, TILE_ROWS,
+                                 COMPUTE_DTYPE, INTERP)
+            acc = _tile_dot(acc, a_base, row_ok, a_sc, k0, K, stride_ak, w, w, B_FMT, A_UPCAST,
+                            A_QUANT, BLOCK_K, INTERP, EVEN_K)
         else:
             w_lo, w_hi, w_cs = _load_b_tile(b_base, bs_base, rows, rows_ok, k0, K, stride_bn,
                                             stride_bk, stride_bsn, stride_bsk, B_FMT, A_FP8,
@@ -622,7 +642,7 @@ def _mma_tiles(a_base, row_ok, a_sc, b_base, bs_base, rows, rows_ok, k_begin, k_
 
 @triton.jit
 def _moe_gemm_kernel(
-    a_ptr, a_scale_ptr, b_ptr, bs_ptr, bias_ptr, c_ptr, c_scale_ptr,
+    a_ptr, a_scale_ptr, b_ptr, bs_ptr, bias_ptr, c_ptr, c_scale_ptr, b_desc,
     sorted_ids_ptr, expert_ids_ptr, topk_w_ptr, expert_mask_ptr,
     N, K, num_slots, top_k, num_pid_m, num_experts,
     stride_am, stride_ak, stride_asm,
@@ -653,6 +673,8 @@ def _moe_gemm_kernel(
                                  # checked here; sorted_ids unused)
     HAS_MASK: tl.constexpr,      # PAIR_BLOCKS only: expert_mask_ptr holds the expert mask
     EVEN_K: tl.constexpr,        # K % BLOCK_K == 0: the tensor-core loop needs no K masks
+    B_TMA: tl.constexpr,         # plain / fp8 weight tiles through the TMA descriptor b_desc
+    B_PARTS: tl.constexpr,       # b_desc's parts: 2 for stage 1's separated gate/up rows, else 1
 ):
     pid = tl.program_id(0)
     pid_k = tl.program_id(1)
@@ -718,9 +740,10 @@ def _moe_gemm_kernel(
             k_begin = 0
             k_end = K
         acc = _mma_tiles(a_base, row_ok, a_sc, b_base, bs_base, rows, rows_ok, k_begin, k_end,
-                         K, stride_ak, stride_bn, stride_bk, stride_bsn, stride_bsk, B_FMT,
-                         A_FP8, A_QUANT, COMPUTE_DTYPE, INTERP, DOT_SCALED, A_FMT, BLOCK_M,
-                         BLOCK_K, TILE_ROWS, EVEN_K)
+                         K, stride_ak, stride_bn, stride_bk, stride_bsn, stride_bsk, b_desc,
+                         expert.to(tl.int32), pid_n * (TILE_ROWS // B_PARTS), B_FMT, A_FP8,
+                         A_QUANT, COMPUTE_DTYPE, INTERP, DOT_SCALED, A_FMT, BLOCK_M, BLOCK_K,
+                         TILE_ROWS, EVEN_K, B_TMA)
 
     # epilogue, the same for both stages up to the split: scales, routed weight, bias
     if A_FP8:

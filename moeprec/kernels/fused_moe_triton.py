@@ -188,6 +188,22 @@ def use_dot_scaled(a_dtype: torch.dtype, a_fp8: bool, st: dict[str, Any], interp
     return bool(st.get("dot_scaled", a_fp8 or a_dtype != torch.bfloat16))
 
 
+def _weight_descriptor(b: torch.Tensor, parts: int, tile_rows: int, block_k: int):
+    """TMA descriptor for weight tiles of `tile_rows` rows by `block_k`: the [E, R, K] weights
+    viewed as [E, parts, R / parts, K], one box [1, parts, tile_rows / parts, block_k]. None
+    where TMA cannot address them (K not contiguous, a base or stride off 16 bytes, a box side
+    over 256): the kernel then loads through pointers, as without the option."""
+    from triton.tools.tensor_descriptor import TensorDescriptor
+
+    E, R, Kdim = b.shape
+    rows, box = R // parts, tile_rows // parts
+    strides = [b.stride(0), rows * b.stride(1), b.stride(1), b.stride(2)]
+    if (b.stride(2) != 1 or R % parts or box > 256 or block_k > 256 or b.numel() == 0
+            or b.data_ptr() % 16 or any(st * b.element_size() % 16 for st in strides[:-1])):
+        return None
+    return TensorDescriptor(b, [E, parts, rows, Kdim], strides, [1, parts, box, block_k])
+
+
 def _launch_gemm(*, a, a_scale, b, b_scale, bias, c, c_scale, sorted_ids, expert_ids, topk_w,
                  N, Kdim, num_slots, top_k, interleaved, stage1, b_fmt, a_fp8,
                  a_quant, act, mul_weight, atomic_out, quant_out, compute_dtype, alpha,
@@ -213,8 +229,12 @@ def _launch_gemm(*, a, a_scale, b, b_scale, bias, c, c_scale, sorted_ids, expert
     def s(t, i):
         return t.stride(i) if t is not None and t.dim() > i else 0
 
+    b_parts = 2 if stage1 and not interleaved else 1
+    b_desc = (_weight_descriptor(b, b_parts, 2 * st["BLOCK_N"] if stage1 else st["BLOCK_N"],
+                                 st["BLOCK_K"])
+              if st.get("tma_b") and b_fmt != 1 and not gemv else None)
     return K._moe_gemm_kernel[grid](
-        a, a_scale_t, b, b_scale_t, bias_t, c, c_scale_t, sorted_ids, expert_ids, topk_w,
+        a, a_scale_t, b, b_scale_t, bias_t, c, c_scale_t, b_desc, sorted_ids, expert_ids, topk_w,
         pair_mask if pair_mask is not None else dummy,
         N, Kdim, num_slots, top_k, num_pid_m, num_experts,
         a.stride(0), a.stride(1), s(a_scale, 0),
@@ -228,7 +248,7 @@ def _launch_gemm(*, a, a_scale, b, b_scale, bias, c, c_scale, sorted_ids, expert
         BLOCK_M=block_m, BLOCK_N=st["BLOCK_N"], BLOCK_K=st["BLOCK_K"], GROUP_M=st["GROUP_M"],
         TILE_ROWS=2 * st["BLOCK_N"] if stage1 else st["BLOCK_N"], GEMV=gemv, SPLIT_K=split_k,
         PAIR_BLOCKS=pair_blocks, HAS_MASK=pair_mask is not None, EVEN_K=Kdim % st["BLOCK_K"] == 0,
-        num_warps=st["num_warps"], num_stages=st["num_stages"],
+        B_TMA=b_desc is not None, B_PARTS=b_parts, num_warps=st["num_warps"], num_stages=st["num_stages"],
     )
 
 

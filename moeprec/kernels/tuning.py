@@ -139,6 +139,9 @@ def fix_config(cfg: dict[str, Any], path: str) -> dict[str, Any]:
         s.setdefault("GROUP_M", 1)
         s.setdefault("num_warps", 4)
         s.setdefault("num_stages", 3)
+        # weight tiles through TMA: plain / fp8 weights (or MXFP4 decoded first) on the tensor cores
+        s["tma_b"] = (bool(s.get("tma_b", False)) and not gemv
+                      and (path not in ("w4a16", "w4a8") or dequant))
         # MXFP4 decodes K in blocks of 32; tl.dot needs K >= 16 per half (>= 32 for fp8).
         if path in ("w4a16", "w4a8") and not dequant:
             s["BLOCK_K"] = max(s["BLOCK_K"], 64)
