@@ -209,7 +209,9 @@ PY
         --reps 8 --sets 3 --no-plot --out "$OUT/w4a8_tuned" 2>&1 | tee "$OUT/w4a8_tuned.log" | tail -20 ;;
     tma)  # weight tiles through TMA descriptors ("tma_b") vs pointer loads: its tests, then the
       # bench with the table as is and with tma_b set on every stage of a copy of it
-      timeout 200 python3 -m pytest -q -p no:cacheprovider tests/test_fused_moe_triton.py -k tma \
+      timeout 200 python3 -m pytest -q -p no:cacheprovider \
+        tests/test_fused_moe_triton.py::test_weight_tiles_through_tma \
+        tests/test_fused_moe_triton.py::test_tma_weight_tiles_config_and_descriptor_rules \
         2>&1 | tee "$OUT/tma_tests.log" | tail -3
       mkdir -p "$OUT/configs"
       python3 - moeprec/configs/fused_moe_NVIDIA_H200.json "$OUT/configs/fused_moe_NVIDIA_H200.json" <<'PY'
