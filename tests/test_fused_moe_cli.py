@@ -147,3 +147,30 @@ def test_bench_table_puts_each_path_against_bf16():
     assert "x bf16" in lines[0]
     assert lines[3].split()[4] == "3.00"
     assert lines[4].split()[4] == "1.0"  # the ratio column is blank: TFLOP/s comes next
+
+
+@pytest.mark.parametrize("tma_pays", [True, False])
+def test_tune_tries_tma_weight_tiles_per_stage(tma_pays, monkeypatch):
+    # the search with a fake clock (no GPU): a timing model in which TMA weight tiles save time
+    # in each stage (or cost time) must end on tma_b in both stages (or in neither)
+    import torch
+
+    import moeprec.kernels.fused_moe_triton as fm
+    from moeprec.cli import tune
+
+    timed = []
+    monkeypatch.setattr(fm, "fused_moe_triton_impl", lambda *a, config, **kw: config)
+    monkeypatch.setattr(tune, "make_inputs", lambda *a, **kw: [(None, None, None)])
+    monkeypatch.setattr(torch.cuda, "synchronize", lambda: None)
+
+    def fake_ms(fns, reps):
+        cfg = fns[0]()
+        timed.append(cfg)
+        sign = -1 if tma_pays else 1
+        return 1.0 + sign * (0.1 * cfg["s1"]["tma_b"] + 0.05 * cfg["s2"]["tma_b"])
+
+    monkeypatch.setattr(tune, "_median_ms", fake_ms)
+    r = tune.tune_point("qwen3-30b-a3b", "bf16", 4096, {"w1": None, "w2": None}, 1, None)
+    assert r["config"]["s1"]["tma_b"] == tma_pays and r["config"]["s2"]["tma_b"] == tma_pays
+    assert any(c["s1"]["tma_b"] for c in timed) and any(c["s2"]["tma_b"] for c in timed)
+    assert r["ms"] == pytest.approx(0.85 if tma_pays else 1.0)
