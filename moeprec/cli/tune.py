@@ -2,7 +2,8 @@
 
 For each (shape, path, M) it times candidate configurations (coordinate search per BLOCK_M,
 1 = CUDA-core decode blocks, else tensor-core tiles: stage 1's tile with stage 2 fixed, then
-stage 2's; then MXFP4's decode per stage, and the fp8 quantization placement) and
+stage 2's; then MXFP4's decode per stage, the combine, stage 2's K splits, decoding MXFP4
+first, the fp8 quantization placement, and weight tiles through TMA per stage) and
 merges the fastest into `moeprec/configs/fused_moe_<device>.json` (or --out), the file
 `tuning.get_config` reads. Points are visited in the given order until --budget-s runs out;
 what was found so far is always written.
