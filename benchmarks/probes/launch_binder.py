@@ -7,7 +7,8 @@ alignment of pointers, divisibility of ints) and builds the compiled-kernel cach
 the driver launch. This captures the arguments of one Qwen3-30B-A3B M = 1024 call's two GEMM
 launches (kernels replaced by recorders, CPU tensors) and times binder + key for each, with an
 sm_90 backend object, so the part of an eager call's host time that a launch cache could save
-is known without a GPU.
+is known without a GPU. Then the same with the weight tiles through TMA (config "tma_b": a
+TensorDescriptor argument), and the descriptor's own construction.
 """
 import time
 
@@ -43,25 +44,33 @@ x = torch.randn(M, H, dtype=torch.bfloat16)
 w1 = torch.randn(E, 2 * I, H, dtype=torch.bfloat16)
 w2 = torch.randn(E, H, I, dtype=torch.bfloat16)
 tw, ti = torch.rand(M, k), torch.randint(0, E, (M, k))
-stage = {"BLOCK_K": 64, "BLOCK_N": 128, "GROUP_M": 4, "num_stages": 3, "num_warps": 8}
-F.fused_moe_triton_impl(x, w1, w2, tw, ti, config={"BLOCK_M": 64, "s1": stage, "s2": stage})
-
 binder = jit.create_function_from_signature(gemm.signature, gemm.params,
                                             CUDABackend(GPUTarget("cuda", 90, 32)))
-for name, (args, kwargs) in zip(("stage 1", "stage 2"), launches):
-    kwargs = dict(kwargs, debug=False, instrumentation_mode=knobs.compilation.instrumentation_mode)
-    cache: dict = {}
 
-    def bind(args=args, kwargs=kwargs, cache=cache):
-        _, spec, opts = binder(*args, **kwargs)
-        return jit.compute_cache_key(cache, spec, opts)
 
+def per_call_us(fn, n=2000):
     for _ in range(50):
-        bind()
-    n = 2000
+        fn()
     t0 = time.perf_counter()
     for _ in range(n):
-        bind()
-    us = (time.perf_counter() - t0) / n * 1e6
-    print(f"{name}: binder + cache key {us:.1f} us per launch ({len(args)} arguments, "
-          f"{len(kwargs)} keywords incl. constexprs and launch options)")
+        fn()
+    return (time.perf_counter() - t0) / n * 1e6
+
+
+for tma in (False, True):
+    launches.clear()
+    stage = {"BLOCK_K": 64, "BLOCK_N": 128, "GROUP_M": 4, "num_stages": 3, "num_warps": 8,
+             "tma_b": tma}
+    F.fused_moe_triton_impl(x, w1, w2, tw, ti, config={"BLOCK_M": 64, "s1": stage, "s2": stage})
+    for name, (args, kwargs) in zip(("stage 1", "stage 2"), launches):
+        kwargs = dict(kwargs, debug=False, instrumentation_mode=knobs.compilation.instrumentation_mode)
+        cache: dict = {}
+
+        def bind(args=args, kwargs=kwargs, cache=cache):
+            _, spec, opts = binder(*args, **kwargs)
+            return jit.compute_cache_key(cache, spec, opts)
+
+        print(f"{name}{' tma_b' if tma else ''}: binder + cache key {per_call_us(bind):.1f} us per "
+              f"launch ({len(args)} arguments, {len(kwargs)} keywords incl. constexprs and launch "
+              "options)")
+print(f"_weight_descriptor (stage 1's): {per_call_us(lambda: F._weight_descriptor(w1, 2, 256, 64)):.1f} us")
