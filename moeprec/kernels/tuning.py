@@ -20,6 +20,8 @@ programs for few output tiles over a long K, e.g. Mixtral's I = 14336), on eithe
 "dequant": true (MXFP4 weights, tensor-core tiles) decodes the weights before each stage and
 runs the plain kernels with the config's settings: to the model dtype for 16-bit activations,
 to fp8 with a power of two per row (the fp8 kernel's per-channel scales) for fp8 activations.
+A stage's "tma_b": true (tensor-core tiles of plain / fp8 weights, or MXFP4 decoded first)
+reads its weight tiles through a TMA descriptor instead of pointer loads.
 Lookup takes the exact shape key and the nearest tuned M (in log scale) if it is within a factor
 of 4; anything missing falls back to `default_config`. MXFP4 entries that do not say whether to
 decode first (tables written before that choice existed, or none at all) do so from
