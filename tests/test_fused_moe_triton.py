@@ -756,9 +756,10 @@ def test_weight_tiles_through_tma(quant, act_dtype, activation, gate_mode, bias,
     args = dict(quant=quant, act_dtype=act_dtype, activation=activation, gate_mode=gate_mode, **kw)
     st = {"BLOCK_N": 32, "BLOCK_K": 32, "num_warps": 4, "num_stages": 2}
     path = path_name(quant, act_dtype)
+    split_k = 1 + M % 2  # odd M: stage 2 split along K, each split's boxes from its own K range
     cfg = fix_config({"BLOCK_M": 16, "dequant": dequant, "s1": dict(st, tma_b=True),
-                      "s2": dict(st, tma_b=True)}, path)
-    assert cfg["s1"]["tma_b"] and cfg["s2"]["tma_b"]
+                      "s2": dict(st, tma_b=True, split_k=split_k)}, path)
+    assert cfg["s1"]["tma_b"] and cfg["s2"]["tma_b"] and cfg["s2"]["split_k"] == split_k
     made = []
     real = m._weight_descriptor
     monkeypatch.setattr(m, "_weight_descriptor", lambda *a: made.append(real(*a)) or made[-1])
