@@ -22,6 +22,8 @@ import torch
 import triton
 import triton.language as tl
 
+from moeprec.kernels._grid import next_power_of_2
+
 
 @triton.jit
 def _sum_rows_kernel(
@@ -86,7 +88,7 @@ def _empty(shape, dtype, device) -> torch.Tensor:
 
 
 def _block_d(d: int) -> int:
-    return min(1024, triton.next_power_of_2(max(d, 16)))  # 8 columns per thread at 4 warps
+    return min(1024, next_power_of_2(max(d, 16)))  # 8 columns per thread at 4 warps
 
 
 def sum_rows(src: torch.Tensor, pos: torch.Tensor, w: torch.Tensor | None, k: int,

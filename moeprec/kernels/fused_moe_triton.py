@@ -23,10 +23,11 @@ import warnings
 from typing import Any, NamedTuple
 
 import torch
-import triton
+from triton.tools.tensor_descriptor import TensorDescriptor
 
 from moeprec.backends import triton_interpret
 from moeprec.kernels import _fused_moe_kernels as K
+from moeprec.kernels._grid import cdiv, next_power_of_2
 from moeprec.kernels.tuning import get_config, path_name
 
 # Largest M*k that the single-program align kernel handles (one launch for decode); beyond it
@@ -75,7 +76,7 @@ def _device_name(t: torch.Tensor) -> str | None:
 
 def max_blocks(num_slots: int, num_experts: int, block_m: int) -> int:
     """Upper bound on used blocks: every expert with tokens adds at most one partial block."""
-    return triton.cdiv(num_slots, block_m) + min(num_experts, num_slots)
+    return cdiv(num_slots, block_m) + min(num_experts, num_slots)
 
 
 def _scratch(shape: tuple[int, ...], dtype: torch.dtype, device: torch.device) -> torch.Tensor:
@@ -116,7 +117,7 @@ def _align(topk_ids: torch.Tensor, num_experts: int, block_m: int,
     expert_ids = torch.empty(nb, dtype=torch.int32, device=dev)
     mask = _mask_i32(expert_mask) if expert_mask is not None else sorted_ids
     ids = topk_ids.reshape(-1)
-    e_pad = triton.next_power_of_2(num_experts)
+    e_pad = next_power_of_2(num_experts)
     chunk = max(16, min(64, 16384 // e_pad))  # a [chunk, e_pad] one-hot tile per step
     warps = 4 if e_pad <= 64 else 8
     common = dict(HAS_MASK=expert_mask is not None, E_PAD=e_pad, CHUNK=chunk, num_warps=warps)
@@ -124,7 +125,7 @@ def _align(topk_ids: torch.Tensor, num_experts: int, block_m: int,
         K._align_kernel[(1,)](ids, mask, sorted_ids, expert_ids, num_slots, num_experts, nb,
                               BLOCK_M=block_m, **common)
         return Alignment(sorted_ids, expert_ids, None)
-    num_chunks = triton.cdiv(num_slots, chunk)
+    num_chunks = cdiv(num_slots, chunk)
     chunk_base = torch.empty(num_chunks, e_pad, dtype=torch.int32, device=dev)
     totals = torch.empty(e_pad, dtype=torch.int32, device=dev)
     K._align_count_kernel[(num_chunks,)](ids, mask, chunk_base, num_slots, num_experts, **common)
@@ -132,7 +133,7 @@ def _align(topk_ids: torch.Tensor, num_experts: int, block_m: int,
     K._align_scan_kernel[(e_pad // eb,)](chunk_base, totals, num_chunks, E_PAD=e_pad, EB=eb,
                                          ROWS=_ALIGN_SCAN_ROWS, num_warps=4)
     K._align_place_kernel[(num_chunks,)](ids, mask, chunk_base, totals, sorted_ids, expert_ids,
-                                         num_slots, num_experts, nb, triton.cdiv(nb, num_chunks),
+                                         num_slots, num_experts, nb, cdiv(nb, num_chunks),
                                          BLOCK_M=block_m, **common)
     return Alignment(sorted_ids, expert_ids, totals)
 
@@ -147,10 +148,10 @@ def _sum_slot_rows(rows: torch.Tensor, topk_ids: torch.Tensor, expert_mask: torc
         return out
     ids = topk_ids.reshape(-1)
     mask = expert_mask if expert_mask is not None else ids
-    block_n = min(1024, triton.next_power_of_2(H))
-    K._sum_slot_rows_kernel[(M, triton.cdiv(H, block_n))](
+    block_n = min(1024, next_power_of_2(H))
+    K._sum_slot_rows_kernel[(M, cdiv(H, block_n))](
         rows, ids, mask, out, H, k, E, rows.stride(0), out.stride(0),
-        HAS_MASK=expert_mask is not None, K_PAD=triton.next_power_of_2(k), BLOCK_N=block_n,
+        HAS_MASK=expert_mask is not None, K_PAD=next_power_of_2(k), BLOCK_N=block_n,
         num_warps=4)
     return out
 
@@ -161,11 +162,9 @@ def _quant_fp8_rows(x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
     q = torch.empty(M, H, dtype=torch.float8_e4m3fn, device=x.device)
     s = torch.empty(M, dtype=torch.float32, device=x.device)
     K._quant_fp8_rows_kernel[(M,)](x, q, s, H, x.stride(0), q.stride(0),
-                                   BLOCK=min(1024, triton.next_power_of_2(H)), INTERP=triton_interpret(),
+                                   BLOCK=min(1024, next_power_of_2(H)), INTERP=triton_interpret(),
                                    num_warps=4)
     return q, s
-
-
 
 
 def _compute_dtype(dtype: torch.dtype) -> Any:
@@ -193,8 +192,6 @@ def _weight_descriptor(b: torch.Tensor, parts: int, tile_rows: int, block_k: int
     viewed as [E, parts, R / parts, K], one box [1, parts, tile_rows / parts, block_k]. None
     where TMA cannot address them (K not contiguous, a base or stride off 16 bytes, a box side
     over 256): the kernel then loads through pointers, as without the option."""
-    from triton.tools.tensor_descriptor import TensorDescriptor
-
     E, R, Kdim = b.shape
     rows, box = R // parts, tile_rows // parts
     strides = [b.stride(0), rows * b.stride(1), b.stride(1), b.stride(2)]
@@ -217,7 +214,7 @@ def _launch_gemm(*, a, a_scale, b, b_scale, bias, c, c_scale, sorted_ids, expert
     a_fmt = "e4m3" if a_fp8 else ("fp16" if a.dtype == torch.float16 else "bf16")
     gemv = block_m == 1 and not a_fp8  # one (token, expert) pair per block: CUDA cores
     split_k = int(st.get("split_k", 1)) if atomic_out else 1
-    grid = (num_pid_m * triton.cdiv(N, st["BLOCK_N"]), split_k)
+    grid = (num_pid_m * cdiv(N, st["BLOCK_N"]), split_k)
     dummy = expert_ids
     if pair_blocks:
         sorted_ids = dummy

@@ -16,6 +16,8 @@ import torch
 import triton
 import triton.language as tl
 
+from moeprec.kernels._grid import cdiv, next_power_of_2
+
 
 @triton.jit
 def _columns(h_ptr, rows, cols, I, stride_h, INTERLEAVED: tl.constexpr):
@@ -86,9 +88,9 @@ def _empty(shape, dtype, device) -> torch.Tensor:
 
 
 def _grid(r: int, i: int) -> tuple[tuple[int, int], int, int]:
-    block_i = min(256, triton.next_power_of_2(max(i, 16)))
+    block_i = min(256, next_power_of_2(max(i, 16)))
     block_r = max(1, 2048 // block_i)
-    return (triton.cdiv(r, block_r), triton.cdiv(i, block_i)), block_r, block_i
+    return (cdiv(r, block_r), cdiv(i, block_i)), block_r, block_i
 
 
 def gated_act_forward(h: torch.Tensor, swiglu: bool, interleaved: bool, alpha: float,

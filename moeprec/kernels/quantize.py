@@ -35,6 +35,7 @@ from moeprec.formats.mxfp4 import (
     MX_BLOCK,
     SCALE_MODES,
 )
+from moeprec.kernels._grid import cdiv, next_power_of_2
 
 # The E2M1 rounding below assumes the grid {0, .5, 1, 1.5, 2, 3, 4, 6}: 1 mantissa bit, binades
 # [1, 2), [2, 4), [4, 8) and a subnormal step of 0.5.
@@ -368,7 +369,7 @@ def quantize_mxfp4_triton(x: torch.Tensor, scale_mode: str = "rceil") -> tuple[t
     nb = r * (k // MX_BLOCK)  # x2 is contiguous: its 32-blocks are consecutive
     if nb:
         block_b = LAUNCH["mx_blocks"]
-        _mxfp4_quant_kernel[(triton.cdiv(nb, block_b),)](
+        _mxfp4_quant_kernel[(cdiv(nb, block_b),)](
             x2, packed, scales, nb, MODE=_SCALE_MODE_IDS[scale_mode], BLOCK_B=block_b,
             num_warps=LAUNCH["mx_warps"],
         )
@@ -390,7 +391,7 @@ def dequantize_mxfp4_triton(packed: torch.Tensor, scales: torch.Tensor,
     nb = s2.numel()  # both contiguous: block b is scale b and packed bytes 16b..16b+15
     if nb:
         block_b = LAUNCH["mx_blocks"]
-        _mxfp4_dequant_kernel[(triton.cdiv(nb, block_b),)](
+        _mxfp4_dequant_kernel[(cdiv(nb, block_b),)](
             p2, s2, out, nb, keep if keep is not None else s2,
             nb // packed.shape[0] if keep is not None else 1, HAS_KEEP=keep is not None,
             BLOCK_B=block_b, num_warps=LAUNCH["mx_warps"])
@@ -412,14 +413,14 @@ def mxfp4_to_fp8_triton(packed: torch.Tensor, scales: torch.Tensor,
     if r:
         smax = torch.empty(r, dtype=torch.int32, device=packed.device)
         block_r = LAUNCH["fp8_rows"]
-        _mxfp4_row_scale_kernel[(triton.cdiv(r, block_r),)](
+        _mxfp4_row_scale_kernel[(cdiv(r, block_r),)](
             s2, smax, row_scale, r, nb_row, keep if keep is not None else s2, r // groups,
             HAS_KEEP=keep is not None, BLOCK_R=block_r,
-            BLOCK_B=min(LAUNCH["fp8_row_blocks"], triton.next_power_of_2(max(nb_row, 1))), num_warps=4)
+            BLOCK_B=min(LAUNCH["fp8_row_blocks"], next_power_of_2(max(nb_row, 1))), num_warps=4)
         nb = s2.numel()
         if nb:
             block_b = LAUNCH["mx_blocks"]
-            _mxfp4_to_fp8_kernel[(triton.cdiv(nb, block_b),)](
+            _mxfp4_to_fp8_kernel[(cdiv(nb, block_b),)](
                 p2, s2, smax, out, nb, nb_row, keep if keep is not None else s2, nb // groups,
                 HAS_KEEP=keep is not None, EXACT_CAST=triton_interpret(), BLOCK_B=block_b,
                 num_warps=LAUNCH["mx_warps"])
@@ -449,19 +450,19 @@ def quantize_fp8_triton(
         n = x2.numel()
         if n:
             tile = LAUNCH["fp8_tile"]
-            _fp8_tensor_quant_kernel[(triton.cdiv(n, tile),)](
+            _fp8_tensor_quant_kernel[(cdiv(n, tile),)](
                 x2, out_bytes, scale, n, BLOCK=tile, EXACT_CAST=exact_cast, num_warps=LAUNCH["fp8_warps"]
             )
         return out.reshape(x.shape), scale.reshape([1] * x.dim())
     group = k if granularity in ("per_token", "per_channel") else block_size
-    ngroups = triton.cdiv(k, group) if k else 0
+    ngroups = cdiv(k, group) if k else 0
     if ngroups > _MAX_GRID_DIM1:  # tiny blocks on a huge row: not worth a second kernel
         return quantize_fp8_torch(x, granularity, block_size)
     scale = _empty((r, ngroups), torch.float32, x.device)
     if r and k:
-        block_g = min(triton.next_power_of_2(group), LAUNCH["fp8_max_group"])
-        block_r = max(1, min(LAUNCH["fp8_tile"] // block_g, triton.next_power_of_2(r)))
-        grid = (triton.cdiv(r, block_r), ngroups)
+        block_g = min(next_power_of_2(group), LAUNCH["fp8_max_group"])
+        block_r = max(1, min(LAUNCH["fp8_tile"] // block_g, next_power_of_2(r)))
+        grid = (cdiv(r, block_r), ngroups)
         _fp8_group_quant_kernel[grid](
             x2, out_bytes, scale, r, k, group, ngroups, x2.stride(0), out.stride(0), scale.stride(0),
             BLOCK_R=block_r, BLOCK_G=block_g, ONE_PASS=group <= block_g, EXACT_CAST=exact_cast,

@@ -18,6 +18,7 @@ import triton
 import triton.language as tl
 
 from moeprec.backends import triton_interpret
+from moeprec.kernels._grid import cdiv, next_power_of_2
 
 
 @triton.jit
@@ -60,9 +61,9 @@ def split_grad_to_bf16(g: torch.Tensor, pieces: int) -> torch.Tensor:
     out = _empty((t, pieces * e), torch.bfloat16, g.device)
     if out.numel() == 0:
         return out
-    block_e = min(128, triton.next_power_of_2(e))
+    block_e = min(128, next_power_of_2(e))
     block_t = max(1, 4096 // block_e)
-    grid = (triton.cdiv(t, block_t), triton.cdiv(e, block_e))
+    grid = (cdiv(t, block_t), cdiv(e, block_e))
     _split_kernel[grid](
         g, out, t, e, PIECES=pieces, BLOCK_T=block_t, BLOCK_E=block_e,
         INTERPRET=triton_interpret(), num_warps=4,
