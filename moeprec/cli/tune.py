@@ -160,11 +160,13 @@ def tune_point(shape: str, path: str, M: int, weights: dict, reps: int, log) -> 
         ms, cfg = timed(dict(best, fuse_quant=not best.get("fuse_quant", True)))
         if ms < best_ms:
             best_ms, best = ms, cfg
-    if best["BLOCK_M"] != 1 and (kpath not in ("w4a16", "w4a8") or best.get("dequant")):
-        for st in ("s1", "s2"):  # plain / fp8 weight tiles through TMA or pointer loads
-            ms, cfg = timed(dict(best, **{st: dict(best[st], tma_b=not best[st].get("tma_b"))}))
-            if ms < best_ms:
-                best_ms, best = ms, cfg
+    for st in ("s1", "s2"):  # plain / fp8 weight tiles through TMA or pointer loads
+        cand = dict(best, **{st: dict(best[st], tma_b=not best[st].get("tma_b"))})
+        if fix_config(cand, kpath)[st]["tma_b"] == best[st].get("tma_b", False):
+            continue  # fix_config drops the flag here (decode blocks, MXFP4 tiles): nothing to time
+        ms, cfg = timed(cand)
+        if ms < best_ms:
+            best_ms, best = ms, cfg
     torch.cuda.synchronize()
     return {"config": best, "ms": best_ms, "default_ms": default_ms}
 

@@ -226,9 +226,9 @@ def _launch_gemm(*, a, a_scale, b, b_scale, bias, c, c_scale, sorted_ids, expert
     def s(t, i):
         return t.stride(i) if t is not None and t.dim() > i else 0
 
+    tile_rows = 2 * st["BLOCK_N"] if stage1 else st["BLOCK_N"]  # stage 1: gate and up rows
     b_parts = 2 if stage1 and not interleaved else 1
-    b_desc = (_weight_descriptor(b, b_parts, 2 * st["BLOCK_N"] if stage1 else st["BLOCK_N"],
-                                 st["BLOCK_K"])
+    b_desc = (_weight_descriptor(b, b_parts, tile_rows, st["BLOCK_K"])
               if st.get("tma_b") and b_fmt != 1 and not gemv else None)
     return K._moe_gemm_kernel[grid](
         a, a_scale_t, b, b_scale_t, bias_t, c, c_scale_t, b_desc, sorted_ids, expert_ids, topk_w,
@@ -243,7 +243,7 @@ def _launch_gemm(*, a, a_scale, b, b_scale, bias, c, c_scale, sorted_ids, expert
         QUANT_OUT=quant_out, COMPUTE_DTYPE=compute_dtype, INTERP=triton_interpret(),
         DOT_SCALED=dot_scaled, A_FMT=a_fmt,
         BLOCK_M=block_m, BLOCK_N=st["BLOCK_N"], BLOCK_K=st["BLOCK_K"], GROUP_M=st["GROUP_M"],
-        TILE_ROWS=2 * st["BLOCK_N"] if stage1 else st["BLOCK_N"], GEMV=gemv, SPLIT_K=split_k,
+        TILE_ROWS=tile_rows, GEMV=gemv, SPLIT_K=split_k,
         PAIR_BLOCKS=pair_blocks, HAS_MASK=pair_mask is not None, EVEN_K=Kdim % st["BLOCK_K"] == 0,
         B_TMA=b_desc is not None, B_PARTS=b_parts, num_warps=st["num_warps"], num_stages=st["num_stages"],
     )

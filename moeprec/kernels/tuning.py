@@ -127,6 +127,7 @@ def fix_config(cfg: dict[str, Any], path: str) -> dict[str, Any]:
     # weights decoded before the GEMMs: MXFP4 weights, tensor-core tiles only
     cfg["dequant"] = cfg["dequant"] and path in DEQUANT_PLAIN_PATH and bm != 1
     dequant = cfg["dequant"]
+    mxfp4_tiles = path in DEQUANT_PLAIN_PATH and not dequant  # packed weights decoded in-kernel
     if path in ("w4a8", "fp8"):  # fp8 activations only run on the tensor cores
         cfg["BLOCK_M"] = max(bm, 16)
     gemv = cfg["BLOCK_M"] == 1
@@ -142,10 +143,9 @@ def fix_config(cfg: dict[str, Any], path: str) -> dict[str, Any]:
         s.setdefault("num_warps", 4)
         s.setdefault("num_stages", 3)
         # weight tiles through TMA: plain / fp8 weights (or MXFP4 decoded first) on the tensor cores
-        s["tma_b"] = (bool(s.get("tma_b", False)) and not gemv
-                      and (path not in ("w4a16", "w4a8") or dequant))
+        s["tma_b"] = bool(s.get("tma_b", False)) and not gemv and not mxfp4_tiles
         # MXFP4 decodes K in blocks of 32; tl.dot needs K >= 16 per half (>= 32 for fp8).
-        if path in ("w4a16", "w4a8") and not dequant:
+        if mxfp4_tiles:
             s["BLOCK_K"] = max(s["BLOCK_K"], 64)
         if path in ("fp8", "w4a8"):
             s["BLOCK_K"] = max(s["BLOCK_K"], 32)
