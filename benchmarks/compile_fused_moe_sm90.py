@@ -127,5 +127,6 @@ def main() -> None:
             print(f"  loop: {n} SASS instructions for {weights} weights per thread "
                   f"({n / weights:.1f} per weight): {dict(mix.most_common(8))}")
 
+
 if __name__ == "__main__":
     main()

@@ -7,7 +7,7 @@ three-launch block alignment (M = 200: 600 slots), MXFP4 weights decoded before 
 weights are then not decoded), the MXFP4 tiles' explicit decode ("dot_scaled": false; K = 96
 and 64 against BLOCK_K = 128: K tails; BLOCK_M = 128 with BLOCK_K = 64: stage 2 without
 K masks), plain tiles with K a multiple of BLOCK_K in both stages, tile stage 2 split along K (3 ways), stage 2 storing slot rows that a
-per-token sum combines. Exit code 0 and the sanitizer's "0 errors" are the check; outputs are
+per-token sum combines, weight tiles through TMA. Exit code 0 and the sanitizer's "0 errors" are the check; outputs are
 also compared with the torch reference.
 """
 
@@ -98,6 +98,13 @@ def main() -> None:
             out = fused_moe_triton_impl(x, w1, w2, tw, ti, config=cfg, **args)
             assert_close(out, ref, 1e-2 if act == "bf16" else 2.0**-4)
             print(quant, act, M, "slot rows summed without atomics ok", flush=True)
+            # weight tiles through TMA ("tma_b"): plain / fp8 weights, MXFP4 decoded first
+            st = {"BLOCK_N": 32, "BLOCK_K": 32, "num_warps": 4, "num_stages": 2, "tma_b": True}
+            cfg = fix_config({"BLOCK_M": 16, "dequant": quant == "mxfp4", "s1": dict(st),
+                              "s2": dict(st)}, path_name(quant, act))
+            out = fused_moe_triton_impl(x, w1, w2, tw, ti, config=cfg, **args)
+            assert_close(out, ref, 1e-2 if act == "bf16" else 2.0**-4)
+            print(quant, act, M, "weight tiles through TMA ok", flush=True)
 
 
 if __name__ == "__main__":
