@@ -71,18 +71,16 @@ def _write_block_owners(expert_ids_ptr, ends, total, b_lo, b_hi, BLOCK_M: tl.con
 
 @triton.jit
 def _place_chunk(topk_ids_ptr, expert_mask_ptr, sorted_ids_ptr, offs, base, num_slots,
-                 num_experts, HAS_MASK: tl.constexpr, E_PAD: tl.constexpr, CHUNK: tl.constexpr):
+                 num_experts, HAS_MASK: tl.constexpr, E_PAD: tl.constexpr):
     """Store the flat ids `offs` at base[e] + their rank among this chunk's slots of expert e
     (ascending flat id within an expert); returns the chunk's count per expert."""
     ids, valid = _load_local_ids(topk_ids_ptr, expert_mask_ptr, offs, num_slots, num_experts,
                                  HAS_MASK)
-    onehot = ids[:, None] == tl.arange(0, E_PAD)[None, :]
-    # rank: the earlier slots of the chunk with the same id (a [CHUNK, CHUNK] count, no scan)
-    r = tl.arange(0, CHUNK)
-    earlier = (ids[:, None] == ids[None, :]) & (r[None, :] < r[:, None])
-    pos = tl.sum(tl.where(onehot, base[None, :], 0), axis=1) + tl.sum(earlier.to(tl.int32), axis=1)
+    onehot = (ids[:, None] == tl.arange(0, E_PAD)[None, :]).to(tl.int32)
+    csum = tl.cumsum(onehot, axis=0)
+    pos = tl.sum(onehot * (csum - 1 + base[None, :]), axis=1)
     tl.store(sorted_ids_ptr + pos, offs, mask=valid)
-    return tl.sum(onehot.to(tl.int32), axis=0)
+    return tl.sum(onehot, axis=0)
 
 
 @triton.jit
@@ -108,7 +106,7 @@ def _align_kernel(
     for c0 in range(0, num_slots, CHUNK):
         offs = c0 + tl.arange(0, CHUNK)
         base += _place_chunk(topk_ids_ptr, expert_mask_ptr, sorted_ids_ptr, offs, base,
-                             num_slots, num_experts, HAS_MASK, E_PAD, CHUNK)
+                             num_slots, num_experts, HAS_MASK, E_PAD)
 
 
 # Larger batches: the same layout in three launches, the per-slot work spread over programs of
@@ -164,7 +162,7 @@ def _align_place_kernel(topk_ids_ptr, expert_mask_ptr, chunk_base_ptr, totals_pt
     offs = c * CHUNK + tl.arange(0, CHUNK)
     base = tl.load(chunk_base_ptr + c * E_PAD + tl.arange(0, E_PAD)) + starts
     _place_chunk(topk_ids_ptr, expert_mask_ptr, sorted_ids_ptr, offs, base, num_slots,
-                 num_experts, HAS_MASK, E_PAD, CHUNK)
+                 num_experts, HAS_MASK, E_PAD)
 
 
 @triton.jit
