@@ -810,3 +810,23 @@ def _sum_slot_rows_kernel(rows_ptr, topk_ids_ptr, expert_mask_ptr, out_ptr, N, t
                 mask=keep[:, None] & n_ok[None, :], other=0.0)
     tl.store(out_ptr + t * stride_om + offs_n, tl.sum(r, axis=0).to(out_ptr.dtype.element_ty),
              mask=n_ok)
+
+
+@triton.jit
+def _quant_fp8_rows_kernel(x_ptr, q_ptr, s_ptr, K, stride_xm, stride_qm, BLOCK: tl.constexpr,
+                           INTERP: tl.constexpr):
+    """One fp8 scale per row: s = amax / 448, q = clamp(x / s) (clamped before the cast; NaN
+    anywhere in the row gives a NaN scale, hence a NaN row, as in the reference)."""
+    row = tl.program_id(0).to(tl.int64)
+    amax = tl.zeros([BLOCK], dtype=tl.float32)
+    for k0 in range(0, K, BLOCK):
+        kk = k0 + tl.arange(0, BLOCK)
+        x = tl.load(x_ptr + row * stride_xm + kk, mask=kk < K, other=0.0).to(tl.float32)
+        amax = tl.maximum(amax, tl.abs(x), propagate_nan=tl.PropagateNan.ALL)
+    sc = _fp8_scale(_max_nan(amax, 0))
+    tl.store(s_ptr + row, sc)
+    for k0 in range(0, K, BLOCK):
+        kk = k0 + tl.arange(0, BLOCK)
+        x = tl.load(x_ptr + row * stride_xm + kk, mask=kk < K, other=0.0).to(tl.float32)
+        q = _clamp_nan(x / sc, -448.0, 448.0)
+        tl.store(q_ptr + row * stride_qm + kk, _to_fp8(q, INTERP), mask=kk < K)

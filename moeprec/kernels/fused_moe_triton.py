@@ -28,7 +28,6 @@ from triton.tools.tensor_descriptor import TensorDescriptor
 from moeprec.backends import triton_interpret
 from moeprec.kernels import _fused_moe_kernels as K
 from moeprec.kernels._grid import cdiv, next_power_of_2
-from moeprec.kernels.quantize import quantize_fp8_triton
 from moeprec.kernels.tuning import get_config, path_name
 
 # Largest M*k that the single-program align kernel handles (one launch for decode); beyond it
@@ -158,10 +157,14 @@ def _sum_slot_rows(rows: torch.Tensor, topk_ids: torch.Tensor, expert_mask: torc
 
 
 def _quant_fp8_rows(x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-    """x [R, K] -> (E4M3 [R, K], fp32 scale [R]): the public per-token quantizer's kernel (the
-    reference's bytes; several rows per program, one read of each row up to 8192 columns)."""
-    q, s = quantize_fp8_triton(x, "per_token")
-    return q, s.reshape(-1)
+    x = x.contiguous()  # the kernel walks rows with unit column stride
+    M, H = x.shape
+    q = torch.empty(M, H, dtype=torch.float8_e4m3fn, device=x.device)
+    s = torch.empty(M, dtype=torch.float32, device=x.device)
+    K._quant_fp8_rows_kernel[(M,)](x, q, s, H, x.stride(0), q.stride(0),
+                                   BLOCK=min(1024, next_power_of_2(H)), INTERP=triton_interpret(),
+                                   num_warps=4)
+    return q, s
 
 
 def _compute_dtype(dtype: torch.dtype) -> Any:
