@@ -25,6 +25,7 @@
 #   bash benchmarks/gpu_checks.sh decoders     # both MXFP4 decoders' time and bandwidth
 #   bash benchmarks/gpu_checks.sh tma          # weight tiles through TMA vs pointer loads: tests, bench both
 #   bash benchmarks/gpu_checks.sh w4a8-tune    # tune fp8 GEMMs at M = 4096, 8192; mxfp4 bf16 / fp8 act with them
+#   bash benchmarks/gpu_checks.sh small-kernels  # fp8 row quantizers and the align place launch, by parts
 # Uses the machine's own python3 (torch + triton preinstalled); moeprec from this checkout.
 set -uo pipefail
 OUT=${OUT:-out}
@@ -171,6 +172,11 @@ PY
       MOEPREC_FUSED_MOE_CONFIG_DIR="$OUT/configs" timeout 150 python3 -m moeprec bench \
         --paths bf16 --M 1024,4096,16384 --loop-max-m 0 --no-peers --reps 8 --sets 3 --no-plot \
         --out "$OUT/tuned_4096" 2>&1 | tee "$OUT/tuned_4096.log" | tail -14 ;;
+    small-kernels)  # the prefill call's small kernels (60-150 us each at Qwen3 M = 16384)
+      (cd benchmarks/probes && timeout 200 python3 quant_rows.py --out "$OUT/quant_rows" 2>&1 \
+        | tee "$OUT/quant_rows.log" | tail -6
+       timeout 200 python3 align_place.py --out "$OUT/align_place" 2>&1 \
+        | tee "$OUT/align_place.log" | tail -6) ;;
     fp8-tune)  # fp8 weights + fp8 activations at M = 16384 into a copy of the table; bf16 beside it
       mkdir -p "$OUT/configs"
       cp moeprec/configs/fused_moe_NVIDIA_H200.json "$OUT/configs/" 2>/dev/null
