@@ -28,7 +28,7 @@ NOT_DIVISIBLE = ("alpha", "limit", "num_slots", "top_k", "num_pid_m", "num_exper
 
 
 def compile_variant(stage1, b_fmt, a_fp8, dot_scaled, bm, bn, bk, warps, stages=3, pair=False,
-                    even_k=True, tma=False):
+                    even_k=True, tma=False, pdl=False):
     fn = K._moe_gemm_kernel
     names = fn.arg_names
     a_quant = a_fp8 and not stage1
@@ -38,7 +38,7 @@ def compile_variant(stage1, b_fmt, a_fp8, dot_scaled, bm, bn, bk, warps, stages=
         COMPUTE_DTYPE=tl.bfloat16, INTERP=False, DOT_SCALED=dot_scaled,
         A_FMT="e4m3" if a_fp8 else "bf16", BLOCK_M=bm, BLOCK_N=bn, BLOCK_K=bk, GROUP_M=8,
         TILE_ROWS=2 * bn if stage1 else bn, GEMV=bm == 1, SPLIT_K=1, PAIR_BLOCKS=pair,
-        HAS_MASK=pair, EVEN_K=even_k, B_TMA=tma, B_PARTS=2 if stage1 else 1,
+        HAS_MASK=pair, EVEN_K=even_k, B_TMA=tma, B_PARTS=2 if stage1 else 1, PDL=pdl,
         **{s: 1 for s in UNIT_STRIDES},
     )
     if not tma:
@@ -109,6 +109,9 @@ def main() -> None:
     # plain / fp8 weight tiles through TMA (config "tma_b")
     variants += [v + (3, False, True, True) for v in variants
                  if v[1] in (0, 2) and v[4] == 128]
+    # stage 2 as a programmatic dependent launch of stage 1 (config "pdl"), decode blocks
+    variants += [v[:8] + (3, True, True, False, True) for v in variants
+                 if v[4] == 1 and len(v) > 9 and v[9]]
     for v in variants:
         c = compile_variant(*v)
         ptx, ttgir = c.asm["ptx"], c.asm["ttgir"]
@@ -117,6 +120,8 @@ def main() -> None:
         waits = sorted(set(re.findall(r"pendings = (\d+)", ttgir)))
         f32 = " pair_blocks" if len(v) > 9 and v[9] else ""
         f32 += " tma_b" if len(v) > 11 and v[11] else ""
+        gdc = re.findall(r"griddepcontrol\.(\w+)", ptx)
+        f32 += f" pdl ({', '.join(gdc)})" if len(v) > 12 and v[12] else ""
         tma = len(re.findall(r"cp\.async\.bulk\.tensor", ptx))
         print(f"stage{'1' if v[0] else '2'} b_fmt={v[1]} a_fp8={v[2]:d} dot_scaled={v[3]:d} "
               f"BM={v[4]} BN={v[5]} BK={v[6]}{f32}: smem {c.metadata.shared} B, cp.async {cp}, TMA {tma}, "

@@ -797,3 +797,57 @@ def test_tma_weight_tiles_config_and_descriptor_rules():
     assert m._weight_descriptor(w.transpose(1, 2), 1, 32, 32) is None  # K not contiguous
     assert m._weight_descriptor(torch.empty(3, 8, 40, dtype=torch.float8_e4m3fn), 1, 8, 32) is None
     assert m._weight_descriptor(w[:, :, 1:], 1, 32, 32) is None  # base off 16 bytes
+
+
+# "pdl": stage 2 launched as a programmatic dependent of stage 1. In the interpreter the grid
+# dependency instructions are left out (it has no inline PTX), so there this checks the launch
+# plumbing; on the GPU, a stage 2 that read z before stage 1 finished would read the poisoned
+# (NaN) intermediate.
+_PDL_CASES = [  # (quant, act_dtype, BLOCK_M, atomic, fuse_quant)
+    ("none", "bf16", 1, True, True), ("mxfp4", "bf16", 1, False, True),
+    ("none", "bf16", 16, True, True), ("none", "bf16", 16, False, True),
+    ("fp8", "fp8", 16, True, True), ("fp8", "fp8", 16, False, False),
+]
+
+
+@pytest.mark.parametrize("quant,act_dtype,bm,atomic,fuse_quant", _PDL_CASES)
+def test_stage2_as_programmatic_dependent_launch(quant, act_dtype, bm, atomic, fuse_quant):
+    from moeprec.kernels.tuning import fix_config, path_name
+
+    m = _kernel_module()
+    M, H, I, E, k = 7, 64, 96, 5, 3  # noqa: E741  (I off the 64-wide tiles)
+    x, w1, w2, tw, ti, kw = make_case(M, H, I, E, k, quant, bias=True, seed=bm + atomic)
+    ref = fused_moe(x, w1, w2, tw, ti, backend="torch", quant=quant, act_dtype=act_dtype, **kw)
+    st = {"BLOCK_N": 32 if bm == 1 else 64, "BLOCK_K": 64, "num_warps": 4, "num_stages": 2}
+    cfg = fix_config({"BLOCK_M": bm, "atomic": atomic, "fuse_quant": fuse_quant, "pdl": True,
+                      "s1": dict(st), "s2": dict(st)}, path_name(quant, act_dtype))
+    assert cfg["pdl"]  # kept by fix_config; off unless a config says so
+    assert not fix_config({"BLOCK_M": bm, "s1": dict(st), "s2": dict(st)},
+                          path_name(quant, act_dtype))["pdl"]
+    out = m.fused_moe_triton_impl(x, w1, w2, tw, ti, quant=quant, act_dtype=act_dtype,
+                                  config=cfg, **kw)
+    assert_close(out, ref, _tol(act_dtype))
+
+
+@pytest.mark.gpu
+def test_gpu_cuda_graph_with_programmatic_dependent_launch():
+    # the dependency is captured into the graph: replays on new inputs still see stage 1's rows
+    from moeprec.kernels.tuning import fix_config
+
+    m = _kernel_module()
+    M, H, I, E, k = 4, 2048, 768, 16, 4  # noqa: E741  (stage 1 long enough to overlap)
+    x, w1, w2, tw, ti, kw = make_case(M, H, I, E, k, seed=9)
+    st = {"BLOCK_N": 16, "BLOCK_K": 256, "num_warps": 4, "num_stages": 2}
+    cfg = fix_config({"BLOCK_M": 1, "pdl": True, "s1": dict(st), "s2": dict(st)}, "bf16")
+    f = lambda: m.fused_moe_triton_impl(x, w1, w2, tw, ti, config=cfg)  # noqa: E731
+    f()  # compile outside the capture
+    graph = torch.cuda.CUDAGraph()
+    with torch.cuda.graph(graph):
+        out = f()
+    for seed in (10, 11, 12):
+        new_x, _, _, new_tw, new_ti, _ = make_case(M, H, I, E, k, seed=seed)
+        x.copy_(new_x), tw.copy_(new_tw), ti.copy_(new_ti)
+        out.fill_(float("nan"))
+        graph.replay()
+        torch.cuda.synchronize()
+        assert_close(out, fused_moe(x, w1, w2, tw, ti, backend="torch"))

@@ -22,6 +22,8 @@ from __future__ import annotations
 import triton
 import triton.language as tl
 
+from triton.language.extra.cuda import gdc_launch_dependents, gdc_wait
+
 from moeprec.kernels.quantize import _decoded_to, _e2m1_to_f32, _e8m0_to_f32
 
 
@@ -675,7 +677,10 @@ def _moe_gemm_kernel(
     EVEN_K: tl.constexpr,        # K % BLOCK_K == 0: the tensor-core loop needs no K masks
     B_TMA: tl.constexpr,         # plain / fp8 weight tiles through the TMA descriptor b_desc
     B_PARTS: tl.constexpr,       # b_desc's parts: 2 for stage 1's separated gate/up rows, else 1
+    PDL: tl.constexpr,           # stage 2 is launched as a programmatic dependent of stage 1
 ):
+    if PDL and STAGE1 and not INTERP:  # let stage 2's programs launch as this grid drains
+        gdc_launch_dependents()
     pid = tl.program_id(0)
     pid_k = tl.program_id(1)
     pid_m, pid_n = _grouped_tile(pid, num_pid_m, tl.cdiv(N, BLOCK_N), GROUP_M)
@@ -720,6 +725,8 @@ def _moe_gemm_kernel(
     b_base = b_ptr + expert * stride_be
     bs_base = bs_ptr + expert * stride_bse
 
+    if PDL and not STAGE1 and not INTERP:  # stage 1's rows (and amax) complete from here on
+        gdc_wait()
     if A_FP8:
         a_sc = tl.load(a_scale_ptr + a_row * stride_asm, mask=row_ok, other=1.0)
         if A_QUANT:  # amax -> scale, as formats.fp8.fp8_scale

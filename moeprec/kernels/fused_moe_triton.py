@@ -204,10 +204,12 @@ def _weight_descriptor(b: torch.Tensor, parts: int, tile_rows: int, block_k: int
 def _launch_gemm(*, a, a_scale, b, b_scale, bias, c, c_scale, sorted_ids, expert_ids, topk_w,
                  N, Kdim, num_slots, top_k, interleaved, stage1, b_fmt, a_fp8,
                  a_quant, act, mul_weight, atomic_out, quant_out, compute_dtype, alpha,
-                 limit, block_m, st, pair_mask=None, num_experts=0):
+                 limit, block_m, st, pair_mask=None, num_experts=0, pdl=False):
     """One stage; returns the compiled kernel (probes read its registers and shared memory).
     `sorted_ids=None`: pair blocks (BLOCK_M = 1, no alignment): `expert_ids` is then the flat
-    topk ids and `pair_mask` the expert mask, both checked in the kernel."""
+    topk ids and `pair_mask` the expert mask, both checked in the kernel. `pdl`: stage 1 lets
+    its dependent launch early; stage 2 is launched as that dependent and waits for stage 1's
+    rows in the kernel."""
     num_pid_m = expert_ids.numel()
     pair_blocks = sorted_ids is None
     dot_scaled = b_fmt == 1 and use_dot_scaled(a.dtype, a_fp8, st, triton_interpret())
@@ -245,7 +247,8 @@ def _launch_gemm(*, a, a_scale, b, b_scale, bias, c, c_scale, sorted_ids, expert
         BLOCK_M=block_m, BLOCK_N=st["BLOCK_N"], BLOCK_K=st["BLOCK_K"], GROUP_M=st["GROUP_M"],
         TILE_ROWS=tile_rows, GEMV=gemv, SPLIT_K=split_k,
         PAIR_BLOCKS=pair_blocks, HAS_MASK=pair_mask is not None, EVEN_K=Kdim % st["BLOCK_K"] == 0,
-        B_TMA=b_desc is not None, B_PARTS=b_parts, num_warps=st["num_warps"], num_stages=st["num_stages"],
+        B_TMA=b_desc is not None, B_PARTS=b_parts, PDL=pdl,
+        num_warps=st["num_warps"], num_stages=st["num_stages"], launch_pdl=pdl and not stage1,
     )
 
 
@@ -344,6 +347,10 @@ def fused_moe_triton_impl(
         x = fake_quantize_mxfp4(hidden_states.float(), scale_mode="rceil").to(out_dtype)
 
     s1, s2 = cfg["s1"], cfg["s2"]
+    # stage 2 as a programmatic dependent launch: it waits for the launch right before it (stage
+    # 1, or a row quantization between the stages), itself a plain launch that started after
+    # all earlier work had finished
+    pdl = bool(cfg.get("pdl", False))
     # large MXFP4 batches: decode the weights first, then the plain kernels
     dequant = (bool(cfg.get("dequant", False)) and quant == "mxfp4"
                and (a_fp8 or out_dtype != torch.float32))
@@ -351,6 +358,12 @@ def fused_moe_triton_impl(
     # them (the one-program alignment keeps no counts: then only the masked ones are skipped)
     keep = aligned.routed if aligned is not None and aligned.routed is not None else expert_mask
     gemm = functools.partial(_gemm_dequantized, keep=keep) if dequant else _launch_gemm
+    # stage 2's output first: its zero fill between the stages would hold up a pdl stage 2
+    atomic = bool(cfg.get("atomic", True)) or S * H * 4 > SLOT_ROWS_MAX_BYTES
+    if atomic:
+        out32 = torch.zeros(M, H, dtype=torch.float32, device=dev)
+    else:  # one fp32 row per kept slot, summed per token below (the rest are never read)
+        out32 = _scratch((S, H), torch.float32, dev)
     inter = _scratch((S, I), out_dtype, dev)
     # fp8 z, per-token scales as the reference: either stage 1 gathers each z row's amax
     # (atomic max from 0) and stage 2 quantizes as it loads (one pass, but A is no longer a plain
@@ -363,7 +376,7 @@ def fused_moe_triton_impl(
         top_k=k, interleaved=gate_mode == "interleaved", stage1=True, b_fmt=b_fmt, a_fp8=a_fp8,
         a_quant=False, act=act, mul_weight=apply_router_weight_on_input, atomic_out=False,
         quant_out=fuse_quant, compute_dtype=compute_dtype, alpha=swiglu_alpha, limit=swiglu_limit,
-        block_m=bm, st=s1, **pair,
+        block_m=bm, st=s1, pdl=pdl, **pair,
     )
     inter_scale = inter_amax
     if act_dtype == "fp4":
@@ -373,11 +386,6 @@ def fused_moe_triton_impl(
     elif a_fp8 and not fuse_quant:
         inter, inter_scale = _quant_fp8_rows(inter)
 
-    atomic = bool(cfg.get("atomic", True)) or S * H * 4 > SLOT_ROWS_MAX_BYTES
-    if atomic:
-        out32 = torch.zeros(M, H, dtype=torch.float32, device=dev)
-    else:  # one fp32 row per kept slot, summed per token below (the rest are never read)
-        out32 = _scratch((S, H), torch.float32, dev)
     gemm(
         a=inter, a_scale=inter_scale, b=w2, b_scale=w2_scale, bias=bias2, c=out32, c_scale=None,
         sorted_ids=sorted_ids, expert_ids=expert_ids, topk_w=topk_w, N=H, Kdim=I, num_slots=S,
@@ -385,7 +393,7 @@ def fused_moe_triton_impl(
         a_quant=fuse_quant, act=act,
         mul_weight=not apply_router_weight_on_input, atomic_out=atomic, quant_out=False,
         compute_dtype=compute_dtype, alpha=swiglu_alpha, limit=swiglu_limit, block_m=bm, st=s2,
-        **pair,
+        pdl=pdl, **pair,
     )
     if not atomic:
         return _sum_slot_rows(out32, topk_ids, expert_mask, M, k, E, out_dtype)

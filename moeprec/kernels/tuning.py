@@ -22,6 +22,9 @@ runs the plain kernels with the config's settings: to the model dtype for 16-bit
 to fp8 with a power of two per row (the fp8 kernel's per-channel scales) for fp8 activations.
 A stage's "tma_b": true (tensor-core tiles of plain / fp8 weights, or MXFP4 decoded first)
 reads its weight tiles through a TMA descriptor instead of pointer loads.
+"pdl": true launches stage 2 as a programmatic dependent of stage 1 (Hopper on): its programs
+start while stage 1 drains and wait (griddepcontrol) only before reading stage 1's rows, which
+hides the launch gap between the two; for short, decode-sized calls.
 Lookup takes the exact shape key and the nearest tuned M (in log scale) if it is within a factor
 of 4; anything missing falls back to `default_config`. MXFP4 entries that do not say whether to
 decode first (tables written before that choice existed, or none at all) do so from
@@ -120,6 +123,7 @@ def fix_config(cfg: dict[str, Any], path: str) -> dict[str, Any]:
            "fuse_quant": bool(cfg.get("fuse_quant", True)),
            "dequant": bool(cfg.get("dequant", False)),
            "pair_blocks": bool(cfg.get("pair_blocks", True)),
+           "pdl": bool(cfg.get("pdl", False)),
            "s1": dict(cfg["s1"]), "s2": dict(cfg["s2"])}
     bm = cfg["BLOCK_M"]
     if bm != 1 and (bm < 16 or bm & (bm - 1)):
