@@ -174,3 +174,31 @@ def test_tune_tries_tma_weight_tiles_per_stage(tma_pays, monkeypatch):
     assert r["config"]["s1"]["tma_b"] == tma_pays and r["config"]["s2"]["tma_b"] == tma_pays
     assert any(c["s1"]["tma_b"] for c in timed) and any(c["s2"]["tma_b"] for c in timed)
     assert r["ms"] == pytest.approx(0.85 if tma_pays else 1.0)
+
+
+@pytest.mark.parametrize("M,pdl_pays", [(16, True), (16, False), (4096, True)])
+def test_tune_tries_programmatic_dependent_launch_on_short_calls(M, pdl_pays, monkeypatch):
+    # fake clock: where "pdl" saves time the search must end on it, but only for calls short
+    # enough to be timed as graphs (M <= 256); where it costs time, never
+    import torch
+
+    import moeprec.kernels.fused_moe_triton as fm
+    from moeprec.cli import tune
+
+    timed = []
+    monkeypatch.setattr(fm, "fused_moe_triton_impl", lambda *a, config, **kw: config)
+    monkeypatch.setattr(tune, "make_inputs", lambda *a, **kw: [(None, None, None)])
+    monkeypatch.setattr(tune, "_as_graphs", lambda fns: fns)
+    monkeypatch.setattr(torch.cuda, "synchronize", lambda: None)
+    monkeypatch.setattr(torch.cuda, "get_device_name", lambda *a: "none")
+
+    def fake_ms(fns, reps):
+        cfg = fns[0]()
+        timed.append(cfg)
+        return 1.0 + (-0.1 if pdl_pays else 0.1) * cfg["pdl"]
+
+    monkeypatch.setattr(tune, "_median_ms", fake_ms)
+    r = tune.tune_point("qwen3-30b-a3b", "bf16", M, {"w1": None, "w2": None}, 1, None)
+    graphed = M <= 256
+    assert r["config"]["pdl"] == (graphed and pdl_pays)
+    assert any(c["pdl"] for c in timed) == graphed
