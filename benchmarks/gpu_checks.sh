@@ -26,6 +26,7 @@
 #   bash benchmarks/gpu_checks.sh tma          # weight tiles through TMA vs pointer loads: tests, bench both
 #   bash benchmarks/gpu_checks.sh w4a8-tune    # tune fp8 GEMMs at M = 4096, 8192; mxfp4 bf16 / fp8 act with them
 #   bash benchmarks/gpu_checks.sh small-kernels  # fp8 row quantizers and the align place launch, by parts
+#   bash benchmarks/gpu_checks.sh pdl          # stage 2 as a programmatic dependent launch: tests, decode probe
 # Uses the machine's own python3 (torch + triton preinstalled); moeprec from this checkout.
 set -uo pipefail
 OUT=${OUT:-out}
@@ -172,6 +173,11 @@ PY
       MOEPREC_FUSED_MOE_CONFIG_DIR="$OUT/configs" timeout 150 python3 -m moeprec bench \
         --paths bf16 --M 1024,4096,16384 --loop-max-m 0 --no-peers --reps 8 --sets 3 --no-plot \
         --out "$OUT/tuned_4096" 2>&1 | tee "$OUT/tuned_4096.log" | tail -14 ;;
+    pdl)  # config "pdl": its tests on the GPU (graph capture included), then the decode probe
+      timeout 200 python3 -m pytest -q -ra -p no:cacheprovider tests/test_fused_moe_triton.py \
+        -k "programmatic" 2>&1 | tee "$OUT/pdl_tests.log" | tail -3
+      (cd benchmarks/probes && timeout 300 python3 decode_flags.py --M 1,4,16,64,256 \
+        --out "$OUT/pdl_flags" 2>&1 | tee "$OUT/pdl_flags.log" | grep -E "^shape|table") ;;
     small-kernels)  # the prefill call's small kernels (60-150 us each at Qwen3 M = 16384)
       (cd benchmarks/probes && timeout 200 python3 quant_rows.py --out "$OUT/quant_rows" 2>&1 \
         | tee "$OUT/quant_rows.log" | tail -6

@@ -5,7 +5,7 @@
 For each shape, path (bf16, mxfp4-w4a16) and M in 1, 4, 16, 64: the configuration the op uses
 (tuning.get_config on this device) and, where it runs one-pair blocks (BLOCK_M = 1), the same
 with pair_blocks switched, and each atomic-combine variant (stage 2 not split) with slot rows
-and a per-token sum instead ("+ slot rows"). bf16 at M <= 16 with tensor-core tiles in its entry also tries
+and a per-token sum instead ("+ slot rows"), and the table's config with "pdl" switched. bf16 at M <= 16 with tensor-core tiles in its entry also tries
 one-pair blocks with the w4a16 entry's stage settings. Each variant is a CUDA-graph replay over
 3 input sets (median of 30); "same" is the largest difference to the first variant's output
 relative to its max (the stage-2 atomics add in a different order, so not bit for bit).
@@ -53,6 +53,8 @@ for shape, (H, I, E, k) in SHAPES.items():  # noqa: E741
             for name, cfg in list(variants.items()):
                 if cfg.get("atomic", True) and cfg["s2"].get("split_k", 1) == 1:
                     variants[f"{name} + slot rows"] = dict(cfg, atomic=False)
+            # stage 2 as a programmatic dependent launch of stage 1
+            variants[f"table pdl={not base.get('pdl', False)}"] = dict(base, pdl=not base.get("pdl", False))
             ref_out, ref_us = None, None
             for name, cfg in variants.items():
                 cfg = fix_config(cfg, kpath)
