@@ -521,7 +521,7 @@ def _gemv_fetch(b_base, bs_base, rows, rows_ok, k0, k_end, a_ok, stride_bn, stri
 def _gemv_tiles(a_ptr, a_row, a_row_ok, stride_am, b_base, bs_base, rows, rows_ok, k_begin,
                 k_end, stride_ak, stride_bn, stride_bk, stride_bsn, stride_bsk,
                 B_FMT: tl.constexpr, TILE_ROWS: tl.constexpr, BLOCK_K: tl.constexpr,
-                INTERP: tl.constexpr):
+                INTERP: tl.constexpr, GDC_WAIT: tl.constexpr):
     """[1, TILE_ROWS] = a[k_begin:k_end] @ W[rows, k_begin:k_end]^T for one activation row, on
     CUDA cores.
 
@@ -533,7 +533,8 @@ def _gemv_tiles(a_ptr, a_row, a_row_ok, stride_am, b_base, bs_base, rows, rows_o
     weights are loaded before this step's arithmetic (these loads feed no tl.dot, so Triton's
     pipeliner would leave them synchronous). Weights: B_FMT 0 plain float, 1 MXFP4, 2 fp8
     (per-channel scales go on in the caller's epilogue). MXFP4 K ranges are whole 32-blocks;
-    plain ones are masked per element.
+    plain ones are masked per element. GDC_WAIT: a programmatic dependent launch waits for
+    the activations' producer only after the first weight step is in flight.
     """
     NSB: tl.constexpr = BLOCK_K // 32
     acc = tl.zeros([TILE_ROWS, NSB], dtype=tl.float32)
@@ -541,6 +542,8 @@ def _gemv_tiles(a_ptr, a_row, a_row_ok, stride_am, b_base, bs_base, rows, rows_o
     a_ok = tl.sum(a_row_ok.to(tl.int32), axis=0)
     w_next, s_next = _gemv_fetch(b_base, bs_base, rows, rows_ok, k_begin, k_end, a_ok, stride_bn,
                                  stride_bk, stride_bsn, stride_bsk, B_FMT, BLOCK_K)
+    if GDC_WAIT:
+        gdc_wait()
     for k0 in range(k_begin, k_end, BLOCK_K):
         w_cur, s_cur = w_next, s_next
         w_next, s_next = _gemv_fetch(b_base, bs_base, rows, rows_ok, k0 + BLOCK_K, k_end, a_ok,
@@ -725,7 +728,10 @@ def _moe_gemm_kernel(
     b_base = b_ptr + expert * stride_be
     bs_base = bs_ptr + expert * stride_bse
 
-    if PDL and not STAGE1 and not INTERP:  # stage 1's rows (and amax) complete from here on
+    # stage 1's rows (and amax) complete from here on (the CUDA-core blocks wait inside their
+    # product, once their first weights are on the way)
+    GDC_WAIT: tl.constexpr = PDL and not STAGE1 and not INTERP
+    if GDC_WAIT and not GEMV:
         gdc_wait()
     if A_FP8:
         a_sc = tl.load(a_scale_ptr + a_row * stride_asm, mask=row_ok, other=1.0)
@@ -741,7 +747,7 @@ def _moe_gemm_kernel(
     if GEMV:
         acc = _gemv_tiles(a_ptr, a_row, row_ok, stride_am, b_base, bs_base, rows, rows_ok,
                           k_begin, k_end, stride_ak, stride_bn, stride_bk, stride_bsn,
-                          stride_bsk, B_FMT, TILE_ROWS, BLOCK_K, INTERP)
+                          stride_bsk, B_FMT, TILE_ROWS, BLOCK_K, INTERP, GDC_WAIT)
     else:
         if SPLIT_K == 1:  # the whole of K: loop bounds the compiler sees
             k_begin = 0
