@@ -542,7 +542,7 @@ def _gemv_tiles(a_ptr, a_row, a_row_ok, stride_am, b_base, bs_base, rows, rows_o
     a_ok = tl.sum(a_row_ok.to(tl.int32), axis=0)
     w_next, s_next = _gemv_fetch(b_base, bs_base, rows, rows_ok, k_begin, k_end, a_ok, stride_bn,
                                  stride_bk, stride_bsn, stride_bsk, B_FMT, BLOCK_K)
-    if GDC_WAIT:
+    if GDC_WAIT:  # (the weights are never the launch before's output: no decode-first here)
         gdc_wait()
     for k0 in range(k_begin, k_end, BLOCK_K):
         w_cur, s_cur = w_next, s_next

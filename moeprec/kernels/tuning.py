@@ -129,6 +129,7 @@ def fix_config(cfg: dict[str, Any], path: str) -> dict[str, Any]:
     if bm != 1 and (bm < 16 or bm & (bm - 1)):
         raise ValueError(f"BLOCK_M must be 1 or a power of two >= 16, got {bm}")
     # weights decoded before the GEMMs: MXFP4 weights, tensor-core tiles only
+    # (never with BLOCK_M = 1: a pdl stage 2 of one-pair blocks reads weights before its wait)
     cfg["dequant"] = cfg["dequant"] and path in DEQUANT_PLAIN_PATH and bm != 1
     dequant = cfg["dequant"]
     mxfp4_tiles = path in DEQUANT_PLAIN_PATH and not dequant  # packed weights decoded in-kernel
