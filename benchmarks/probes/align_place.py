@@ -16,7 +16,7 @@ import argparse
 import torch
 import triton
 import triton.language as tl
-from _timing import save_rows  # noqa: E402 (this folder)
+from _timing import median_event_us, save_rows  # noqa: E402 (this folder)
 
 from moeprec.kernels import _fused_moe_kernels as K
 from moeprec.kernels import fused_moe_triton as F
@@ -51,20 +51,6 @@ def _place_parts_kernel(topk_ids_ptr, expert_mask_ptr, chunk_base_ptr, totals_pt
                        num_experts, HAS_MASK, E_PAD)
     if not (PADS or OWNERS or PLACE):  # keep the layout from being optimized away
         tl.store(expert_ids_ptr + c, total + tl.sum(starts, axis=0))
-
-
-def median_us(fn, reps=20):
-    for _ in range(3):
-        fn()
-    times = []
-    for _ in range(reps):
-        a, b = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
-        a.record()
-        fn()
-        b.record()
-        torch.cuda.synchronize()
-        times.append(a.elapsed_time(b) * 1e3)
-    return sorted(times)[reps // 2]
 
 
 def align(ids, E, bm, chunk, warps):
@@ -110,7 +96,7 @@ for shape, E, k in (("qwen3-30b-a3b", 128, 8), ("deepseek-v3", 256, 8)):
         e_pad = next_power_of_2(E)
         for parts in ((1, 1, 1), (0, 1, 1), (1, 0, 1), (1, 1, 0), (0, 0, 1), (0, 0, 0)):
             run()  # fresh chunk bases (the place launch reads them)
-            us = median_us(lambda p=parts: _place_parts_kernel[(n_chunks,)](
+            us = median_event_us(lambda p=parts: _place_parts_kernel[(n_chunks,)](
                 flat, sorted_ids, chunk_base, totals, sorted_ids, expert_ids, flat.numel(), E,
                 nb, cdiv(nb, n_chunks), HAS_MASK=False, BLOCK_M=bm, E_PAD=e_pad,
                 CHUNK=default_chunk, PADS=p[0], OWNERS=p[1], PLACE=p[2],
@@ -126,7 +112,7 @@ for shape, E, k in (("qwen3-30b-a3b", 128, 8), ("deepseek-v3", 256, 8)):
                 run()
                 same = (torch.equal(expert_ids, ref.expert_ids)
                         and torch.equal(sorted_ids[: used * bm], ref.sorted_ids[: used * bm]))
-                us = median_us(run)
+                us = median_event_us(run)
                 label = f"align chunk {chunk} warps {warps}"
                 print(f"{shape:<14} M={M:<6} {label:<34} {us:7.1f} us  same {same}", flush=True)
                 rows.append({"shape": shape, "M": M, "variant": label, "us": us, "same": same})

@@ -14,7 +14,7 @@ timed the default and max_group 16384 only: the public quantizer lost on every s
 import argparse
 
 import torch
-from _timing import save_rows  # noqa: E402 (this folder)
+from _timing import median_event_us, save_rows  # noqa: E402 (this folder)
 
 from moeprec.cli.bench import SHAPES
 from moeprec.kernels import quantize as Q
@@ -28,21 +28,6 @@ ap.add_argument("--out", default=None)
 ap.add_argument("--M", type=int, default=16384)
 args = ap.parse_args()
 
-
-def median_us(fn, reps=20):
-    for _ in range(3):
-        fn()
-    times = []
-    for _ in range(reps):
-        a, b = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
-        a.record()
-        fn()
-        b.record()
-        torch.cuda.synchronize()
-        times.append(a.elapsed_time(b) * 1e3)
-    return sorted(times)[reps // 2]
-
-
 rows = []
 default = dict(Q.LAUNCH)
 for shape, (H, I, E, k) in SHAPES.items():  # noqa: E741
@@ -55,7 +40,7 @@ for shape, (H, I, E, k) in SHAPES.items():  # noqa: E741
         for label, fn, opt in variants:
             Q.LAUNCH.clear()
             Q.LAUNCH.update(default, **(opt or {}))
-            us = median_us(fn)
+            us = median_event_us(fn)
             q, s = fn()
             same = (torch.equal(q.view(torch.uint8), ref[0].view(torch.uint8))
                     and torch.equal(s.reshape(-1), ref[1]))
