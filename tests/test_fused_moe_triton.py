@@ -851,3 +851,38 @@ def test_gpu_cuda_graph_with_programmatic_dependent_launch():
         graph.replay()
         torch.cuda.synchronize()
         assert_close(out, fused_moe(x, w1, w2, tw, ti, backend="torch"))
+
+
+@pytest.mark.parametrize("M,K", [(0, 64), (1, 96), (9, 768), (3, 1500)])
+def test_fp8_row_quantization_matches_the_reference(M, K):
+    # the fp8 path's own row kernel (one program per row, two passes past 1024 columns) against
+    # the reference quantizer Q, zero, NaN, huge and tiny rows included. Interpreted, the
+    # division is IEEE: the same bytes and scales. On the GPU Triton's `/` is div.full.f32
+    # (within 2 ulp; docs/kernels.md): scales within 2 ulp, codes within one E4M3 step.
+    from moeprec.formats.fp8 import quantize_fp8_torch
+
+    m = _kernel_module()
+    g = torch.Generator().manual_seed(M + K)
+    x = torch.randn(M, K, generator=g) * torch.exp2(torch.randint(-12, 12, (M, 1), generator=g).float())
+    if M >= 9:
+        x[2] = 0.0
+        x[3, K // 2] = float("nan")
+        x[4] *= 1e30
+        x[5] *= 1e-30
+    x = x.to(torch.bfloat16).to(DEV)
+    q, s = m._quant_fp8_rows(x)
+    ref_q, ref_s = quantize_fp8_torch(x.cpu(), "per_token")
+    assert q.dtype == torch.float8_e4m3fn and q.shape == (M, K) and s.shape == (M,)
+    s, ref_s = s.cpu(), ref_s[:, 0]
+    assert torch.equal(s.isnan(), ref_s.isnan())
+    nan = ref_q.float().isnan()  # NaN bytes: the GPU's cast may not keep the NaN's sign
+    assert torch.equal(q.cpu().float().isnan(), nan)
+    qb, rb = q.cpu().view(torch.uint8)[~nan].int(), ref_q.view(torch.uint8)[~nan].int()
+    if not ON_GPU:
+        assert torch.equal(s.nan_to_num(), ref_s.nan_to_num()) and torch.equal(qb, rb)
+        return
+    ok = ~ref_s.isnan()
+    assert torch.allclose(s[ok], ref_s[ok], rtol=2.0**-22, atol=0)
+    mag_q, mag_r = qb & 0x7F, rb & 0x7F
+    assert ((mag_q - mag_r).abs() <= 1).all()
+    assert (((qb ^ rb) & 0x80 == 0) | ((mag_q == 0) & (mag_r == 0))).all()
