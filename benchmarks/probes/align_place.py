@@ -65,15 +65,14 @@ def align(ids, E, bm, chunk, warps):
     totals = torch.empty(e_pad, dtype=torch.int32, device=ids.device)
     common = dict(HAS_MASK=False, E_PAD=e_pad, CHUNK=chunk, num_warps=warps)
 
-    def run(parts=None):
+    def run():
         K._align_count_kernel[(n_chunks,)](ids, sorted_ids, chunk_base, S, E, **common)
         eb = min(16, e_pad)
         K._align_scan_kernel[(e_pad // eb,)](chunk_base, totals, n_chunks, E_PAD=e_pad, EB=eb,
                                              ROWS=F._ALIGN_SCAN_ROWS, num_warps=4)
-        place = K._align_place_kernel if parts is None else _place_parts_kernel
-        extra = {} if parts is None else dict(zip(("PADS", "OWNERS", "PLACE"), parts))
-        place[(n_chunks,)](ids, sorted_ids, chunk_base, totals, sorted_ids, expert_ids, S, E, nb,
-                           cdiv(nb, n_chunks), BLOCK_M=bm, **common, **extra)
+        K._align_place_kernel[(n_chunks,)](ids, sorted_ids, chunk_base, totals, sorted_ids,
+                                           expert_ids, S, E, nb, cdiv(nb, n_chunks), BLOCK_M=bm,
+                                           **common)
 
     return run, sorted_ids, expert_ids, totals, chunk_base, n_chunks, nb
 
