@@ -35,21 +35,6 @@ def graph_us(f, n=20):
     return start.elapsed_time(end) / n * 1e3
 
 
-def median_event_us(f, n=20):
-    """GPU time of one call: the median of n calls, each between its own CUDA events."""
-    for _ in range(3):
-        f()
-    times = []
-    for _ in range(n):
-        start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
-        start.record()
-        f()
-        end.record()
-        torch.cuda.synchronize()
-        times.append(start.elapsed_time(end) * 1e3)
-    return sorted(times)[n // 2]
-
-
 def rel_diff(out, ref):
     """Largest |out - ref| relative to max |ref| (summation-order differences show as ~1e-3)."""
     return ((out.float() - ref.float()).abs().max() / ref.float().abs().max()).item()

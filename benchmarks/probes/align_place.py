@@ -9,14 +9,15 @@ it. Here, for routed ids of those shapes (and M = 4096): (1) the place launch wi
 switched off (each of 2048 programs recomputes the block layout; program 0 writes the pads; each
 writes its share of block owners; each places its chunk), from the same count / scan results;
 (2) the whole three-launch alignment with other chunk sizes and warp counts, its layout checked
-against `fused_moe_triton._align`. CUDA events, median of 20 launches.
+against `fused_moe_triton._align`. GPU time: the launches captured in a CUDA graph, mean of 20
+replays (the 16:26 UTC run timed each call between CUDA events, host launch time included).
 """
 import argparse
 
 import torch
 import triton
 import triton.language as tl
-from _timing import median_event_us, save_rows  # noqa: E402 (this folder)
+from _timing import graph_us, save_rows  # noqa: E402 (this folder)
 
 from moeprec.kernels import _fused_moe_kernels as K
 from moeprec.kernels import fused_moe_triton as F
@@ -86,8 +87,7 @@ for shape, E, k in (("qwen3-30b-a3b", 128, 8), ("deepseek-v3", 256, 8)):
         bm = 128
         ref = F._align(ids, E, bm, None)
         used = int((ref.expert_ids >= 0).sum())
-        default_chunk = max(16, min(64, 16384 // next_power_of_2(E)))
-        default_warps = 4 if next_power_of_2(E) <= 64 else 8
+        default_chunk, default_warps = F._align_chunk_launch(next_power_of_2(E))
         # (1) the place launch by parts, timed alone after one full run
         run, sorted_ids, expert_ids, totals, chunk_base, n_chunks, nb = align(
             flat, E, bm, default_chunk, default_warps)
@@ -95,7 +95,7 @@ for shape, E, k in (("qwen3-30b-a3b", 128, 8), ("deepseek-v3", 256, 8)):
         e_pad = next_power_of_2(E)
         for parts in ((1, 1, 1), (0, 1, 1), (1, 0, 1), (1, 1, 0), (0, 0, 1), (0, 0, 0)):
             run()  # fresh chunk bases (the place launch reads them)
-            us = median_event_us(lambda p=parts: _place_parts_kernel[(n_chunks,)](
+            us = graph_us(lambda p=parts: _place_parts_kernel[(n_chunks,)](
                 flat, sorted_ids, chunk_base, totals, sorted_ids, expert_ids, flat.numel(), E,
                 nb, cdiv(nb, n_chunks), HAS_MASK=False, BLOCK_M=bm, E_PAD=e_pad,
                 CHUNK=default_chunk, PADS=p[0], OWNERS=p[1], PLACE=p[2],
@@ -111,7 +111,7 @@ for shape, E, k in (("qwen3-30b-a3b", 128, 8), ("deepseek-v3", 256, 8)):
                 run()
                 same = (torch.equal(expert_ids, ref.expert_ids)
                         and torch.equal(sorted_ids[: used * bm], ref.sorted_ids[: used * bm]))
-                us = median_event_us(run)
+                us = graph_us(run)
                 label = f"align chunk {chunk} warps {warps}"
                 print(f"{shape:<14} M={M:<6} {label:<34} {us:7.1f} us  same {same}", flush=True)
                 rows.append({"shape": shape, "M": M, "variant": label, "us": us, "same": same})

@@ -4,17 +4,19 @@ public quantizer over launch settings.
     python3 benchmarks/probes/quant_rows.py [--out DIR] [--M 16384]
 
 For each bench shape: the x rows [M, H] and the z rows [M * k, I] that the fp8 path quantizes.
-Timed (CUDA events, median of 20): the path's own kernel (`fused_moe_triton._quant_fp8_rows`,
+GPU time per call (captured in a CUDA graph, mean of 20 replays): the path's own kernel (`fused_moe_triton._quant_fp8_rows`,
 one 4-warp program per row) and `quantize_fp8_triton(x, "per_token")` with each setting of
 `moeprec.kernels.quantize.LAUNCH` in SWEEP (elements per program, warps; "max_group" 16384 reads
-rows up to that width in one pass). "same" compares bytes and scales with the path's kernel.
-GB/s counts the bf16 read and the fp8 write. The 15:01 UTC run of 2026-12-03 (results README)
-timed the default and max_group 16384 only: the public quantizer lost on every shape.
+rows up to that width in one pass). "same" compares bytes and scales with the path's kernel:
+false on the GPU by design, the public quantizer divides as torch does (IEEE) and the path's
+kernel with the faster approximate division. GB/s counts the bf16 read and the fp8 write. The
+15:01 and 16:25 UTC runs of 2026-12-03 (results README) timed each call between CUDA events,
+host launch time included.
 """
 import argparse
 
 import torch
-from _timing import median_event_us, save_rows  # noqa: E402 (this folder)
+from _timing import graph_us, save_rows  # noqa: E402 (this folder)
 
 from moeprec.cli.bench import SHAPES
 from moeprec.kernels import quantize as Q
@@ -40,7 +42,7 @@ for shape, (H, I, E, k) in SHAPES.items():  # noqa: E741
         for label, fn, opt in variants:
             Q.LAUNCH.clear()
             Q.LAUNCH.update(default, **(opt or {}))
-            us = median_event_us(fn)
+            us = graph_us(fn)
             q, s = fn()
             same = (torch.equal(q.view(torch.uint8), ref[0].view(torch.uint8))
                     and torch.equal(s.reshape(-1), ref[1]))

@@ -106,6 +106,17 @@ def align_blocks(topk_ids: torch.Tensor, num_experts: int, block_m: int,
     return _align(topk_ids, num_experts, block_m, expert_mask)[:2]
 
 
+def _align_chunk_launch(e_pad: int) -> tuple[int, int]:
+    """Slots per program and warps of the three-launch alignment (a [chunk, e_pad] one-hot
+    tile per program). 128 slots x 4 warps at 128 and 256 experts: fewer, fuller programs for
+    the place launch, whose every program rebuilds the block layout from the totals."""
+    if e_pad <= 64:
+        return 64, 4
+    if e_pad <= 256:
+        return 128, 4
+    return max(16, 16384 // e_pad), 8
+
+
 def _align(topk_ids: torch.Tensor, num_experts: int, block_m: int,
            expert_mask: torch.Tensor | None) -> Alignment:
     """`align_blocks`, plus the kept slots per expert where the alignment counted them in a
@@ -118,13 +129,14 @@ def _align(topk_ids: torch.Tensor, num_experts: int, block_m: int,
     mask = _mask_i32(expert_mask) if expert_mask is not None else sorted_ids
     ids = topk_ids.reshape(-1)
     e_pad = next_power_of_2(num_experts)
-    chunk = max(16, min(64, 16384 // e_pad))  # a [chunk, e_pad] one-hot tile per step
-    warps = 4 if e_pad <= 64 else 8
-    common = dict(HAS_MASK=expert_mask is not None, E_PAD=e_pad, CHUNK=chunk, num_warps=warps)
     if num_slots <= _ALIGN_ONE_PROGRAM_MAX_SLOTS:
+        chunk = max(16, min(64, 16384 // e_pad))  # a [chunk, e_pad] one-hot tile per step
         K._align_kernel[(1,)](ids, mask, sorted_ids, expert_ids, num_slots, num_experts, nb,
-                              BLOCK_M=block_m, **common)
+                              HAS_MASK=expert_mask is not None, BLOCK_M=block_m, E_PAD=e_pad,
+                              CHUNK=chunk, num_warps=4 if e_pad <= 64 else 8)
         return Alignment(sorted_ids, expert_ids, None)
+    chunk, warps = _align_chunk_launch(e_pad)
+    common = dict(HAS_MASK=expert_mask is not None, E_PAD=e_pad, CHUNK=chunk, num_warps=warps)
     num_chunks = cdiv(num_slots, chunk)
     chunk_base = torch.empty(num_chunks, e_pad, dtype=torch.int32, device=dev)
     totals = torch.empty(e_pad, dtype=torch.int32, device=dev)
