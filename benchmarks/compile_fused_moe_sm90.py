@@ -24,11 +24,11 @@ from triton.compiler import ASTSource
 from moeprec.kernels import _fused_moe_kernels as K
 
 UNIT_STRIDES = ("stride_ak", "stride_bk", "stride_bsk", "stride_cn", "stride_asm", "stride_csm")
-NOT_DIVISIBLE = ("alpha", "limit", "num_slots", "top_k", "num_pid_m", "num_experts")
+NOT_DIVISIBLE = ("alpha", "limit", "num_slots", "top_k", "num_pid_m", "num_experts", "zero_numel")
 
 
 def compile_variant(stage1, b_fmt, a_fp8, dot_scaled, bm, bn, bk, warps, stages=3, pair=False,
-                    even_k=True, tma=False, pdl=False):
+                    even_k=True, tma=False, pdl=False, zero=False):
     fn = K._moe_gemm_kernel
     names = fn.arg_names
     a_quant = a_fp8 and not stage1
@@ -39,7 +39,7 @@ def compile_variant(stage1, b_fmt, a_fp8, dot_scaled, bm, bn, bk, warps, stages=
         A_FMT="e4m3" if a_fp8 else "bf16", BLOCK_M=bm, BLOCK_N=bn, BLOCK_K=bk, GROUP_M=8,
         TILE_ROWS=2 * bn if stage1 else bn, GEMV=bm == 1, SPLIT_K=1, PAIR_BLOCKS=pair,
         HAS_MASK=pair, EVEN_K=even_k, B_TMA=tma, B_PARTS=2 if stage1 else 1, PDL=pdl,
-        **{s: 1 for s in UNIT_STRIDES},
+        ZERO_OUT=zero, **{s: 1 for s in UNIT_STRIDES},
     )
     if not tma:
         consts["b_desc"] = None
@@ -50,7 +50,7 @@ def compile_variant(stage1, b_fmt, a_fp8, dot_scaled, bm, bn, bk, warps, stages=
         "bs_ptr": "*u8" if b_fmt == 1 else "*fp32", "bias_ptr": "*fp32",
         "c_ptr": "*bf16" if stage1 else "*fp32", "c_scale_ptr": "*fp32",
         "sorted_ids_ptr": "*i32", "expert_ids_ptr": "*i32", "topk_w_ptr": "*fp32",
-        "expert_mask_ptr": "*i32",
+        "expert_mask_ptr": "*i32", "zero_ptr": "*fp32",
         # the weights as [E, parts, rows, K], one box of both parts (stage 1's gate and up rows)
         "b_desc": "tensordesc<{}[1,{},{},{}]>".format(
             {0: "bf16", 2: "fp8e4nv"}.get(b_fmt, "u8"), 2 if stage1 else 1, bn, bk),
@@ -112,6 +112,9 @@ def main() -> None:
     # stage 2 as a programmatic dependent launch of stage 1 (config "pdl"), decode blocks
     variants += [v[:8] + (3, True, True, False, True) for v in variants
                  if v[4] == 1 and len(v) > 9 and v[9]]
+    # stage 1 zero-filling stage 2's atomic output (small outputs), decode blocks and a tile
+    variants += [(True, 1, False, False, 1, 16, 256, 4, 3, True, True, False, True, True),
+                 (True, 0, False, False, 128, 128, 64, 8, 3, False, True, False, False, True)]
     for v in variants:
         c = compile_variant(*v)
         ptx, ttgir = c.asm["ptx"], c.asm["ttgir"]
@@ -122,11 +125,13 @@ def main() -> None:
         f32 += " tma_b" if len(v) > 11 and v[11] else ""
         gdc = re.findall(r"griddepcontrol\.(\w+)", ptx)
         f32 += f" pdl ({', '.join(gdc)})" if len(v) > 12 and v[12] else ""
+        f32 += " zero_out" if len(v) > 13 and v[13] else ""
         tma = len(re.findall(r"cp\.async\.bulk\.tensor", ptx))
         print(f"stage{'1' if v[0] else '2'} b_fmt={v[1]} a_fp8={v[2]:d} dot_scaled={v[3]:d} "
               f"BM={v[4]} BN={v[5]} BK={v[6]}{f32}: smem {c.metadata.shared} B, cp.async {cp}, TMA {tma}, "
               f"{dict(ops)}, wgmma waits {waits}")
-        if v[4] == 1 or (v[1] == 1 and not v[2]):  # what one K step costs per weight decoded
+        zero_out = len(v) > 13 and v[13]  # (its zero-fill loop would be taken for the K loop)
+        if (v[4] == 1 or (v[1] == 1 and not v[2])) and not zero_out:  # one K step per weight
             n, mix = loop_sass(c.asm["cubin"])
             weights = (2 * v[5] if v[0] else v[5]) * v[6] // (32 * v[7])
             print(f"  loop: {n} SASS instructions for {weights} weights per thread "

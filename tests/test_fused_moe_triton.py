@@ -801,6 +801,37 @@ def test_tma_weight_tiles_config_and_descriptor_rules():
     assert m._weight_descriptor(w[:, :, 1:], 1, 32, 32) is None  # base off 16 bytes
 
 
+# Stage 2's fp32 atomic output, when small, is zero-filled by stage 1's programs (each its
+# share, before any early exit) instead of a memset; with intermediates poisoned NaN, a share
+# left unwritten shows in the output. Shapes: fewer elements than programs, several 256-wide
+# steps per program, and most programs exiting early on masked experts.
+@pytest.mark.parametrize("M,H,I,E,k,bm,masked", [  # noqa: E741
+    (1, 8, 48, 4, 2, 1, 0), (16, 600, 16, 1, 1, 16, 0), (9, 72, 40, 6, 2, 16, 4),
+    (5, 40, 32, 4, 2, 1, 4)])
+@pytest.mark.parametrize("in_stage1", [True, False])
+def test_stage1_zero_fills_the_atomic_output(M, H, I, E, k, bm, masked, in_stage1,  # noqa: E741
+                                             monkeypatch):
+    from moeprec.kernels.tuning import fix_config
+
+    m = _kernel_module()
+    monkeypatch.setattr(m, "ZERO_IN_STAGE1_MAX_BYTES", (4 << 20) if in_stage1 else 0)
+    zeroed = []
+    launch = m._launch_gemm
+    monkeypatch.setattr(m, "_launch_gemm", lambda **kw: zeroed.append(kw.get("zero") is not None)
+                        or launch(**kw))
+    x, w1, w2, tw, ti, kw = make_case(M, H, I, E, k, seed=M + masked)
+    mask = torch.ones(E, dtype=torch.bool, device=x.device)
+    mask[:masked] = False  # 4 masked: every stage-1 program exits early, the output is zeros
+    st = {"BLOCK_N": 16, "BLOCK_K": 64, "num_warps": 4, "num_stages": 2}
+    cfg = fix_config({"BLOCK_M": bm, "atomic": True, "s1": dict(st), "s2": dict(st)}, "bf16")
+    out = m.fused_moe_triton_impl(x, w1, w2, tw, ti, expert_mask=mask, config=cfg)
+    ref = fused_moe(x, w1, w2, tw, ti, backend="torch", expert_mask=mask)
+    assert zeroed == [in_stage1, False]  # stage 1 zero-fills, stage 2 never does
+    assert_close(out, ref)
+    if masked == E:
+        assert torch.equal(out, torch.zeros_like(out))
+
+
 # "pdl": stage 2 launched as a programmatic dependent of stage 1. In the interpreter the grid
 # dependency instructions are left out (it has no inline PTX), so there this checks the launch
 # plumbing; on the GPU, a stage 2 that read z before stage 1 finished would read the poisoned

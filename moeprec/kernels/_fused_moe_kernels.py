@@ -646,10 +646,22 @@ def _mma_tiles(a_base, row_ok, a_sc, b_base, bs_base, rows, rows_ok, k_begin, k_
 
 
 @triton.jit
+def _zero_share(ptr, numel, ZBLOCK: tl.constexpr = 256):
+    """This program's contiguous share of ptr[:numel] set to 0.0 (shares over the whole grid)."""
+    nprog = tl.num_programs(0).to(tl.int64)
+    per = tl.cdiv(numel, nprog)
+    lo = tl.program_id(0).to(tl.int64) * per
+    hi = tl.minimum(lo + per, numel)
+    for z0 in range(lo, hi, ZBLOCK):
+        offs = z0 + tl.arange(0, ZBLOCK)
+        tl.store(ptr + offs, tl.zeros([ZBLOCK], dtype=tl.float32), mask=offs < hi)
+
+
+@triton.jit
 def _moe_gemm_kernel(
     a_ptr, a_scale_ptr, b_ptr, bs_ptr, bias_ptr, c_ptr, c_scale_ptr, b_desc,
-    sorted_ids_ptr, expert_ids_ptr, topk_w_ptr, expert_mask_ptr,
-    N, K, num_slots, top_k, num_pid_m, num_experts,
+    sorted_ids_ptr, expert_ids_ptr, topk_w_ptr, expert_mask_ptr, zero_ptr,
+    N, K, num_slots, top_k, num_pid_m, num_experts, zero_numel,
     stride_am, stride_ak, stride_asm,
     stride_be, stride_bn, stride_bk, stride_bse, stride_bsn, stride_bsk,
     stride_biase, stride_cm, stride_cn, stride_csm,
@@ -681,9 +693,13 @@ def _moe_gemm_kernel(
     B_TMA: tl.constexpr,         # plain / fp8 weight tiles through the TMA descriptor b_desc
     B_PARTS: tl.constexpr,       # b_desc's parts: 2 for stage 1's separated gate/up rows, else 1
     PDL: tl.constexpr,           # stage 2 is launched as a programmatic dependent of stage 1
+    ZERO_OUT: tl.constexpr,      # stage 1: also zero-fill zero_ptr[:zero_numel] (fp32), stage
+                                 # 2's atomic output, each program its share
 ):
     if PDL and STAGE1 and not INTERP:  # let stage 2's programs launch as this grid drains
         gdc_launch_dependents()
+    if ZERO_OUT:  # before any early exit: every program owns a share
+        _zero_share(zero_ptr, zero_numel)
     pid = tl.program_id(0)
     pid_k = tl.program_id(1)
     pid_m, pid_n = _grouped_tile(pid, num_pid_m, tl.cdiv(N, BLOCK_N), GROUP_M)

@@ -45,6 +45,9 @@ DEQUANT_WORKSPACE_BYTES = 1 << 30
 # DeepSeek-V3 at M = 16384); past this size a config's "atomic": false falls back to the
 # atomics, whose buffer is k times smaller.
 SLOT_ROWS_MAX_BYTES = 4 << 30
+# Stage 2's fp32 atomic output up to this size is zero-filled by stage 1's programs, not by a
+# memset launch of its own (Qwen3-30B-A3B: M <= 512).
+ZERO_IN_STAGE1_MAX_BYTES = 4 << 20
 
 
 
@@ -216,12 +219,13 @@ def _weight_descriptor(b: torch.Tensor, parts: int, tile_rows: int, block_k: int
 def _launch_gemm(*, a, a_scale, b, b_scale, bias, c, c_scale, sorted_ids, expert_ids, topk_w,
                  N, Kdim, num_slots, top_k, interleaved, stage1, b_fmt, a_fp8,
                  a_quant, act, mul_weight, atomic_out, quant_out, compute_dtype, alpha,
-                 limit, block_m, st, pair_mask=None, num_experts=0, pdl=False):
+                 limit, block_m, st, pair_mask=None, num_experts=0, pdl=False, zero=None):
     """One stage; returns the compiled kernel (probes read its registers and shared memory).
     `sorted_ids=None`: pair blocks (BLOCK_M = 1, no alignment): `expert_ids` is then the flat
     topk ids and `pair_mask` the expert mask, both checked in the kernel. `pdl`: stage 1 lets
     its dependent launch early; stage 2 is launched as that dependent and waits for stage 1's
-    rows in the kernel."""
+    rows in the kernel. `zero` (stage 1 only): an fp32 tensor this launch also zero-fills."""
+    assert zero is None or (stage1 and zero.dtype == torch.float32 and zero.is_contiguous())
     num_pid_m = expert_ids.numel()
     pair_blocks = sorted_ids is None
     dot_scaled = b_fmt == 1 and use_dot_scaled(a.dtype, a_fp8, st, triton_interpret())
@@ -246,8 +250,8 @@ def _launch_gemm(*, a, a_scale, b, b_scale, bias, c, c_scale, sorted_ids, expert
               if st.get("tma_b") and b_fmt != 1 and not gemv else None)
     return K._moe_gemm_kernel[grid](
         a, a_scale_t, b, b_scale_t, bias_t, c, c_scale_t, b_desc, sorted_ids, expert_ids, topk_w,
-        pair_mask if pair_mask is not None else dummy,
-        N, Kdim, num_slots, top_k, num_pid_m, num_experts,
+        pair_mask if pair_mask is not None else dummy, zero if zero is not None else dummy,
+        N, Kdim, num_slots, top_k, num_pid_m, num_experts, zero.numel() if zero is not None else 0,
         a.stride(0), a.stride(1), s(a_scale, 0),
         b.stride(0), b.stride(1), b.stride(2), s(b_scale, 0), s(b_scale, 1), s(b_scale, 2),
         s(bias, 0), c.stride(0), c.stride(1), s(c_scale, 0),
@@ -259,7 +263,7 @@ def _launch_gemm(*, a, a_scale, b, b_scale, bias, c, c_scale, sorted_ids, expert
         BLOCK_M=block_m, BLOCK_N=st["BLOCK_N"], BLOCK_K=st["BLOCK_K"], GROUP_M=st["GROUP_M"],
         TILE_ROWS=tile_rows, GEMV=gemv, SPLIT_K=split_k,
         PAIR_BLOCKS=pair_blocks, HAS_MASK=pair_mask is not None, EVEN_K=Kdim % st["BLOCK_K"] == 0,
-        B_TMA=b_desc is not None, B_PARTS=b_parts, PDL=pdl,
+        B_TMA=b_desc is not None, B_PARTS=b_parts, PDL=pdl, ZERO_OUT=zero is not None,
         num_warps=st["num_warps"], num_stages=st["num_stages"], launch_pdl=pdl and not stage1,
     )
 
@@ -370,12 +374,15 @@ def fused_moe_triton_impl(
     # them (the one-program alignment keeps no counts: then only the masked ones are skipped)
     keep = aligned.routed if aligned is not None and aligned.routed is not None else expert_mask
     gemm = functools.partial(_gemm_dequantized, keep=keep) if dequant else _launch_gemm
-    # stage 2's output first: its zero fill between the stages would hold up a pdl stage 2
+    # stage 2's output first: its zero fill between the stages would hold up a pdl stage 2.
+    # A small one stage 1 zero-fills (a launch fewer: decode calls are a few short kernels);
+    # a large one a memset, at full bandwidth.
     atomic = bool(cfg.get("atomic", True)) or S * H * 4 > SLOT_ROWS_MAX_BYTES
-    if atomic:
+    zero_in_stage1 = atomic and not dequant and M * H * 4 <= ZERO_IN_STAGE1_MAX_BYTES
+    if atomic and not zero_in_stage1:
         out32 = torch.zeros(M, H, dtype=torch.float32, device=dev)
-    else:  # one fp32 row per kept slot, summed per token below (the rest are never read)
-        out32 = _scratch((S, H), torch.float32, dev)
+    else:  # slot rows: one fp32 row per kept slot, summed per token below (the rest never read)
+        out32 = _scratch((M, H) if atomic else (S, H), torch.float32, dev)
     inter = _scratch((S, I), out_dtype, dev)
     # fp8 z, per-token scales as the reference: either stage 1 gathers each z row's amax
     # (atomic max from 0) and stage 2 quantizes as it loads (one pass, but A is no longer a plain
@@ -388,7 +395,7 @@ def fused_moe_triton_impl(
         top_k=k, interleaved=gate_mode == "interleaved", stage1=True, b_fmt=b_fmt, a_fp8=a_fp8,
         a_quant=False, act=act, mul_weight=apply_router_weight_on_input, atomic_out=False,
         quant_out=fuse_quant, compute_dtype=compute_dtype, alpha=swiglu_alpha, limit=swiglu_limit,
-        block_m=bm, st=s1, pdl=pdl, **pair,
+        block_m=bm, st=s1, pdl=pdl, zero=out32 if zero_in_stage1 else None, **pair,
     )
     inter_scale = inter_amax
     if act_dtype == "fp4":
