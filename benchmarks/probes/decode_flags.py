@@ -5,8 +5,11 @@
 For each shape, path (bf16, mxfp4-w4a16) and M in 1, 4, 16, 64: the configuration the op uses
 (tuning.get_config on this device) and, where it runs one-pair blocks (BLOCK_M = 1), the same
 with pair_blocks switched, and each atomic-combine variant (stage 2 not split) with slot rows
-and a per-token sum instead ("+ slot rows"), and the table's config with "pdl" switched. bf16 at M <= 16 with tensor-core tiles in its entry also tries
-one-pair blocks with the w4a16 entry's stage settings. Each variant is a CUDA-graph replay over
+and a per-token sum instead ("+ slot rows"), the table's config with "pdl" switched, and
+(atomic entries) stage 2's fp32 output zero-filled by a memset launch against by stage 1's
+programs (`fused_moe_triton.ZERO_IN_STAGE1_*`; with pdl the op takes the memset). bf16 at
+M <= 16 with tensor-core tiles in its entry also tries one-pair blocks with the w4a16 entry's
+stage settings. Each variant is a CUDA-graph replay over
 3 input sets (median of 30); "same" is the largest difference to the first variant's output
 relative to its max (the stage-2 atomics add in a different order, so not bit for bit).
 The 2026-12-03 run (benchmarks/results/README.md) also timed "f32_act", removed since.
@@ -18,6 +21,7 @@ from _timing import rel_diff, save_rows  # noqa: E402 (this folder)
 
 from moeprec.cli.bench import PATHS, SHAPES, _as_graphs, _median_ms, make_inputs, make_weights
 from moeprec.cli.tune import KERNEL_PATH
+from moeprec.kernels import fused_moe_triton as F
 from moeprec.kernels.fused_moe_triton import fused_moe_triton_impl
 from moeprec.kernels.tuning import fix_config, get_config
 
@@ -55,21 +59,36 @@ for shape, (H, I, E, k) in SHAPES.items():  # noqa: E741
                     variants[f"{name} + slot rows"] = dict(cfg, atomic=False)
             # stage 2 as a programmatic dependent launch of stage 1
             variants[f"table pdl={not base.get('pdl', False)}"] = dict(base, pdl=not base.get("pdl", False))
+            # the atomic output zero-filled by the other of a memset launch and stage 1's
+            # programs (module switches, not config keys: "zero" holds them)
+            if base.get("atomic", True) and base.get("pdl", False):
+                variants["table, zero fill in stage 1"] = dict(base, zero=dict(
+                    ZERO_IN_STAGE1_WITH_PDL=True))
+            elif base.get("atomic", True):
+                variants["table, zero fill by memset"] = dict(base, zero=dict(
+                    ZERO_IN_STAGE1_MAX_BYTES=0))
             ref_out, ref_us = None, None
             for name, cfg in variants.items():
-                cfg = fix_config(cfg, kpath)
+                switches = cfg.get("zero", {})
+                cfg = fix_config({kk: v for kk, v in cfg.items() if kk != "zero"}, kpath)
                 fns = [lambda a=a, c=cfg: fused_moe_triton_impl(
                     a[0], weights["w1"], weights["w2"], a[1], a[2], quant=quant, act_dtype=act,
                     config=c, **wkw) for a in inputs]
+                saved = {n: getattr(F, n) for n in switches}
+                for n, v in switches.items():  # read at call time: eager call and capture
+                    setattr(F, n, v)
                 out = fns[0]()
                 us = _median_ms(_as_graphs(fns), 30) * 1e3
+                for n, v in saved.items():
+                    setattr(F, n, v)
                 if ref_out is None:
                     ref_out, ref_us, same = out, us, "-"
                 else:
                     same = f"rel {rel_diff(out, ref_out):.1e}"
                 print(f"{shape:<14}{path:<13}{M:>4}  {name:<34}{us:8.1f}{ref_us / us:8.2f}  {same}", flush=True)
                 rows.append({"shape": shape, "path": path, "M": M, "variant": name, "us": us,
-                             "config": cfg, "same": same})
+                             "config": cfg, "switches": switches,
+                             "same": same})
         del weights
         torch.cuda.empty_cache()
 save_rows(args.out, "decode_flags.json", rows)
