@@ -56,6 +56,20 @@ for name, fn, out_bytes in (("to bf16", lambda: dequantize_mxfp4_triton(packed, 
     print(f"{name:12s} {us:8.1f} us  {n * (0.53125 + out_bytes) / us / 1e6:6.2f} TB/s")
 PY
 }
+tune_into_copy() {  # NAME SECONDS TUNE-ARGS...: `moeprec tune` into a copy of the H200 table
+  local name=$1 secs=$2
+  shift 2
+  mkdir -p "$OUT/configs"
+  cp moeprec/configs/fused_moe_NVIDIA_H200.json "$OUT/configs/" 2>/dev/null
+  timeout "$secs" python3 -m moeprec tune "$@" --out "$OUT/configs/fused_moe_NVIDIA_H200.json" \
+    --log "$OUT/$name.jsonl" 2>&1 | tee "$OUT/$name.log" | grep -v "^\[" | tail -12
+}
+bench_with_copy() {  # NAME SECONDS BENCH-ARGS...: `moeprec bench` with that copy of the table
+  local name=$1 secs=$2
+  shift 2
+  MOEPREC_FUSED_MOE_CONFIG_DIR="$OUT/configs" timeout "$secs" python3 -m moeprec bench "$@" \
+    --no-plot --out "$OUT/$name" 2>&1 | tee "$OUT/$name.log" | tail -44
+}
 for section in "${@:-tests}"; do
   case $section in
     tests)
@@ -99,25 +113,17 @@ for section in "${@:-tests}"; do
     split-k)  # stage 2 of the tensor-core tiles split along K; tuned into a copy of the table
       timeout 120 python3 -m pytest -q -p no:cacheprovider tests/test_fused_moe_triton.py \
         -k "split_k or smallest or config_rules" 2>&1 | tee "$OUT/split_k_tests.log" | tail -3
-      mkdir -p "$OUT/configs"
-      cp moeprec/configs/fused_moe_NVIDIA_H200.json "$OUT/configs/" 2>/dev/null
-      timeout 300 python3 -m moeprec tune --shapes mixtral-8x7b,gpt-oss-20b --paths bf16,mxfp4-w4a16 \
-        --M 64,256 --budget-s 280 --out "$OUT/configs/fused_moe_NVIDIA_H200.json" \
-        --log "$OUT/split_k_tune.jsonl" 2>&1 | tee "$OUT/split_k_tune.log" | grep -v "^\[" | tail -10
-      MOEPREC_FUSED_MOE_CONFIG_DIR="$OUT/configs" timeout 120 python3 -m moeprec bench \
-        --shapes mixtral-8x7b,gpt-oss-20b --paths bf16,mxfp4-w4a16 --M 64,256 --no-peers --reps 8 \
-        --sets 3 --no-plot --out "$OUT/split_k" 2>&1 | tee "$OUT/split_k_bench.log" | tail -12 ;;
+      tune_into_copy split_k_tune 300 --shapes mixtral-8x7b,gpt-oss-20b --paths bf16,mxfp4-w4a16 \
+        --M 64,256 --budget-s 280
+      bench_with_copy split_k 120 --shapes mixtral-8x7b,gpt-oss-20b --paths bf16,mxfp4-w4a16 \
+        --M 64,256 --no-peers --reps 8 --sets 3 ;;
     decode-flags)
       timeout 240 python3 benchmarks/probes/decode_flags.py --out "$OUT" 2>&1 | tee "$OUT/decode_flags.log" | tail -40 ;;
     decode-tune)  # re-tune the decode points (tries pair_blocks on and off), bench with that table
-      mkdir -p "$OUT/configs"
-      cp moeprec/configs/fused_moe_NVIDIA_H200.json "$OUT/configs/" 2>/dev/null
-      timeout 330 python3 -m moeprec tune --shapes qwen3-30b-a3b,mixtral-8x7b,gpt-oss-20b,deepseek-v3 \
-        --paths mxfp4-w4a16 --M 1,4,16 --budget-s 300 --out "$OUT/configs/fused_moe_NVIDIA_H200.json" \
-        --log "$OUT/decode_tune.jsonl" 2>&1 | tee "$OUT/decode_tune.log" | tail -14
-      MOEPREC_FUSED_MOE_CONFIG_DIR="$OUT/configs" timeout 200 python3 -m moeprec bench \
-        --paths bf16,mxfp4-w4a16 --M 1,4,16 --no-peers --reps 8 --sets 3 --no-plot \
-        --out "$OUT/decode_tuned" 2>&1 | tee "$OUT/decode_tuned.log" | tail -16 ;;
+      tune_into_copy decode_tune 330 --shapes qwen3-30b-a3b,mixtral-8x7b,gpt-oss-20b,deepseek-v3 \
+        --paths mxfp4-w4a16 --M 1,4,16 --budget-s 300
+      bench_with_copy decode_tuned 200 --paths bf16,mxfp4-w4a16 --M 1,4,16 --no-peers --reps 8 \
+        --sets 3 ;;
     dequant)
       { timeout 100 python3 -m pytest -q -p no:cacheprovider -m gpu tests/test_quantize_triton.py -k dequant
         timeout 200 python3 -m pytest -q -p no:cacheprovider tests/test_fused_moe_triton.py \
@@ -125,14 +131,10 @@ for section in "${@:-tests}"; do
       timeout 330 python3 -m moeprec bench --paths bf16,mxfp4-w4a16 --M 256,1024,4096,16384 \
         --loop-max-m 0 --reps 8 --sets 3 --out "$OUT/prefill" 2>&1 | tee "$OUT/prefill.log" | tail -36 ;;
     prefill-tune)  # tune bf16 prefill points into a copy of the H200 table, then bench with it
-      mkdir -p "$OUT/configs"
-      cp moeprec/configs/fused_moe_NVIDIA_H200.json "$OUT/configs/" 2>/dev/null
-      timeout 470 python3 -m moeprec tune --shapes qwen3-30b-a3b,mixtral-8x7b,gpt-oss-20b,deepseek-v3 \
-        --paths bf16 --M 1024,16384 --reps 5 --budget-s 380 --out "$OUT/configs/fused_moe_NVIDIA_H200.json" \
-        --log "$OUT/prefill_tune.jsonl" 2>&1 | tee "$OUT/prefill_tune.log" | grep -v "^\[" | tail -12
-      MOEPREC_FUSED_MOE_CONFIG_DIR="$OUT/configs" timeout 110 python3 -m moeprec bench \
-        --paths bf16,mxfp4-w4a16 --M 1024,4096,16384 --loop-max-m 0 --reps 8 --sets 3 --no-plot \
-        --out "$OUT/prefill_tuned" 2>&1 | tee "$OUT/prefill_tuned.log" | tail -26 ;;
+      tune_into_copy prefill_tune 470 --shapes qwen3-30b-a3b,mixtral-8x7b,gpt-oss-20b,deepseek-v3 \
+        --paths bf16 --M 1024,16384 --reps 5 --budget-s 380
+      bench_with_copy prefill_tuned 110 --paths bf16,mxfp4-w4a16 --M 1024,4096,16384 \
+        --loop-max-m 0 --reps 8 --sets 3 ;;
     stages)  # a prefill call kernel by kernel (profiler), stage-2 atomics vs stores, cuBLAS
       timeout 300 python3 benchmarks/probes/prefill_stages.py --out "$OUT" 2>&1 \
         | tee "$OUT/prefill_stages.log" | tail -40 ;;
@@ -159,20 +161,16 @@ PY
         | grep -v Warn | tee "$OUT/stage_configs.log" | tail -40 ;;
     tune-4096)  # M = 4096 had no entry for DeepSeek-V3 (it took M = 16384's); the sweep's stage-2
       # winner (256x64, 8 warps, 3 stages) for DeepSeek-V3 M = 16384 set by hand; bench with it
-      mkdir -p "$OUT/configs"
-      cp moeprec/configs/fused_moe_NVIDIA_H200.json "$OUT/configs/" 2>/dev/null
-      timeout 300 python3 -m moeprec tune --shapes qwen3-30b-a3b,gpt-oss-20b,deepseek-v3 --paths bf16 \
-        --M 4096 --reps 5 --budget-s 270 --out "$OUT/configs/fused_moe_NVIDIA_H200.json" \
-        --log "$OUT/tune_4096.jsonl" 2>&1 | tee "$OUT/tune_4096.log" | grep -v "^\[" | tail -8
+      tune_into_copy tune_4096 300 --shapes qwen3-30b-a3b,gpt-oss-20b,deepseek-v3 --paths bf16 \
+        --M 4096 --reps 5 --budget-s 270
       python3 - "$OUT/configs/fused_moe_NVIDIA_H200.json" <<'PY'
 import json, sys
 t = json.load(open(sys.argv[1]))
 t["bf16"]["E=256,H=7168,I=2048,k=8"]["16384"]["s2"].update(BLOCK_N=256, num_stages=3)
 json.dump(t, open(sys.argv[1], "w"), indent=1, sort_keys=True)
 PY
-      MOEPREC_FUSED_MOE_CONFIG_DIR="$OUT/configs" timeout 150 python3 -m moeprec bench \
-        --paths bf16 --M 1024,4096,16384 --loop-max-m 0 --no-peers --reps 8 --sets 3 --no-plot \
-        --out "$OUT/tuned_4096" 2>&1 | tee "$OUT/tuned_4096.log" | tail -14 ;;
+      bench_with_copy tuned_4096 150 --paths bf16 --M 1024,4096,16384 --loop-max-m 0 --no-peers \
+        --reps 8 --sets 3 ;;
     pdl)  # config "pdl": its tests on the GPU (graph capture included), then the decode probe
       timeout 200 python3 -m pytest -q -ra -p no:cacheprovider tests/test_fused_moe_triton.py \
         -k "programmatic" 2>&1 | tee "$OUT/pdl_tests.log" | tail -3
@@ -184,15 +182,11 @@ PY
        timeout 200 python3 align_place.py --out "$OUT/align_place" 2>&1 \
         | tee "$OUT/align_place.log" | tail -6) ;;
     fp8-tune)  # fp8 weights + fp8 activations at M = 16384 into a copy of the table; bf16 beside it
-      mkdir -p "$OUT/configs"
-      cp moeprec/configs/fused_moe_NVIDIA_H200.json "$OUT/configs/" 2>/dev/null
       FP8_SHAPES=${FP8_SHAPES:-qwen3-30b-a3b,gpt-oss-20b,mixtral-8x7b,deepseek-v3}  # short of 1.6x first
-      timeout 260 python3 -m moeprec tune --shapes "$FP8_SHAPES" --paths fp8 --M 16384 --reps 3 \
-        --budget-s ${FP8_TUNE_S:-230} --out "$OUT/configs/fused_moe_NVIDIA_H200.json" \
-        --log "$OUT/fp8_tune.jsonl" 2>&1 | tee "$OUT/fp8_tune.log" | grep -v "^\[" | tail -6
-      MOEPREC_FUSED_MOE_CONFIG_DIR="$OUT/configs" timeout 160 python3 -m moeprec bench \
-        --shapes "$FP8_SHAPES" --paths bf16,fp8 --M 16384 --loop-max-m 0 --no-peers --reps 5 \
-        --sets 3 --no-plot --out "$OUT/fp8_tuned" 2>&1 | tee "$OUT/fp8_tuned.log" | tail -10 ;;
+      tune_into_copy fp8_tune 260 --shapes "$FP8_SHAPES" --paths fp8 --M 16384 --reps 3 \
+        --budget-s ${FP8_TUNE_S:-230}
+      bench_with_copy fp8_tuned 160 --shapes "$FP8_SHAPES" --paths bf16,fp8 --M 16384 \
+        --loop-max-m 0 --no-peers --reps 5 --sets 3 ;;
     w4a8)  # MXFP4 weights decoded to fp8 rows before the fp8 GEMMs (fp8 activations): tests,
       # memcheck, both decoders' bandwidth, the mxfp4 bf16 / fp8 activation crossover (env
       # W4A8_K: a -k selection of the fused-MoE tests; W4A8_PATHS, W4A8_M: the bench's)
@@ -211,14 +205,10 @@ PY
       decoders ;;
     w4a8-tune)  # fp8 GEMM configs at the act-dtype crossover's M (only M = 16384 was tuned; mxfp4
       # decoded to fp8 rows reads the same entries) into a copy of the table, then the paths beside
-      mkdir -p "$OUT/configs"
-      cp moeprec/configs/fused_moe_NVIDIA_H200.json "$OUT/configs/" 2>/dev/null
-      timeout 300 python3 -m moeprec tune --paths fp8 --M ${W4A8_TUNE_M:-4096,8192} --reps 3 \
-        --budget-s ${W4A8_TUNE_S:-280} --out "$OUT/configs/fused_moe_NVIDIA_H200.json" \
-        --log "$OUT/w4a8_tune.jsonl" 2>&1 | tee "$OUT/w4a8_tune.log" | grep -v "^\[" | tail -6
-      MOEPREC_FUSED_MOE_CONFIG_DIR="$OUT/configs" timeout 200 python3 -m moeprec bench \
-        --paths mxfp4-w4a16,mxfp4-fp8 --M ${W4A8_TUNE_M:-4096,8192} --loop-max-m 0 --no-peers \
-        --reps 8 --sets 3 --no-plot --out "$OUT/w4a8_tuned" 2>&1 | tee "$OUT/w4a8_tuned.log" | tail -20 ;;
+      tune_into_copy w4a8_tune 300 --paths fp8 --M ${W4A8_TUNE_M:-4096,8192} --reps 3 \
+        --budget-s ${W4A8_TUNE_S:-280}
+      bench_with_copy w4a8_tuned 200 --paths mxfp4-w4a16,mxfp4-fp8 --M ${W4A8_TUNE_M:-4096,8192} \
+        --loop-max-m 0 --no-peers --reps 8 --sets 3 ;;
     tma)  # weight tiles through TMA descriptors ("tma_b") vs pointer loads: its tests, then the
       # bench with the table as is and with tma_b set on every stage of a copy of it
       timeout 200 python3 -m pytest -q -p no:cacheprovider \
