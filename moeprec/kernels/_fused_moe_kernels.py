@@ -6,7 +6,8 @@ The kernels:
   moe_align_block_size layout, masked experts and out-of-range ids left out entirely).
 - `_moe_gemm_kernel`: one grouped GEMM over those blocks. Stage 1 multiplies by the gate and up
   rows of its output columns as one weight tile and applies the gated activation in the epilogue
-  (optionally gathering each z row's amax for fp8); stage 2 multiplies by the routed weight and
+  (optionally gathering each z row's amax for fp8, and zero-filling stage 2's atomic output when
+  it is small); stage 2 multiplies by the routed weight and
   adds its rows into the fp32 output with atomics (no [M, k, H] pass), or stores them. The
   product itself runs on the tensor cores (`_mma_tiles`) or, for blocks of one (token, expert)
   pair with 16-bit activations, on the CUDA cores (`_gemv_tiles`, optionally split along K in
