@@ -55,27 +55,17 @@ def _place_parts_kernel(topk_ids_ptr, expert_mask_ptr, chunk_base_ptr, totals_pt
 
 
 def align(ids, E, bm, chunk, warps):
-    """The three launches of `fused_moe_triton._align` (no mask) with this chunk and warps."""
-    S = ids.numel()
-    nb = F.max_blocks(S, E, bm)
-    e_pad = next_power_of_2(E)
+    """`fused_moe_triton._align`'s three launches (no mask) with this chunk and warps, as a
+    callable writing into fresh buffers; with them, the result of one call."""
+    nb = F.max_blocks(ids.numel(), E, bm)
     sorted_ids = torch.empty(nb * bm, dtype=torch.int32, device=ids.device)
     expert_ids = torch.empty(nb, dtype=torch.int32, device=ids.device)
-    n_chunks = cdiv(S, chunk)
-    chunk_base = torch.empty(n_chunks, e_pad, dtype=torch.int32, device=ids.device)
-    totals = torch.empty(e_pad, dtype=torch.int32, device=ids.device)
-    common = dict(HAS_MASK=False, E_PAD=e_pad, CHUNK=chunk, num_warps=warps)
 
     def run():
-        K._align_count_kernel[(n_chunks,)](ids, sorted_ids, chunk_base, S, E, **common)
-        eb = min(16, e_pad)
-        K._align_scan_kernel[(e_pad // eb,)](chunk_base, totals, n_chunks, E_PAD=e_pad, EB=eb,
-                                             ROWS=F._ALIGN_SCAN_ROWS, num_warps=4)
-        K._align_place_kernel[(n_chunks,)](ids, sorted_ids, chunk_base, totals, sorted_ids,
-                                           expert_ids, S, E, nb, cdiv(nb, n_chunks), BLOCK_M=bm,
-                                           **common)
+        return F._align_launches(ids, ids, False, E, bm, sorted_ids, expert_ids, chunk, warps)
 
-    return run, sorted_ids, expert_ids, totals, chunk_base, n_chunks, nb
+    totals, chunk_base = run()
+    return run, sorted_ids, expert_ids, totals, chunk_base, chunk_base.shape[0], nb
 
 
 rows = []
@@ -91,10 +81,10 @@ for shape, E, k in (("qwen3-30b-a3b", 128, 8), ("deepseek-v3", 256, 8)):
         # (1) the place launch by parts, timed alone after one full run
         run, sorted_ids, expert_ids, totals, chunk_base, n_chunks, nb = align(
             flat, E, bm, default_chunk, default_warps)
-        run()
         e_pad = next_power_of_2(E)
         for parts in ((1, 1, 1), (0, 1, 1), (1, 0, 1), (1, 1, 0), (0, 0, 1), (0, 0, 0)):
-            run()  # fresh chunk bases (the place launch reads them)
+            # the place launch alone, from the count and scan results of that one call (it
+            # reads them and writes only the outputs)
             us = graph_us(lambda p=parts: _place_parts_kernel[(n_chunks,)](
                 flat, sorted_ids, chunk_base, totals, sorted_ids, expert_ids, flat.numel(), E,
                 nb, cdiv(nb, n_chunks), HAS_MASK=False, BLOCK_M=bm, E_PAD=e_pad,
@@ -108,7 +98,6 @@ for shape, E, k in (("qwen3-30b-a3b", 128, 8), ("deepseek-v3", 256, 8)):
         for chunk in (16, 32, 64, 128, 256):
             for warps in (4, 8):
                 run, sorted_ids, expert_ids, *_ = align(flat, E, bm, chunk, warps)
-                run()
                 same = (torch.equal(expert_ids, ref.expert_ids)
                         and torch.equal(sorted_ids[: used * bm], ref.sorted_ids[: used * bm]))
                 us = graph_us(run)

@@ -139,11 +139,23 @@ def _align(topk_ids: torch.Tensor, num_experts: int, block_m: int,
                               HAS_MASK=expert_mask is not None, BLOCK_M=block_m, E_PAD=e_pad,
                               CHUNK=chunk, num_warps=4 if e_pad <= 64 else 8)
         return Alignment(sorted_ids, expert_ids, None)
-    chunk, warps = _align_chunk_launch(e_pad)
-    common = dict(HAS_MASK=expert_mask is not None, E_PAD=e_pad, CHUNK=chunk, num_warps=warps)
+    totals, _ = _align_launches(ids, mask, expert_mask is not None, num_experts, block_m,
+                                sorted_ids, expert_ids, *_align_chunk_launch(e_pad))
+    return Alignment(sorted_ids, expert_ids, totals)
+
+
+def _align_launches(ids: torch.Tensor, mask: torch.Tensor, has_mask: bool, num_experts: int,
+                    block_m: int, sorted_ids: torch.Tensor, expert_ids: torch.Tensor, chunk: int,
+                    warps: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """The three-launch alignment of the flat ids into `sorted_ids` / `expert_ids`, `chunk`
+    slots and `warps` warps a program; returns (kept slots per expert, each chunk's offset
+    within its expert's segment)."""
+    num_slots, nb = ids.numel(), expert_ids.numel()
+    e_pad = next_power_of_2(num_experts)
+    common = dict(HAS_MASK=has_mask, E_PAD=e_pad, CHUNK=chunk, num_warps=warps)
     num_chunks = cdiv(num_slots, chunk)
-    chunk_base = torch.empty(num_chunks, e_pad, dtype=torch.int32, device=dev)
-    totals = torch.empty(e_pad, dtype=torch.int32, device=dev)
+    chunk_base = torch.empty(num_chunks, e_pad, dtype=torch.int32, device=ids.device)
+    totals = torch.empty(e_pad, dtype=torch.int32, device=ids.device)
     K._align_count_kernel[(num_chunks,)](ids, mask, chunk_base, num_slots, num_experts, **common)
     eb = min(16, e_pad)  # experts per scan program
     K._align_scan_kernel[(e_pad // eb,)](chunk_base, totals, num_chunks, E_PAD=e_pad, EB=eb,
@@ -151,7 +163,7 @@ def _align(topk_ids: torch.Tensor, num_experts: int, block_m: int,
     K._align_place_kernel[(num_chunks,)](ids, mask, chunk_base, totals, sorted_ids, expert_ids,
                                          num_slots, num_experts, nb, cdiv(nb, num_chunks),
                                          BLOCK_M=block_m, **common)
-    return Alignment(sorted_ids, expert_ids, totals)
+    return totals, chunk_base
 
 
 def _sum_slot_rows(rows: torch.Tensor, topk_ids: torch.Tensor, expert_mask: torch.Tensor | None,
