@@ -821,7 +821,7 @@ def test_stage1_zero_fills_the_atomic_output(M, H, I, E, k, bm, masked, in_stage
                         or launch(**kw))
     x, w1, w2, tw, ti, kw = make_case(M, H, I, E, k, seed=M + masked)
     mask = torch.ones(E, dtype=torch.bool, device=x.device)
-    mask[:masked] = False  # 4 masked: every stage-1 program exits early, the output is zeros
+    mask[:masked] = False  # masked == E: every stage-1 program exits early, the output is zeros
     st = {"BLOCK_N": 16, "BLOCK_K": 64, "num_warps": 4, "num_stages": 2}
     cfg = fix_config({"BLOCK_M": bm, "atomic": True, "s1": dict(st), "s2": dict(st)}, "bf16")
     out = m.fused_moe_triton_impl(x, w1, w2, tw, ti, expert_mask=mask, config=cfg)

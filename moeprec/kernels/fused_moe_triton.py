@@ -395,10 +395,12 @@ def fused_moe_triton_impl(
     atomic = bool(cfg.get("atomic", True)) or S * H * 4 > SLOT_ROWS_MAX_BYTES
     zero_in_stage1 = (atomic and not dequant and (ZERO_IN_STAGE1_WITH_PDL or not pdl)
                       and M * H * 4 <= ZERO_IN_STAGE1_MAX_BYTES)
-    if atomic and not zero_in_stage1:
+    if not atomic:  # slot rows: one fp32 row per kept slot, summed per token below (the rest
+        out32 = _scratch((S, H), torch.float32, dev)  # are never read)
+    elif zero_in_stage1:  # stage 1 writes its zeros
+        out32 = _scratch((M, H), torch.float32, dev)
+    else:
         out32 = torch.zeros(M, H, dtype=torch.float32, device=dev)
-    else:  # slot rows: one fp32 row per kept slot, summed per token below (the rest never read)
-        out32 = _scratch((M, H) if atomic else (S, H), torch.float32, dev)
     inter = _scratch((S, I), out_dtype, dev)
     # fp8 z, per-token scales as the reference: either stage 1 gathers each z row's amax
     # (atomic max from 0) and stage 2 quantizes as it loads (one pass, but A is no longer a plain
