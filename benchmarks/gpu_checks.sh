@@ -27,6 +27,7 @@
 #   bash benchmarks/gpu_checks.sh w4a8-tune    # tune fp8 GEMMs at M = 4096, 8192; mxfp4 bf16 / fp8 act with them
 #   bash benchmarks/gpu_checks.sh small-kernels  # fp8 row quantizers and the align place launch, by parts
 #   bash benchmarks/gpu_checks.sh pdl          # stage 2 as a programmatic dependent launch: tests, decode probe
+#   bash benchmarks/gpu_checks.sh ncu          # Nsight Compute counters of the decode GEMMs
 # Uses the machine's own python3 (torch + triton preinstalled); moeprec from this checkout.
 set -uo pipefail
 OUT=${OUT:-out}
@@ -176,6 +177,17 @@ PY
         -k "programmatic" 2>&1 | tee "$OUT/pdl_tests.log" | tail -3
       (cd benchmarks/probes && timeout 300 python3 decode_flags.py --M 1,4,16,64,256 \
         --out "$OUT/pdl_flags" 2>&1 | tee "$OUT/pdl_flags.log" | grep -E "^shape|table") ;;
+    ncu)  # what bounds the decode GEMMs: DRAM, issue slots or loads in flight (env NCU_SPECS:
+      # "shape path M" triples, comma-separated)
+      IFS=, read -ra specs <<< "${NCU_SPECS:-mixtral-8x7b mxfp4-w4a16 1,mixtral-8x7b bf16 1,qwen3-30b-a3b mxfp4-w4a16 4}"
+      for spec in "${specs[@]}"; do
+        read -r shape path m <<< "$spec"
+        echo "=== $shape $path M=$m"
+        timeout 150 ncu --clock-control none -k regex:_moe_gemm --launch-skip 4 --launch-count 2 \
+          --section SpeedOfLight --section Occupancy --section LaunchStats --section WarpStateStats \
+          --section SchedulerStats --section MemoryWorkloadAnalysis --section ComputeWorkloadAnalysis \
+          python3 benchmarks/probes/decode_ncu.py --shape "$shape" --path "$path" --M "$m" --calls 4
+      done 2>&1 | tee "$OUT/ncu_decode.log" | grep -E "===|config|_moe_gemm|Duration|DRAM Throughput|Memory Throughput|Issue Slots Busy|No Eligible|Achieved Occupancy|Registers Per|Warp Cycles Per Issued|Stall" ;;
     small-kernels)  # the prefill call's small kernels (60-150 us each at Qwen3 M = 16384)
       (cd benchmarks/probes && timeout 200 python3 quant_rows.py --out "$OUT/quant_rows" 2>&1 \
         | tee "$OUT/quant_rows.log" | tail -6
