@@ -257,6 +257,17 @@ def _launch_gemm(*, a, a_scale, b, b_scale, bias, c, c_scale, sorted_ids, expert
     def s(t, i):
         return t.stride(i) if t is not None and t.dim() > i else 0
 
+    if gemv and b_fmt == 1 and st.get("mma") and not triton_interpret():
+        from moeprec.kernels import _decode_mma
+
+        if _decode_mma.fits(a=a, b=b, c=c, stage1=stage1, st=st):  # tensor-core decode blocks
+            return _decode_mma.launch(
+                a=a, b=b, b_scale=b_scale, bias=bias, c=c,
+                sorted_ids=None if pair_blocks else sorted_ids, expert_ids=expert_ids,
+                topk_w=topk_w, pair_mask=pair_mask, zero=zero, N=N, Kdim=Kdim,
+                num_slots=num_slots, top_k=top_k, num_experts=num_experts, stage1=stage1,
+                interleaved=interleaved, act=act, mul_weight=mul_weight, atomic_out=atomic_out,
+                alpha=alpha, limit=limit, st=st, pdl=pdl, grid=grid)
     tile_rows = 2 * st["BLOCK_N"] if stage1 else st["BLOCK_N"]  # stage 1: gate and up rows
     b_parts = 2 if stage1 and not interleaved else 1
     b_desc = (_weight_descriptor(b, b_parts, tile_rows, st["BLOCK_K"])

@@ -1,0 +1,399 @@
+"""MXFP4 decode blocks (BLOCK_M = 1, 16-bit activations) on the tensor cores: a Gluon kernel.
+
+The Triton decode blocks (`_gemv_tiles`) multiply on the CUDA cores and were bound by
+instruction issue on the H200 (Nsight Compute, Mixtral-8x7B M = 1 stage 1: issue slots 78%
+busy, DRAM 42%): each weight costs a conversion to fp32 and an FFMA on top of its decode. Here
+the decoded weights go straight into `mma.sync.m16n8k16` (f16 operands, fp32 accumulation)
+from the registers they were decoded in, so the multiply-adds and the f16 -> f32 conversions
+leave the instruction stream.
+
+Gluon (Triton's explicit-layout frontend) fixes which lane holds which data, which the PTX
+fragment layout needs:
+
+- lane 4g + c holds word c (packed values 8c..8c+7) of a 32-value scale block, for two weight
+  rows ("lo" and "hi", the MMA's rows g and g + 8): the four lanes of a quad hold one whole
+  block, so the MMA's reduction over its K never mixes two E8M0 scales;
+- B (the activation) is the same in every column: each output is computed 8 times over and
+  column 0 read, but the tensor core has cycles to spare where the decode is the bound;
+- the activation range [amax] of the program's K range is scaled by a power of two into [1, 2)
+  and converted to f16 once per program, into shared memory, in the pair order the decode
+  produces; products are exact and the MMA accumulates in fp32. Values below amax * 2^-15 land
+  on f16 subnormals (absolute error at most amax * 2^-25 each), below amax * 2^-25 they flush
+  to zero: within fp32 rounding of the sum. The E8M0 scale multiplies each block's partial
+  sum, the power of two the program's total.
+
+Stage 1 pairs each output column's gate row (lo) with its up row (hi), so the epilogue is
+elementwise; stage 2 gives a lane output columns i and i + BLOCK_N / 2. GPU only: Gluon has no
+interpreter, so CI runs the Triton decode blocks (same math, other summation order).
+"""
+from __future__ import annotations
+
+import triton.language as tl
+from triton.experimental import gluon
+from triton.experimental.gluon import language as gl
+
+# one word of 8 E2M1 values per row (lo: $2, hi: $3) -> E4M3 bytes -> f16 pairs (values times
+# 2^-6, exact), then two m16n8k16 MMAs against the f16 activation pairs $4..$7; out: the
+# block's partial sums of the lo row ($0) and the hi row ($1)
+_DECODE = """
+shl.b32 t0, {w}, 4;
+shl.b32 t1, {w}, 2;
+and.b32 t0, t0, 0x80808080;
+and.b32 t1, t1, 0x1C1C1C1C;
+or.b32 l, t0, t1;
+shr.b32 t1, {w}, 2;
+and.b32 t1, t1, 0x1C1C1C1C;
+and.b32 t0, {w}, 0x80808080;
+or.b32 h, t0, t1;
+mov.b32 {{u0, u1}}, l;
+mov.b32 {{u2, u3}}, h;
+cvt.rn.f16x2.e4m3x2 {d}0, u0;
+cvt.rn.f16x2.e4m3x2 {d}1, u1;
+cvt.rn.f16x2.e4m3x2 {d}2, u2;
+cvt.rn.f16x2.e4m3x2 {d}3, u3;
+"""
+_BLOCK_MMA = gl.constexpr("{\n.reg .b32 t0, t1, l, h, x0, x1, x2, x3, y0, y1, y2, y3;\n"
+              ".reg .b16 u0, u1, u2, u3;\n.reg .f32 c0, c1, c2, c3;\n"
+              + _DECODE.format(w="$2", d="x") + _DECODE.format(w="$3", d="y") + """
+mov.f32 c0, 0f00000000;
+mov.f32 c1, 0f00000000;
+mov.f32 c2, 0f00000000;
+mov.f32 c3, 0f00000000;
+mma.sync.aligned.m16n8k16.row.col.f32.f16.f16.f32 {c0, c1, c2, c3}, {x0, y0, x2, y2}, {$4, $5}, {c0, c1, c2, c3};
+mma.sync.aligned.m16n8k16.row.col.f32.f16.f16.f32 {c0, c1, c2, c3}, {x1, y1, x3, y3}, {$6, $7}, {c0, c1, c2, c3};
+mov.f32 $0, c0;
+mov.f32 $1, c2;
+}""")
+
+
+@gluon.jit
+def _f16_pair(lo, hi):
+    """Two fp32 tensors -> f16x2 words (lo in the low half), rounded to nearest."""
+    return gl.inline_asm_elementwise("cvt.rn.f16x2.f32 $0, $2, $1;", "=r,f,f", [lo, hi],
+                                     dtype=gl.int32, is_pure=True, pack=1)
+
+
+@gluon.jit
+def _e8m0_to_f32(s):
+    """E8M0 byte (int32) -> 2^(s-127) as fp32, exactly: 0xFF -> NaN, 0 -> the subnormal 2^-127."""
+    f = gl.where(s == 0, 0x00400000, s << 23).to(gl.float32, bitcast=True)
+    return gl.where(s == 255, float("nan"), f)
+
+
+@gluon.jit
+def _act_words(a_ptr, stride_ak, k0, k_end, L: gl.constexpr, CH: gl.constexpr,
+               NSB: gl.constexpr, BLOCK_K: gl.constexpr):
+    """Activation values of CH steps from k0, as 8 fp32 tensors [CH, NSB, 4]: value v of word
+    c of block b of step s is a[k0 + s*BLOCK_K + 32*b + 8*c + v] (0 past k_end)."""
+    s = gl.arange(0, CH, layout=gl.SliceLayout(1, gl.SliceLayout(2, L)))
+    b = gl.arange(0, NSB, layout=gl.SliceLayout(0, gl.SliceLayout(2, L)))
+    c = gl.arange(0, 4, layout=gl.SliceLayout(0, gl.SliceLayout(1, L)))
+    k = (k0 + gl.expand_dims(gl.expand_dims(s * BLOCK_K, 1), 2)
+         + gl.expand_dims(gl.expand_dims(b * 32, 0), 2) + gl.expand_dims(gl.expand_dims(c * 8, 0), 1))
+    ok = k < k_end
+    p = a_ptr + k * stride_ak
+    v0 = gl.load(p, mask=ok, other=0.0).to(gl.float32)
+    v1 = gl.load(p + stride_ak, mask=ok, other=0.0).to(gl.float32)
+    v2 = gl.load(p + 2 * stride_ak, mask=ok, other=0.0).to(gl.float32)
+    v3 = gl.load(p + 3 * stride_ak, mask=ok, other=0.0).to(gl.float32)
+    v4 = gl.load(p + 4 * stride_ak, mask=ok, other=0.0).to(gl.float32)
+    v5 = gl.load(p + 5 * stride_ak, mask=ok, other=0.0).to(gl.float32)
+    v6 = gl.load(p + 6 * stride_ak, mask=ok, other=0.0).to(gl.float32)
+    v7 = gl.load(p + 7 * stride_ak, mask=ok, other=0.0).to(gl.float32)
+    return v0, v1, v2, v3, v4, v5, v6, v7
+
+
+@gluon.jit
+def _amax8(m, v0, v1, v2, v3, v4, v5, v6, v7):
+    m = gl.maximum(m, gl.maximum(gl.abs(v0), gl.abs(v1)))
+    m = gl.maximum(m, gl.maximum(gl.abs(v2), gl.abs(v3)))
+    m = gl.maximum(m, gl.maximum(gl.abs(v4), gl.abs(v5)))
+    return gl.maximum(m, gl.maximum(gl.abs(v6), gl.abs(v7)))
+
+
+@gluon.jit
+def _fetch(words_base, bs_base, rows_lo, rows_hi, k0, k_end, stride_wn, stride_bsn, stride_bsk,
+           L: gl.constexpr, NSB: gl.constexpr, EVEN_K: gl.constexpr):
+    """One step's packed words [TR2, NSB, 4] (int32) and E8M0 scales [TR2, NSB, 1] (int32) of
+    the lo and hi rows (rows in range: the caller clamps them). EVEN_K: every step is whole
+    and k0 is never past the end, so nothing is masked; else blocks at or past k_end are not
+    read."""
+    sb = k0 // 32 + gl.arange(0, NSB, layout=gl.SliceLayout(0, gl.SliceLayout(2, L)))
+    c = gl.arange(0, 4, layout=gl.SliceLayout(0, gl.SliceLayout(1, L)))
+    sb3 = gl.expand_dims(gl.expand_dims(sb, 0), 2)                 # [1, NSB, 1]
+    c3 = gl.expand_dims(gl.expand_dims(c, 0), 1)                   # [1, 1, 4]
+    lo3 = gl.expand_dims(gl.expand_dims(rows_lo, 1), 2)            # [TR2, 1, 1]
+    hi3 = gl.expand_dims(gl.expand_dims(rows_hi, 1), 2)
+    wk = sb3 * 4 + c3
+    sk = sb3 * stride_bsk
+    if EVEN_K:
+        w_lo = gl.load(words_base + lo3 * stride_wn + wk)
+        w_hi = gl.load(words_base + hi3 * stride_wn + wk)
+        s_lo = gl.load(bs_base + lo3 * stride_bsn + sk).to(gl.int32)
+        s_hi = gl.load(bs_base + hi3 * stride_bsn + sk).to(gl.int32)
+    else:
+        k_ok = sb3 * 32 < k_end
+        w_lo = gl.load(words_base + lo3 * stride_wn + wk, mask=k_ok, other=0)
+        w_hi = gl.load(words_base + hi3 * stride_wn + wk, mask=k_ok, other=0)
+        s_lo = gl.load(bs_base + lo3 * stride_bsn + sk, mask=k_ok, other=127).to(gl.int32)
+        s_hi = gl.load(bs_base + hi3 * stride_bsn + sk, mask=k_ok, other=127).to(gl.int32)
+    return w_lo, w_hi, s_lo, s_hi
+
+
+@gluon.jit
+def _decode_mma_kernel(
+    a_ptr, b_ptr, bs_ptr, bias_ptr, c_ptr, sorted_ids_ptr, expert_ids_ptr, topk_w_ptr,
+    expert_mask_ptr, zero_ptr,
+    N, K, num_slots, top_k, num_experts, zero_numel,
+    stride_am, stride_ak, stride_be, stride_bn, stride_bse, stride_bsn, stride_bsk,
+    stride_biase, stride_cm,
+    alpha, limit,
+    STAGE1: gl.constexpr, INTERLEAVED: gl.constexpr, ACT: gl.constexpr,
+    HAS_BIAS: gl.constexpr, MUL_WEIGHT: gl.constexpr, ATOMIC_OUT: gl.constexpr,
+    PAIR_BLOCKS: gl.constexpr, HAS_MASK: gl.constexpr, PDL: gl.constexpr,
+    ZERO_OUT: gl.constexpr, BLOCK_N: gl.constexpr, BLOCK_K: gl.constexpr,
+    SPLIT_K: gl.constexpr, K_CHUNKS: gl.constexpr, WARPS: gl.constexpr, EVEN_K: gl.constexpr,
+):
+    """One (token, expert) pair x BLOCK_N output columns (stage 1: gate/up GEMM + activation,
+    z in the model dtype; stage 2: down GEMM, routed weight, fp32 atomic add or slot row), as
+    `_moe_gemm_kernel` with BLOCK_M = 1 and MXFP4 weights (same arguments, fewer strides:
+    unit K strides for weights and outputs)."""
+    NSB: gl.constexpr = BLOCK_K // 32
+    TR2: gl.constexpr = BLOCK_N if STAGE1 else BLOCK_N // 2        # lo (= hi) rows
+    # lanes 4g + c: row g (8 per warp, repeated), word c; warps split the blocks of a step
+    L: gl.constexpr = gl.BlockedLayout([1, 1, 1], [8, 1, 4], [1, WARPS, 1], [2, 1, 0])
+    ROW: gl.constexpr = gl.SliceLayout(1, gl.SliceLayout(2, L))
+    # the activation staging: one (step, block, word) per thread
+    TB: gl.constexpr = 8 if NSB >= 8 else NSB
+    CH: gl.constexpr = (8 // TB) * WARPS
+    P: gl.constexpr = gl.BlockedLayout([1, 1, 1], [8 // TB, TB, 4], [WARPS, 1, 1], [2, 1, 0])
+    # shared memory without swizzle (row-major), so that the two views below agree: chunks of
+    # [CH, NSB, 4] for the staging, steps of [NSB, 4] for the loop
+    SMEM: gl.constexpr = gl.SwizzledSharedLayout(1, 1, 1, [2, 1, 0])
+    SMEM_STEP: gl.constexpr = gl.SwizzledSharedLayout(1, 1, 1, [1, 0])
+
+    if PDL and STAGE1:  # let stage 2's programs launch as this grid drains
+        gl.inline_asm_elementwise("griddepcontrol.launch_dependents; // $0", "=r", [],
+                                  dtype=gl.int32, is_pure=False, pack=1)
+    if ZERO_OUT:  # before any early exit: every program owns a share
+        Z: gl.constexpr = gl.BlockedLayout([1], [32], [WARPS], [0])
+        nprog = (gl.num_programs(0) * gl.num_programs(1)).to(gl.int64)
+        per = gl.cdiv(zero_numel, nprog)
+        z_lo = (gl.program_id(1) * gl.num_programs(0) + gl.program_id(0)).to(gl.int64) * per
+        z_hi = gl.minimum(z_lo + per, zero_numel)
+        for z0 in range(z_lo, z_hi, 32 * WARPS):
+            offs = z0 + gl.arange(0, 32 * WARPS, layout=Z)
+            gl.store(zero_ptr + offs, gl.zeros([32 * WARPS], gl.float32, layout=Z), mask=offs < z_hi)
+
+    pid = gl.program_id(0)
+    pid_k = gl.program_id(1)
+    num_pid_n = gl.cdiv(N, BLOCK_N)
+    pid_m = pid // num_pid_n
+    pid_n = pid % num_pid_n
+    if PAIR_BLOCKS:  # block = flat slot; the raw id range-checked and masked here
+        slot = pid_m
+        if slot >= num_slots:
+            return
+        eid = gl.load(expert_ids_ptr + slot)
+        if eid < 0:
+            return
+        if eid >= num_experts:
+            return
+        expert = eid.to(gl.int32)
+        if HAS_MASK:
+            if gl.load(expert_mask_ptr + expert) == 0:
+                return
+    else:
+        expert = gl.load(expert_ids_ptr + pid_m)
+        if expert < 0:
+            return
+        slot = gl.load(sorted_ids_ptr + pid_m)
+        if slot >= num_slots:
+            return
+    expert = expert.to(gl.int64)
+    slot = slot.to(gl.int64)
+    if STAGE1:
+        a_row = slot // top_k
+    else:
+        a_row = slot
+
+    i = gl.arange(0, TR2, layout=ROW)
+    if STAGE1:  # lo: the gate row of column col, hi: its up row
+        col_lo = pid_n * BLOCK_N + i
+        col_hi = col_lo
+        if INTERLEAVED:
+            rows_lo = 2 * col_lo
+            rows_hi = 2 * col_lo + 1
+        else:
+            rows_lo = col_lo
+            rows_hi = col_lo + N
+        ok_lo = col_lo < N
+        ok_hi = ok_lo
+    else:  # lo: column i, hi: column i + TR2 of the program's BLOCK_N
+        col_lo = pid_n * BLOCK_N + i
+        col_hi = col_lo + TR2
+        rows_lo = col_lo
+        rows_hi = col_hi
+        ok_lo = col_lo < N
+        ok_hi = col_hi < N
+    # rows past N are read as row 0 (their sums are never stored): no row masks in the loop
+    rows_lo = gl.where(ok_lo, rows_lo, 0)
+    rows_hi = gl.where(ok_hi, rows_hi, 0)
+    words_base = (b_ptr + expert * stride_be).to(gl.pointer_type(gl.int32))
+    stride_wn = stride_bn // 4
+    bs_base = bs_ptr + expert * stride_bse
+
+    k_steps = gl.cdiv(K, BLOCK_K)
+    k_begin = (pid_k * k_steps // SPLIT_K) * BLOCK_K
+    k_end = gl.minimum(((pid_k + 1) * k_steps // SPLIT_K) * BLOCK_K, K)
+    # the first weight step is in flight before anything waits on the previous launch
+    n_steps = gl.cdiv(k_end - k_begin, BLOCK_K)
+    k_first = k_begin
+    if EVEN_K:  # an empty split (more splits than steps) reads a real step it never uses
+        k_first = gl.minimum(k_begin, K - BLOCK_K)
+    w_lo, w_hi, s_lo, s_hi = _fetch(words_base, bs_base, rows_lo, rows_hi, k_first, k_end,
+                                    stride_wn, stride_bsn, stride_bsk, L, NSB, EVEN_K)
+    if PDL and not STAGE1:
+        gl.inline_asm_elementwise("griddepcontrol.wait; // $0", "=r", [], dtype=gl.int32,
+                                  is_pure=False, pack=1)
+
+    # activations of this K range -> f16 pairs in shared memory, scaled into [1, 2) by 2^-e
+    a_base = a_ptr + a_row * stride_am
+    n_chunks = gl.cdiv(k_end - k_begin, CH * BLOCK_K)
+    m = gl.zeros([CH, NSB, 4], gl.float32, layout=P)
+    for ch in range(n_chunks):
+        v0, v1, v2, v3, v4, v5, v6, v7 = _act_words(a_base, stride_ak, k_begin + ch * CH * BLOCK_K,
+                                                    k_end, P, CH, NSB, BLOCK_K)
+        m = _amax8(m, v0, v1, v2, v3, v4, v5, v6, v7)
+    amax = gl.max(gl.max(gl.max(m, axis=2), axis=1), axis=0)
+    e = (amax.to(gl.int32, bitcast=True) >> 23) & 0xFF
+    e = gl.minimum(gl.maximum(e, 1), 253)
+    up = ((254 - e) << 23).to(gl.float32, bitcast=True)            # 2^(127 - e)
+    down = (e << 23).to(gl.float32, bitcast=True) * 64.0             # back, and the decode's 2^-6
+    pairs0 = gl.allocate_shared_memory(gl.int32, [K_CHUNKS, CH, NSB, 4], SMEM)
+    pairs1 = gl.allocate_shared_memory(gl.int32, [K_CHUNKS, CH, NSB, 4], SMEM)
+    pairs2 = gl.allocate_shared_memory(gl.int32, [K_CHUNKS, CH, NSB, 4], SMEM)
+    pairs3 = gl.allocate_shared_memory(gl.int32, [K_CHUNKS, CH, NSB, 4], SMEM)
+    for ch in range(n_chunks):
+        v0, v1, v2, v3, v4, v5, v6, v7 = _act_words(a_base, stride_ak, k_begin + ch * CH * BLOCK_K,
+                                                    k_end, P, CH, NSB, BLOCK_K)
+        # the decode's pair order: (0, 2), (1, 3), (4, 6), (5, 7) of each word
+        pairs0.index(ch).store(_f16_pair(v0 * up, v2 * up))
+        pairs1.index(ch).store(_f16_pair(v1 * up, v3 * up))
+        pairs2.index(ch).store(_f16_pair(v4 * up, v6 * up))
+        pairs3.index(ch).store(_f16_pair(v5 * up, v7 * up))
+    gl.thread_barrier()
+    STEPS: gl.constexpr = K_CHUNKS * CH
+    pairs0 = pairs0._reinterpret(gl.int32, [STEPS, NSB, 4], SMEM_STEP)
+    pairs1 = pairs1._reinterpret(gl.int32, [STEPS, NSB, 4], SMEM_STEP)
+    pairs2 = pairs2._reinterpret(gl.int32, [STEPS, NSB, 4], SMEM_STEP)
+    pairs3 = pairs3._reinterpret(gl.int32, [STEPS, NSB, 4], SMEM_STEP)
+
+    B: gl.constexpr = gl.SliceLayout(0, L)
+    acc_lo = gl.zeros([TR2, NSB, 4], gl.float32, layout=L)
+    acc_hi = gl.zeros([TR2, NSB, 4], gl.float32, layout=L)
+    for step in range(n_steps):
+        cw_lo, cw_hi, cs_lo, cs_hi = w_lo, w_hi, s_lo, s_hi
+        # the next step's weights before this step's arithmetic (past the last step: the last
+        # step again when nothing is masked)
+        nxt = step + 1
+        if EVEN_K:
+            nxt = gl.minimum(nxt, n_steps - 1)
+        w_lo, w_hi, s_lo, s_hi = _fetch(words_base, bs_base, rows_lo, rows_hi,
+                                        k_begin + nxt * BLOCK_K, k_end, stride_wn, stride_bsn,
+                                        stride_bsk, L, NSB, EVEN_K)
+        b0 = gl.expand_dims(pairs0.index(step).load(B), 0)
+        b1 = gl.expand_dims(pairs1.index(step).load(B), 0)
+        b2 = gl.expand_dims(pairs2.index(step).load(B), 0)
+        b3 = gl.expand_dims(pairs3.index(step).load(B), 0)
+        p_lo, p_hi = gl.inline_asm_elementwise(
+            _BLOCK_MMA, "=f,=f,r,r,r,r,r,r", [cw_lo, cw_hi, b0, b1, b2, b3],
+            dtype=(gl.float32, gl.float32), is_pure=True, pack=1)
+        acc_lo += p_lo * _e8m0_to_f32(cs_lo)
+        acc_hi += p_hi * _e8m0_to_f32(cs_hi)
+    # every word lane of a quad holds the same sums: take word 0's, add the warps' blocks
+    c = gl.expand_dims(gl.expand_dims(gl.arange(0, 4, layout=gl.SliceLayout(0, gl.SliceLayout(1, L))), 0), 1)
+    lo = gl.sum(gl.sum(gl.where(c == 0, acc_lo, 0.0), axis=2), axis=1) * down
+    hi = gl.sum(gl.sum(gl.where(c == 0, acc_hi, 0.0), axis=2), axis=1) * down
+
+    if MUL_WEIGHT:
+        w = gl.load(topk_w_ptr + slot).to(gl.float32)
+    if STAGE1:
+        if MUL_WEIGHT:  # apply_router_weight_on_input: scale h before the bias
+            lo = lo * w
+            hi = hi * w
+        if HAS_BIAS:
+            lo += gl.load(bias_ptr + expert * stride_biase + rows_lo, mask=ok_lo, other=0.0)
+            hi += gl.load(bias_ptr + expert * stride_biase + rows_hi, mask=ok_hi, other=0.0)
+        if ACT == 0:
+            z = lo / (1.0 + gl.exp(-lo)) * hi
+        else:
+            g = gl.minimum(lo, limit, propagate_nan=tl.PropagateNan.ALL)
+            u = gl.minimum(gl.maximum(hi, -limit, propagate_nan=tl.PropagateNan.ALL), limit,
+                           propagate_nan=tl.PropagateNan.ALL)
+            z = g / (1.0 + gl.exp(-alpha * g)) * (u + 1.0)
+        gl.store(c_ptr + slot * stride_cm + col_lo, z.to(c_ptr.dtype.element_ty), mask=ok_lo)
+    else:
+        if HAS_BIAS:  # once per output tile: by the first K split
+            lo += gl.load(bias_ptr + expert * stride_biase + rows_lo, mask=ok_lo & (pid_k == 0),
+                          other=0.0)
+            hi += gl.load(bias_ptr + expert * stride_biase + rows_hi, mask=ok_hi & (pid_k == 0),
+                          other=0.0)
+        if MUL_WEIGHT:
+            lo = lo * w
+            hi = hi * w
+        if ATOMIC_OUT:
+            out = c_ptr + (slot // top_k) * stride_cm
+            gl.atomic_add(out + col_lo, lo, mask=ok_lo, sem="relaxed")
+            gl.atomic_add(out + col_hi, hi, mask=ok_hi, sem="relaxed")
+        else:
+            out = c_ptr + slot * stride_cm
+            gl.store(out + col_lo, lo.to(c_ptr.dtype.element_ty), mask=ok_lo)
+            gl.store(out + col_hi, hi.to(c_ptr.dtype.element_ty), mask=ok_hi)
+
+
+def _next_pow2(n: int) -> int:
+    return 1 << max(0, n - 1).bit_length()
+
+
+def fits(*, a, b, c, stage1: bool, st: dict) -> bool:
+    """Whether a BLOCK_M = 1 MXFP4 stage can run here: 16-bit activations (f16 staging keeps
+    their 8-11 significant bits; fp32 models keep the CUDA-core blocks), unit K strides of
+    weights and output, 8+ lo rows, every warp a block per step, the staging in shared memory."""
+    import torch
+
+    nsb, warps = st["BLOCK_K"] // 32, st["num_warps"]
+    tr2 = st["BLOCK_N"] if stage1 else st["BLOCK_N"] // 2
+    steps = -(-(-(-b.shape[2] * 2 // st["BLOCK_K"])) // st.get("split_k", 1))
+    ch = (8 // min(nsb, 8)) * warps
+    smem = 4 * _next_pow2(-(-steps // ch)) * ch * nsb * 16
+    return (a.dtype in (torch.bfloat16, torch.float16) and b.stride(2) == 1
+            and b.stride(1) % 16 == 0 and b.data_ptr() % 16 == 0 and c.stride(-1) == 1
+            and tr2 >= 8 and nsb >= warps and smem <= 128 * 1024)
+
+
+def launch(*, a, b, b_scale, bias, c, sorted_ids, expert_ids, topk_w, pair_mask, zero, N, Kdim,
+           num_slots, top_k, num_experts, stage1, interleaved, act, mul_weight, atomic_out,
+           alpha, limit, st, pdl, grid):
+    """One stage on `_decode_mma_kernel` (arguments as `fused_moe_triton._launch_gemm`'s)."""
+    nsb, warps = st["BLOCK_K"] // 32, st["num_warps"]
+    split_k = grid[1]
+    steps = -(-(-(-Kdim // st["BLOCK_K"])) // split_k)
+    ch = (8 // min(nsb, 8)) * warps
+    pair_blocks = sorted_ids is None
+    dummy = expert_ids
+    return _decode_mma_kernel[grid](
+        a, b, b_scale, bias if bias is not None else dummy, c,
+        dummy if pair_blocks else sorted_ids, expert_ids, topk_w,
+        pair_mask if pair_mask is not None else dummy, zero if zero is not None else dummy,
+        N, Kdim, num_slots, top_k, num_experts, zero.numel() if zero is not None else 0,
+        a.stride(0), a.stride(1), b.stride(0), b.stride(1), b_scale.stride(0), b_scale.stride(1),
+        b_scale.stride(2), bias.stride(0) if bias is not None else 0, c.stride(0),
+        float(alpha), float(limit),
+        STAGE1=stage1, INTERLEAVED=interleaved, ACT=act, HAS_BIAS=bias is not None,
+        MUL_WEIGHT=mul_weight, ATOMIC_OUT=atomic_out, PAIR_BLOCKS=pair_blocks,
+        HAS_MASK=pair_mask is not None, PDL=pdl, ZERO_OUT=zero is not None,
+        BLOCK_N=st["BLOCK_N"], BLOCK_K=st["BLOCK_K"], SPLIT_K=split_k,
+        K_CHUNKS=_next_pow2(-(-steps // ch)), WARPS=warps, EVEN_K=Kdim % st["BLOCK_K"] == 0,
+        num_warps=warps, launch_pdl=pdl and not stage1,
+    )
