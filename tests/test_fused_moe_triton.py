@@ -661,6 +661,12 @@ def test_gemv_config_rules():
     assert not fix_config({"BLOCK_M": 1, "pair_blocks": False, "s1": dict(st), "s2": dict(st)}, "w4a16")["pair_blocks"]
     assert not fix_config({"BLOCK_M": 16, "pair_blocks": True, "s1": dict(st), "s2": dict(st)}, "w4a16")["pair_blocks"]
     assert not fix_config({"BLOCK_M": 1, "pair_blocks": True, "s1": dict(st), "s2": dict(st)}, "w4a8")["pair_blocks"]
+    # the tensor-core decode blocks: opt-in, MXFP4 with 16-bit activations, one-pair blocks only
+    assert not one["s1"]["mma"]
+    on = dict(st, mma=True)
+    assert fix_config({"BLOCK_M": 1, "s1": dict(on), "s2": dict(on)}, "w4a16")["s2"]["mma"]
+    assert not fix_config({"BLOCK_M": 1, "s1": dict(on), "s2": dict(on)}, "bf16")["s2"]["mma"]
+    assert not fix_config({"BLOCK_M": 16, "s1": dict(on), "s2": dict(on)}, "w4a16")["s2"]["mma"]
     for bad in (4, 24):
         with pytest.raises(ValueError, match="BLOCK_M"):
             fix_config({"BLOCK_M": bad, "s1": dict(st), "s2": dict(st)}, "bf16")
@@ -958,7 +964,7 @@ def test_gpu_tensor_core_decode_blocks(activation, gate_mode, bias, masked, atom
         mask[1] = False
     args = dict(quant="mxfp4", activation=activation, gate_mode=gate_mode, expert_mask=mask, **kw)
     ref = fused_moe(x, w1, w2, tw, ti, backend="torch", **args)
-    st = {"BLOCK_N": bn, "BLOCK_K": bk, "num_warps": warps, "num_stages": 2}
+    st = {"BLOCK_N": bn, "BLOCK_K": bk, "num_warps": warps, "num_stages": 2, "mma": True}
     cfg = fix_config({"BLOCK_M": 1, "atomic": atomic, "pdl": pdl, "s1": dict(st),
                       "s2": dict(st, split_k=split_k)}, "w4a16")
     assert cfg["s1"]["mma"] and cfg["s2"]["mma"]
@@ -984,8 +990,9 @@ def test_gpu_tensor_core_decode_activation_range(scale):
     x = (x.float() * scale).to(x.dtype)
     x[2, ::2] *= 2.0**-20
     ref = fused_moe(x, w1, w2, tw, ti, backend="torch", quant="mxfp4", **kw)
-    st = {"BLOCK_N": 16, "BLOCK_K": 64, "num_warps": 2, "num_stages": 2}
+    st = {"BLOCK_N": 16, "BLOCK_K": 64, "num_warps": 2, "num_stages": 2, "mma": True}
     cfg = fix_config({"BLOCK_M": 1, "s1": dict(st), "s2": dict(st)}, "w4a16")
+    assert cfg["s1"]["mma"] and cfg["s2"]["mma"]
     out = m.fused_moe_triton_impl(x, w1, w2, tw, ti, quant="mxfp4", config=cfg, **kw)
     assert torch.isfinite(ref.float()).all()
     assert_close(out / scale, ref / scale)

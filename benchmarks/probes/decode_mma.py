@@ -9,6 +9,7 @@ For each bench shape and M: the w4a16 table config as it is ("mma" on where it f
 their max (fp32 sums in another order; z rounded to bf16 in between).
 """
 import argparse
+import json
 
 import torch
 from _timing import rel_diff, save_rows  # noqa: E402 (this folder)
@@ -22,6 +23,8 @@ ap = argparse.ArgumentParser()
 ap.add_argument("--out", default=None)
 ap.add_argument("--M", default="1,4,16")
 ap.add_argument("--shapes", default=",".join(SHAPES))
+ap.add_argument("--mma-stage", default="{}", help="JSON settings over both stages of the mma "
+                "variant, e.g. '{\"BLOCK_N\": 32}' (stage 2 takes twice the BLOCK_N)")
 args = ap.parse_args()
 device = torch.cuda.get_device_name()
 rows = []
@@ -40,6 +43,12 @@ for shape in args.shapes.split(","):
             cfg = dict(get_config(kpath, M, E, H, I, k, device))
             if mma is not None:
                 cfg = {kk: (dict(v, mma=mma) if kk in ("s1", "s2") else v) for kk, v in cfg.items()}
+            if mma and cfg["BLOCK_M"] == 1:
+                over = json.loads(args.mma_stage)
+                cfg["s1"] = dict(cfg["s1"], **over)
+                cfg["s2"] = dict(cfg["s2"], **over)
+                if "BLOCK_N" in over:
+                    cfg["s2"]["BLOCK_N"] = 2 * over["BLOCK_N"]
             cfg = fix_config(cfg, kpath)
             w = weights[path]
             wkw = {n: t for n, t in w.items() if n not in ("w1", "w2")}
