@@ -933,12 +933,13 @@ def test_fp8_row_quantization_matches_the_reference(M, K):
 
 
 # (activation, gate_mode, bias, masked, atomic, pdl, split_k, BLOCK_N, BLOCK_K, warps, M, H, I, E,
-#  k, dtype): K off BLOCK_K (EVEN_K off), N off BLOCK_N, 2-4 row repeats per lane, 8 warps
+#  k, dtype): K off BLOCK_K (EVEN_K off) with empty K splits, N off BLOCK_N, warps splitting
+#  rows (BLOCK_K 128: one group of 4 blocks per step) and block groups, 1 to 8 warps
 MMA_DECODE_CASES = [
-    ("silu", "separated", False, False, True, False, 1, 16, 64, 2, 1, 256, 128, 4, 2, torch.bfloat16),
-    ("swiglu_oai", "interleaved", True, True, True, False, 3, 16, 64, 2, 7, 96, 96, 5, 2, torch.bfloat16),
+    ("silu", "separated", False, False, True, False, 1, 16, 128, 1, 1, 256, 128, 4, 2, torch.bfloat16),
+    ("swiglu_oai", "interleaved", True, True, True, False, 3, 16, 128, 1, 7, 96, 96, 5, 2, torch.bfloat16),
     ("silu", "separated", True, False, False, True, 1, 64, 128, 4, 4, 96, 160, 4, 3, torch.float16),
-    ("silu", "separated", False, False, True, True, 2, 32, 256, 8, 16, 2048, 768, 8, 2, torch.bfloat16),
+    ("silu", "separated", False, False, True, True, 2, 64, 256, 8, 16, 2048, 768, 8, 2, torch.bfloat16),
 ]
 
 
@@ -979,20 +980,26 @@ def test_gpu_tensor_core_decode_blocks(activation, gate_mode, bias, masked, atom
 @pytest.mark.gpu
 @pytest.mark.skipif(not ON_GPU, reason="Gluon kernels need a GPU")
 @pytest.mark.parametrize("scale", [1e-30, 1.0, 3e4])
-def test_gpu_tensor_core_decode_activation_range(scale):
+def test_gpu_tensor_core_decode_activation_range(scale, monkeypatch):
     # the f16 staging scales each program's activations into [1, 2) by a power of two: tiny and
     # large rows, and a row mixing magnitudes 2^20 apart, match the reference as well as unit ones
     m = _kernel_module()
+    from moeprec.kernels import _decode_mma
     from moeprec.kernels.tuning import fix_config
+
+    launches = []
+    real = _decode_mma.launch
+    monkeypatch.setattr(_decode_mma, "launch", lambda **kw: launches.append(kw["stage1"]) or real(**kw))
 
     M, H, I, E, k = 3, 128, 64, 4, 2  # noqa: E741
     x, w1, w2, tw, ti, kw = make_case(M, H, I, E, k, "mxfp4", seed=5)
     x = (x.float() * scale).to(x.dtype)
     x[2, ::2] *= 2.0**-20
     ref = fused_moe(x, w1, w2, tw, ti, backend="torch", quant="mxfp4", **kw)
-    st = {"BLOCK_N": 16, "BLOCK_K": 64, "num_warps": 2, "num_stages": 2, "mma": True}
+    st = {"BLOCK_N": 16, "BLOCK_K": 128, "num_warps": 1, "num_stages": 2, "mma": True}
     cfg = fix_config({"BLOCK_M": 1, "s1": dict(st), "s2": dict(st)}, "w4a16")
     assert cfg["s1"]["mma"] and cfg["s2"]["mma"]
     out = m.fused_moe_triton_impl(x, w1, w2, tw, ti, quant="mxfp4", config=cfg, **kw)
+    assert sorted(set(launches)) == [False, True]
     assert torch.isfinite(ref.float()).all()
     assert_close(out / scale, ref / scale)

@@ -8,19 +8,18 @@ from the registers they were decoded in, so the multiply-adds and the f16 -> f32
 leave the instruction stream.
 
 Gluon (Triton's explicit-layout frontend) fixes which lane holds which data, which the PTX
-fragment layout needs:
+fragment layout needs. Lane 4g + c of a warp holds whole 32-value scale blocks (4 words, one
+16-byte load) of block c of a group of 4 consecutive blocks, for two weight rows ("lo" and "hi",
+the MMA's rows g and g + 8). A quad's 4 lanes thus hold 4 blocks with 4 different E8M0 scales,
+which one MMA must not add together: B's column n holds the activations of block n in the
+lanes of quad n and zeros elsewhere (the "diagonal"), so D[row, n] is block n's partial sum
+alone, and lanes 4g and 4g + 1 get blocks 0-1 and 2-3 of row g, to scale and add in fp32.
 
-- lane 4g + c holds word c (packed values 8c..8c+7) of a 32-value scale block, for two weight
-  rows ("lo" and "hi", the MMA's rows g and g + 8): the four lanes of a quad hold one whole
-  block, so the MMA's reduction over its K never mixes two E8M0 scales;
-- B (the activation) is the same in every column: each output is computed 8 times over and
-  column 0 read, but the tensor core has cycles to spare where the decode is the bound;
-- the activation range [amax] of the program's K range is scaled by a power of two into [1, 2)
-  and converted to f16 once per program, into shared memory, in the pair order the decode
-  produces; products are exact and the MMA accumulates in fp32. Values below amax * 2^-15 land
-  on f16 subnormals (absolute error at most amax * 2^-25 each), below amax * 2^-25 they flush
-  to zero: within fp32 rounding of the sum. The E8M0 scale multiplies each block's partial
-  sum, the power of two the program's total.
+The activations of the program's K range are scaled by a power of two into [1, 2) and
+converted to f16 once per program, into shared memory, in the pair order the decode produces;
+products are exact and the MMA accumulates in fp32. Values below amax * 2^-15 land on f16
+subnormals (absolute error at most amax * 2^-25 each), below amax * 2^-25 they flush to zero:
+within fp32 rounding of the sum. The power of two comes off the program's total.
 
 Stage 1 pairs each output column's gate row (lo) with its up row (hi), so the epilogue is
 elementwise; stage 2 gives a lane output columns i and i + BLOCK_N / 2. GPU only: Gluon has no
@@ -32,10 +31,11 @@ import triton.language as tl
 from triton.experimental import gluon
 from triton.experimental.gluon import language as gl
 
-# one word of 8 E2M1 values per row (lo: $2, hi: $3) -> E4M3 bytes -> f16 pairs (values times
-# 2^-6, exact), then two m16n8k16 MMAs against the f16 activation pairs $4..$7; out: the
-# block's partial sums of the lo row ($0) and the hi row ($1)
-_DECODE = """
+# 4 words (one 32-value block) of each of two rows (lo: $4..$7, hi: $8..$11) -> E4M3 bytes ->
+# f16 pairs (values times 2^-6, exact) -> 8 m16n8k16 MMAs against the f16 activation pairs of
+# the block (pair r of word w: ${12 + 4r + w}), kept only in the lanes 4n + n of column n (the
+# diagonal); out: D[g, 2c], D[g, 2c + 1] (lo row) and D[g + 8, 2c], D[g + 8, 2c + 1] (hi row)
+_WORD_F16 = """
 shl.b32 t0, {w}, 4;
 shl.b32 t1, {w}, 2;
 and.b32 t0, t0, 0x80808080;
@@ -52,18 +52,26 @@ cvt.rn.f16x2.e4m3x2 {d}1, u1;
 cvt.rn.f16x2.e4m3x2 {d}2, u2;
 cvt.rn.f16x2.e4m3x2 {d}3, u3;
 """
-_BLOCK_MMA = gl.constexpr("{\n.reg .b32 t0, t1, l, h, x0, x1, x2, x3, y0, y1, y2, y3;\n"
-              ".reg .b16 u0, u1, u2, u3;\n.reg .f32 c0, c1, c2, c3;\n"
-              + _DECODE.format(w="$2", d="x") + _DECODE.format(w="$3", d="y") + """
-mov.f32 c0, 0f00000000;
-mov.f32 c1, 0f00000000;
-mov.f32 c2, 0f00000000;
-mov.f32 c3, 0f00000000;
-mma.sync.aligned.m16n8k16.row.col.f32.f16.f16.f32 {c0, c1, c2, c3}, {x0, y0, x2, y2}, {$4, $5}, {c0, c1, c2, c3};
-mma.sync.aligned.m16n8k16.row.col.f32.f16.f16.f32 {c0, c1, c2, c3}, {x1, y1, x3, y3}, {$6, $7}, {c0, c1, c2, c3};
-mov.f32 $0, c0;
-mov.f32 $1, c2;
-}""")
+_MMA = "mma.sync.aligned.m16n8k16.row.col.f32.f16.f16.f32 {{c0, c1, c2, c3}}, {{{a}}}, {{{b}}}, {{c0, c1, c2, c3}};\n"
+
+
+def _block_mma_asm() -> str:
+    lines = ["{", ".reg .b32 t0, t1, l, h, x0, x1, x2, x3, y0, y1, y2, y3, ln, g, c;",
+             ".reg .b32 " + ", ".join(f"q{i}" for i in range(16)) + ";",
+             ".reg .b16 u0, u1, u2, u3;", ".reg .pred p;", ".reg .f32 c0, c1, c2, c3;",
+             "mov.u32 ln, %laneid;", "shr.u32 g, ln, 2;", "and.b32 c, ln, 3;",
+             "setp.eq.u32 p, g, c;"]
+    lines += [f"selp.b32 q{i}, ${12 + i}, 0, p;" for i in range(16)]
+    lines += [f"mov.f32 c{i}, 0f00000000;" for i in range(4)]
+    text = "\n".join(lines) + "\n"
+    for w in range(4):
+        text += _WORD_F16.format(w=f"${4 + w}", d="x") + _WORD_F16.format(w=f"${8 + w}", d="y")
+        text += _MMA.format(a="x0, y0, x2, y2", b=f"q{w}, q{4 + w}")
+        text += _MMA.format(a="x1, y1, x3, y3", b=f"q{8 + w}, q{12 + w}")
+    return text + "mov.f32 $0, c0;\nmov.f32 $1, c1;\nmov.f32 $2, c2;\nmov.f32 $3, c3;\n}"
+
+
+_BLOCK_MMA = gl.constexpr(_block_mma_asm())
 
 
 @gluon.jit
@@ -114,30 +122,31 @@ def _amax8(m, v0, v1, v2, v3, v4, v5, v6, v7):
 @gluon.jit
 def _fetch(words_base, bs_base, rows_lo, rows_hi, k0, k_end, stride_wn, stride_bsn, stride_bsk,
            L: gl.constexpr, NSB: gl.constexpr, EVEN_K: gl.constexpr):
-    """One step's packed words [TR2, NSB, 4] (int32) and E8M0 scales [TR2, NSB, 1] (int32) of
-    the lo and hi rows (rows in range: the caller clamps them). EVEN_K: every step is whole
-    and k0 is never past the end, so nothing is masked; else blocks at or past k_end are not
-    read."""
+    """One step's packed words [TR2, NSB, 4] (int32, a block per lane) of the lo and hi rows,
+    and the E8M0 scales [TR2, NSB, 4] (int32) that the MMA's outputs in that lane need: block
+    c of a group of 4 holds the lo row's blocks 2(c % 2) and 2(c % 2) + 1, then the hi row's
+    (lanes c = 2, 3 hold zeros; their scales repeat c = 0, 1's, in the same rows, so that a
+    NaN scale meets the row it belongs to). Rows are in range (the caller clamps them).
+    EVEN_K: whole steps, k0 never past the end: nothing masked; else blocks from k_end on are
+    not read."""
     sb = k0 // 32 + gl.arange(0, NSB, layout=gl.SliceLayout(0, gl.SliceLayout(2, L)))
-    c = gl.arange(0, 4, layout=gl.SliceLayout(0, gl.SliceLayout(1, L)))
+    w = gl.arange(0, 4, layout=gl.SliceLayout(0, gl.SliceLayout(1, L)))
     sb3 = gl.expand_dims(gl.expand_dims(sb, 0), 2)                 # [1, NSB, 1]
-    c3 = gl.expand_dims(gl.expand_dims(c, 0), 1)                   # [1, 1, 4]
+    w3 = gl.expand_dims(gl.expand_dims(w, 0), 1)                   # [1, 1, 4]
     lo3 = gl.expand_dims(gl.expand_dims(rows_lo, 1), 2)            # [TR2, 1, 1]
     hi3 = gl.expand_dims(gl.expand_dims(rows_hi, 1), 2)
-    wk = sb3 * 4 + c3
-    sk = sb3 * stride_bsk
+    wk = sb3 * 4 + w3
+    blk = sb3 - sb3 % 4 + 2 * (sb3 % 2) + w3 % 2                   # [1, NSB, 4]
+    s_off = gl.where(w3 < 2, lo3, hi3) * stride_bsn + blk * stride_bsk
     if EVEN_K:
         w_lo = gl.load(words_base + lo3 * stride_wn + wk)
         w_hi = gl.load(words_base + hi3 * stride_wn + wk)
-        s_lo = gl.load(bs_base + lo3 * stride_bsn + sk).to(gl.int32)
-        s_hi = gl.load(bs_base + hi3 * stride_bsn + sk).to(gl.int32)
+        sc = gl.load(bs_base + s_off).to(gl.int32)
     else:
-        k_ok = sb3 * 32 < k_end
-        w_lo = gl.load(words_base + lo3 * stride_wn + wk, mask=k_ok, other=0)
-        w_hi = gl.load(words_base + hi3 * stride_wn + wk, mask=k_ok, other=0)
-        s_lo = gl.load(bs_base + lo3 * stride_bsn + sk, mask=k_ok, other=127).to(gl.int32)
-        s_hi = gl.load(bs_base + hi3 * stride_bsn + sk, mask=k_ok, other=127).to(gl.int32)
-    return w_lo, w_hi, s_lo, s_hi
+        w_lo = gl.load(words_base + lo3 * stride_wn + wk, mask=sb3 * 32 < k_end, other=0)
+        w_hi = gl.load(words_base + hi3 * stride_wn + wk, mask=sb3 * 32 < k_end, other=0)
+        sc = gl.load(bs_base + s_off, mask=blk * 32 < k_end, other=127).to(gl.int32)
+    return w_lo, w_hi, sc
 
 
 @gluon.jit
@@ -160,8 +169,10 @@ def _decode_mma_kernel(
     unit K strides for weights and outputs)."""
     NSB: gl.constexpr = BLOCK_K // 32
     TR2: gl.constexpr = BLOCK_N if STAGE1 else BLOCK_N // 2        # lo (= hi) rows
-    # lanes 4g + c: row g (8 per warp, repeated), word c; warps split the blocks of a step
-    L: gl.constexpr = gl.BlockedLayout([1, 1, 1], [8, 1, 4], [1, WARPS, 1], [2, 1, 0])
+    # lanes 4g + c: row g (8 per warp, repeated), block c of 4 (repeated), its 4 words; warps
+    # split the block groups of a step (WK), then the rows
+    WK: gl.constexpr = WARPS if WARPS <= NSB // 4 else NSB // 4
+    L: gl.constexpr = gl.BlockedLayout([1, 1, 4], [8, 4, 1], [WARPS // WK, WK, 1], [2, 1, 0])
     ROW: gl.constexpr = gl.SliceLayout(1, gl.SliceLayout(2, L))
     # the activation staging: one (step, block, word) per thread
     TB: gl.constexpr = 8 if NSB >= 8 else NSB
@@ -251,8 +262,8 @@ def _decode_mma_kernel(
     k_first = k_begin
     if EVEN_K:  # an empty split (more splits than steps) reads a real step it never uses
         k_first = gl.minimum(k_begin, K - BLOCK_K)
-    w_lo, w_hi, s_lo, s_hi = _fetch(words_base, bs_base, rows_lo, rows_hi, k_first, k_end,
-                                    stride_wn, stride_bsn, stride_bsk, L, NSB, EVEN_K)
+    w_lo, w_hi, sc = _fetch(words_base, bs_base, rows_lo, rows_hi, k_first, k_end, stride_wn,
+                            stride_bsn, stride_bsk, L, NSB, EVEN_K)
     if PDL and not STAGE1:
         gl.inline_asm_elementwise("griddepcontrol.wait; // $0", "=r", [], dtype=gl.int32,
                                   is_pure=False, pack=1)
@@ -290,38 +301,35 @@ def _decode_mma_kernel(
     pairs3 = pairs3._reinterpret(gl.int32, [STEPS, NSB, 4], SMEM_STEP)
 
     B: gl.constexpr = gl.SliceLayout(0, L)
-    acc_lo = gl.zeros([TR2, NSB, 4], gl.float32, layout=L)
-    acc_hi = gl.zeros([TR2, NSB, 4], gl.float32, layout=L)
+    acc = gl.zeros([TR2, NSB, 4], gl.float32, layout=L)
     for step in range(n_steps):
-        cw_lo, cw_hi, cs_lo, cs_hi = w_lo, w_hi, s_lo, s_hi
+        cw_lo, cw_hi, c_sc = w_lo, w_hi, sc
         # the next step's weights before this step's arithmetic (past the last step: the last
         # step again when nothing is masked)
         nxt = step + 1
         if EVEN_K:
             nxt = gl.minimum(nxt, n_steps - 1)
-        w_lo, w_hi, s_lo, s_hi = _fetch(words_base, bs_base, rows_lo, rows_hi,
-                                        k_begin + nxt * BLOCK_K, k_end, stride_wn, stride_bsn,
-                                        stride_bsk, L, NSB, EVEN_K)
+        w_lo, w_hi, sc = _fetch(words_base, bs_base, rows_lo, rows_hi, k_begin + nxt * BLOCK_K,
+                                k_end, stride_wn, stride_bsn, stride_bsk, L, NSB, EVEN_K)
         b0 = gl.expand_dims(pairs0.index(step).load(B), 0)
         b1 = gl.expand_dims(pairs1.index(step).load(B), 0)
         b2 = gl.expand_dims(pairs2.index(step).load(B), 0)
         b3 = gl.expand_dims(pairs3.index(step).load(B), 0)
-        p_lo, p_hi = gl.inline_asm_elementwise(
-            _BLOCK_MMA, "=f,=f,r,r,r,r,r,r", [cw_lo, cw_hi, b0, b1, b2, b3],
-            dtype=(gl.float32, gl.float32), is_pure=True, pack=1)
-        acc_lo += p_lo * _e8m0_to_f32(cs_lo)
-        acc_hi += p_hi * _e8m0_to_f32(cs_hi)
-    # every word lane of a quad holds the same sums: take word 0's, add the warps' blocks
-    c = gl.expand_dims(gl.expand_dims(gl.arange(0, 4, layout=gl.SliceLayout(0, gl.SliceLayout(1, L))), 0), 1)
-    lo = gl.sum(gl.sum(gl.where(c == 0, acc_lo, 0.0), axis=2), axis=1) * down
-    hi = gl.sum(gl.sum(gl.where(c == 0, acc_hi, 0.0), axis=2), axis=1) * down
+        part = gl.inline_asm_elementwise(
+            _BLOCK_MMA, "=f,=f,=f,=f" + ",r" * 24, [cw_lo, cw_hi, b0, b1, b2, b3],
+            dtype=gl.float32, is_pure=True, pack=4)
+        acc += part * _e8m0_to_f32(c_sc)
+    # outputs 0, 1 of a lane are lo-row sums, 2, 3 hi-row sums (lanes c = 2, 3: zeros)
+    w = gl.expand_dims(gl.expand_dims(gl.arange(0, 4, layout=gl.SliceLayout(0, gl.SliceLayout(1, L))), 0), 1)
+    lo = gl.sum(gl.sum(gl.where(w < 2, acc, 0.0), axis=2), axis=1) * down
+    hi = gl.sum(gl.sum(gl.where(w < 2, 0.0, acc), axis=2), axis=1) * down
 
     if MUL_WEIGHT:
-        w = gl.load(topk_w_ptr + slot).to(gl.float32)
+        rw = gl.load(topk_w_ptr + slot).to(gl.float32)
     if STAGE1:
         if MUL_WEIGHT:  # apply_router_weight_on_input: scale h before the bias
-            lo = lo * w
-            hi = hi * w
+            lo = lo * rw
+            hi = hi * rw
         if HAS_BIAS:
             lo += gl.load(bias_ptr + expert * stride_biase + rows_lo, mask=ok_lo, other=0.0)
             hi += gl.load(bias_ptr + expert * stride_biase + rows_hi, mask=ok_hi, other=0.0)
@@ -340,8 +348,8 @@ def _decode_mma_kernel(
             hi += gl.load(bias_ptr + expert * stride_biase + rows_hi, mask=ok_hi & (pid_k == 0),
                           other=0.0)
         if MUL_WEIGHT:
-            lo = lo * w
-            hi = hi * w
+            lo = lo * rw
+            hi = hi * rw
         if ATOMIC_OUT:
             out = c_ptr + (slot // top_k) * stride_cm
             gl.atomic_add(out + col_lo, lo, mask=ok_lo, sem="relaxed")
@@ -359,17 +367,19 @@ def _next_pow2(n: int) -> int:
 def fits(*, a, b, c, stage1: bool, st: dict) -> bool:
     """Whether a BLOCK_M = 1 MXFP4 stage can run here: 16-bit activations (f16 staging keeps
     their 8-11 significant bits; fp32 models keep the CUDA-core blocks), unit K strides of
-    weights and output, 8+ lo rows, every warp a block per step, the staging in shared memory."""
+    weights and output, whole groups of 4 blocks per step, 8 lo rows per row-splitting warp,
+    the staging in shared memory."""
     import torch
 
     nsb, warps = st["BLOCK_K"] // 32, st["num_warps"]
     tr2 = st["BLOCK_N"] if stage1 else st["BLOCK_N"] // 2
+    wk = min(warps, nsb // 4)
     steps = -(-(-(-b.shape[2] * 2 // st["BLOCK_K"])) // st.get("split_k", 1))
     ch = (8 // min(nsb, 8)) * warps
     smem = 4 * _next_pow2(-(-steps // ch)) * ch * nsb * 16
     return (a.dtype in (torch.bfloat16, torch.float16) and b.stride(2) == 1
             and b.stride(1) % 16 == 0 and b.data_ptr() % 16 == 0 and c.stride(-1) == 1
-            and tr2 >= 8 and nsb >= warps and smem <= 128 * 1024)
+            and nsb % 4 == 0 and wk >= 1 and tr2 >= 8 * (warps // wk) and smem <= 128 * 1024)
 
 
 def launch(*, a, b, b_scale, bias, c, sorted_ids, expert_ids, topk_w, pair_mask, zero, N, Kdim,
