@@ -89,34 +89,31 @@ def _e8m0_to_f32(s):
 
 
 @gluon.jit
-def _act_words(a_ptr, stride_ak, k0, k_end, L: gl.constexpr, CH: gl.constexpr,
-               NSB: gl.constexpr, BLOCK_K: gl.constexpr):
-    """Activation values of CH steps from k0, as 8 fp32 tensors [CH, NSB, 4]: value v of word
-    c of block b of step s is a[k0 + s*BLOCK_K + 32*b + 8*c + v] (0 past k_end)."""
-    s = gl.arange(0, CH, layout=gl.SliceLayout(1, gl.SliceLayout(2, L)))
-    b = gl.arange(0, NSB, layout=gl.SliceLayout(0, gl.SliceLayout(2, L)))
-    c = gl.arange(0, 4, layout=gl.SliceLayout(0, gl.SliceLayout(1, L)))
+def _act_pairs(a_words, k0, k_end, P: gl.constexpr, CH: gl.constexpr, NSB: gl.constexpr,
+               BLOCK_K: gl.constexpr):
+    """Activations of CH steps from k0 as bf16 pairs [CH, NSB, 4, 4] (int32; one 16-byte load
+    per thread): pair q of word c of block b of step s holds a[k], a[k + 1] for
+    k = k0 + s*BLOCK_K + 32*b + 8*c + 2*q (0 past k_end)."""
+    S3: gl.constexpr = gl.SliceLayout(3, P)
+    s = gl.arange(0, CH, layout=gl.SliceLayout(1, gl.SliceLayout(2, S3)))
+    b = gl.arange(0, NSB, layout=gl.SliceLayout(0, gl.SliceLayout(2, S3)))
+    c = gl.arange(0, 4, layout=gl.SliceLayout(0, gl.SliceLayout(1, S3)))
+    q = gl.arange(0, 4, layout=gl.SliceLayout(0, gl.SliceLayout(1, gl.SliceLayout(2, P))))
     k = (k0 + gl.expand_dims(gl.expand_dims(s * BLOCK_K, 1), 2)
          + gl.expand_dims(gl.expand_dims(b * 32, 0), 2) + gl.expand_dims(gl.expand_dims(c * 8, 0), 1))
-    ok = k < k_end
-    p = a_ptr + k * stride_ak
-    v0 = gl.load(p, mask=ok, other=0.0).to(gl.float32)
-    v1 = gl.load(p + stride_ak, mask=ok, other=0.0).to(gl.float32)
-    v2 = gl.load(p + 2 * stride_ak, mask=ok, other=0.0).to(gl.float32)
-    v3 = gl.load(p + 3 * stride_ak, mask=ok, other=0.0).to(gl.float32)
-    v4 = gl.load(p + 4 * stride_ak, mask=ok, other=0.0).to(gl.float32)
-    v5 = gl.load(p + 5 * stride_ak, mask=ok, other=0.0).to(gl.float32)
-    v6 = gl.load(p + 6 * stride_ak, mask=ok, other=0.0).to(gl.float32)
-    v7 = gl.load(p + 7 * stride_ak, mask=ok, other=0.0).to(gl.float32)
-    return v0, v1, v2, v3, v4, v5, v6, v7
+    k4 = gl.expand_dims(k, 3)                                          # [CH, NSB, 4, 1]
+    q4 = gl.expand_dims(gl.expand_dims(gl.expand_dims(q, 0), 1), 2)    # [1, 1, 1, 4]
+    return gl.load(a_words + k4 // 2 + q4, mask=k4 < k_end, other=0)
 
 
 @gluon.jit
-def _amax8(m, v0, v1, v2, v3, v4, v5, v6, v7):
-    m = gl.maximum(m, gl.maximum(gl.abs(v0), gl.abs(v1)))
-    m = gl.maximum(m, gl.maximum(gl.abs(v2), gl.abs(v3)))
-    m = gl.maximum(m, gl.maximum(gl.abs(v4), gl.abs(v5)))
-    return gl.maximum(m, gl.maximum(gl.abs(v6), gl.abs(v7)))
+def _bf16_lo(t):
+    return (t << 16).to(gl.float32, bitcast=True)
+
+
+@gluon.jit
+def _bf16_hi(t):
+    return (t & -65536).to(gl.float32, bitcast=True)
 
 
 @gluon.jit
@@ -154,7 +151,7 @@ def _decode_mma_kernel(
     a_ptr, b_ptr, bs_ptr, bias_ptr, c_ptr, sorted_ids_ptr, expert_ids_ptr, topk_w_ptr,
     expert_mask_ptr, zero_ptr,
     N, K, num_slots, top_k, num_experts, zero_numel,
-    stride_am, stride_ak, stride_be, stride_bn, stride_bse, stride_bsn, stride_bsk,
+    stride_am, stride_be, stride_bn, stride_bse, stride_bsn, stride_bsk,
     stride_biase, stride_cm,
     alpha, limit,
     STAGE1: gl.constexpr, INTERLEAVED: gl.constexpr, ACT: gl.constexpr,
@@ -177,7 +174,8 @@ def _decode_mma_kernel(
     # the activation staging: one (step, block, word) per thread
     TB: gl.constexpr = 8 if NSB >= 8 else NSB
     CH: gl.constexpr = (8 // TB) * WARPS
-    P: gl.constexpr = gl.BlockedLayout([1, 1, 1], [8 // TB, TB, 4], [WARPS, 1, 1], [2, 1, 0])
+    P: gl.constexpr = gl.BlockedLayout([1, 1, 1, 4], [8 // TB, TB, 4, 1], [WARPS, 1, 1, 1],
+                                       [3, 2, 1, 0])
     # shared memory without swizzle (row-major), so that the two views below agree: chunks of
     # [CH, NSB, 4] for the staging, steps of [NSB, 4] for the loop
     SMEM: gl.constexpr = gl.SwizzledSharedLayout(1, 1, 1, [2, 1, 0])
@@ -269,14 +267,13 @@ def _decode_mma_kernel(
                                   is_pure=False, pack=1)
 
     # activations of this K range -> f16 pairs in shared memory, scaled into [1, 2) by 2^-e
-    a_base = a_ptr + a_row * stride_am
+    a_words = (a_ptr + a_row * stride_am).to(gl.pointer_type(gl.int32))
     n_chunks = gl.cdiv(k_end - k_begin, CH * BLOCK_K)
-    m = gl.zeros([CH, NSB, 4], gl.float32, layout=P)
+    m = gl.zeros([CH, NSB, 4, 4], gl.float32, layout=P)
     for ch in range(n_chunks):
-        v0, v1, v2, v3, v4, v5, v6, v7 = _act_words(a_base, stride_ak, k_begin + ch * CH * BLOCK_K,
-                                                    k_end, P, CH, NSB, BLOCK_K)
-        m = _amax8(m, v0, v1, v2, v3, v4, v5, v6, v7)
-    amax = gl.max(gl.max(gl.max(m, axis=2), axis=1), axis=0)
+        t = _act_pairs(a_words, k_begin + ch * CH * BLOCK_K, k_end, P, CH, NSB, BLOCK_K)
+        m = gl.maximum(m, gl.maximum(gl.abs(_bf16_lo(t)), gl.abs(_bf16_hi(t))))
+    amax = gl.max(gl.max(gl.max(gl.max(m, axis=3), axis=2), axis=1), axis=0)
     e = (amax.to(gl.int32, bitcast=True) >> 23) & 0xFF
     e = gl.minimum(gl.maximum(e, 1), 253)
     up = ((254 - e) << 23).to(gl.float32, bitcast=True)            # 2^(127 - e)
@@ -286,13 +283,15 @@ def _decode_mma_kernel(
     pairs2 = gl.allocate_shared_memory(gl.int32, [K_CHUNKS, CH, NSB, 4], SMEM)
     pairs3 = gl.allocate_shared_memory(gl.int32, [K_CHUNKS, CH, NSB, 4], SMEM)
     for ch in range(n_chunks):
-        v0, v1, v2, v3, v4, v5, v6, v7 = _act_words(a_base, stride_ak, k_begin + ch * CH * BLOCK_K,
-                                                    k_end, P, CH, NSB, BLOCK_K)
-        # the decode's pair order: (0, 2), (1, 3), (4, 6), (5, 7) of each word
-        pairs0.index(ch).store(_f16_pair(v0 * up, v2 * up))
-        pairs1.index(ch).store(_f16_pair(v1 * up, v3 * up))
-        pairs2.index(ch).store(_f16_pair(v4 * up, v6 * up))
-        pairs3.index(ch).store(_f16_pair(v5 * up, v7 * up))
+        t = _act_pairs(a_words, k_begin + ch * CH * BLOCK_K, k_end, P, CH, NSB, BLOCK_K)
+        t_a, t_b = gl.split(gl.reshape(t, [CH, NSB, 4, 2, 2]))       # q = 0, 2 and 1, 3
+        q0, q2 = gl.split(t_a)
+        q1, q3 = gl.split(t_b)
+        # the decode's pair order: values (0, 2), (1, 3), (4, 6), (5, 7) of each word
+        pairs0.index(ch).store(_f16_pair(_bf16_lo(q0) * up, _bf16_lo(q1) * up))
+        pairs1.index(ch).store(_f16_pair(_bf16_hi(q0) * up, _bf16_hi(q1) * up))
+        pairs2.index(ch).store(_f16_pair(_bf16_lo(q2) * up, _bf16_lo(q3) * up))
+        pairs3.index(ch).store(_f16_pair(_bf16_hi(q2) * up, _bf16_hi(q3) * up))
     gl.thread_barrier()
     STEPS: gl.constexpr = K_CHUNKS * CH
     pairs0 = pairs0._reinterpret(gl.int32, [STEPS, NSB, 4], SMEM_STEP)
@@ -366,8 +365,8 @@ def _next_pow2(n: int) -> int:
 
 def fits(*, a, b, c, stage1: bool, st: dict) -> bool:
     """Whether a BLOCK_M = 1 MXFP4 stage can run here: 16-bit activations (f16 staging keeps
-    their 8-11 significant bits; fp32 models keep the CUDA-core blocks), unit K strides of
-    weights and output, whole groups of 4 blocks per step, 8 lo rows per row-splitting warp,
+    their 8-11 significant bits; fp32 models keep the CUDA-core blocks) in 16-byte rows, unit K
+    strides of weights and output, whole groups of 4 blocks per step, 8 lo rows per row-splitting warp,
     the staging in shared memory."""
     import torch
 
@@ -377,7 +376,8 @@ def fits(*, a, b, c, stage1: bool, st: dict) -> bool:
     steps = -(-(-(-b.shape[2] * 2 // st["BLOCK_K"])) // st.get("split_k", 1))
     ch = (8 // min(nsb, 8)) * warps
     smem = 4 * _next_pow2(-(-steps // ch)) * ch * nsb * 16
-    return (a.dtype in (torch.bfloat16, torch.float16) and b.stride(2) == 1
+    return (a.dtype in (torch.bfloat16, torch.float16) and a.stride(1) == 1
+            and a.stride(0) % 8 == 0 and a.data_ptr() % 16 == 0 and b.stride(2) == 1
             and b.stride(1) % 16 == 0 and b.data_ptr() % 16 == 0 and c.stride(-1) == 1
             and nsb % 4 == 0 and wk >= 1 and tr2 >= 8 * (warps // wk) and smem <= 128 * 1024)
 
@@ -397,7 +397,7 @@ def launch(*, a, b, b_scale, bias, c, sorted_ids, expert_ids, topk_w, pair_mask,
         dummy if pair_blocks else sorted_ids, expert_ids, topk_w,
         pair_mask if pair_mask is not None else dummy, zero if zero is not None else dummy,
         N, Kdim, num_slots, top_k, num_experts, zero.numel() if zero is not None else 0,
-        a.stride(0), a.stride(1), b.stride(0), b.stride(1), b_scale.stride(0), b_scale.stride(1),
+        a.stride(0), b.stride(0), b.stride(1), b_scale.stride(0), b_scale.stride(1),
         b_scale.stride(2), bias.stride(0) if bias is not None else 0, c.stride(0),
         float(alpha), float(limit),
         STAGE1=stage1, INTERLEAVED=interleaved, ACT=act, HAS_BIAS=bias is not None,
