@@ -64,8 +64,9 @@ def compile_variant(stage1, b_fmt, a_fp8, dot_scaled, bm, bn, bk, warps, stages=
                           options=dict(num_warps=warps, num_stages=stages))
 
 
-def loop_sass(cubin: bytes) -> tuple[int, collections.Counter]:
-    """SASS instructions of the kernel's innermost loop (the body of its backward branch)."""
+def loop_sass(cubin: bytes, must: str | None = None) -> tuple[int, collections.Counter]:
+    """SASS instructions of the kernel's innermost loop (the body of its backward branch), or of
+    the innermost loop holding instruction `must` (a kernel with other loops before its main one)."""
     import os
     import subprocess
     import tempfile
@@ -81,11 +82,36 @@ def loop_sass(cubin: bytes) -> tuple[int, collections.Counter]:
     loops = [(int(t.group(1), 16), off) for off, op, line in ins if op.startswith("BRA")
              and (t := re.search(r"0x([0-9a-f]+)", line.split("BRA", 1)[1]))
              and int(t.group(1), 16) < off]
-    if not loops:
+    bodies = [[op.split(".")[0] for off, op, _ in ins if a <= off <= b] for a, b in loops]
+    bodies = [body for body in bodies if must is None or must in body]
+    if not bodies:
         return 0, collections.Counter()
-    a, b = min(loops, key=lambda ab: ab[1] - ab[0])
-    body = [op.split(".")[0] for off, op, _ in ins if a <= off <= b]
+    body = min(bodies, key=len)
     return len(body), collections.Counter(body)
+
+
+def compile_decode_mma(stage1, bn, bk, warps, split=1, even_k=True):
+    """The Gluon tensor-core decode blocks (`moeprec/kernels/_decode_mma.py`), pair blocks."""
+    from triton.experimental.gluon._runtime import GluonASTSource
+
+    from moeprec.kernels import _decode_mma as D
+
+    fn = D._decode_mma_kernel
+    names = fn.arg_names
+    consts = dict(STAGE1=stage1, INTERLEAVED=False, ACT=0, HAS_BIAS=False, MUL_WEIGHT=not stage1,
+                  ATOMIC_OUT=True, PAIR_BLOCKS=True, HAS_MASK=True, PDL=False, ZERO_OUT=False,
+                  BLOCK_N=bn, BLOCK_K=bk, SPLIT_K=split, K_CHUNKS=4, WARPS=warps, EVEN_K=even_k,
+                  SCALE_PAIRS=True, stride_bsk=1)
+    ptrs = dict(a_ptr="*bf16", b_ptr="*u8", bs_ptr="*u8", bias_ptr="*fp32",
+                c_ptr="*bf16" if stage1 else "*fp32", sorted_ids_ptr="*i32",
+                expert_ids_ptr="*i32", topk_w_ptr="*fp32", expert_mask_ptr="*i32", zero_ptr="*fp32")
+    sig = {n: "constexpr" if n in consts else ptrs.get(n, "fp32" if n in ("alpha", "limit") else "i32")
+           for n in names}
+    attrs = {(i,): [["tt.divisibility", 16]] for i, n in enumerate(names)
+             if n not in consts and n not in NOT_DIVISIBLE}
+    src = GluonASTSource(fn, sig, constexprs={(names.index(k),): v for k, v in consts.items()},
+                         attrs=attrs)
+    return triton.compile(src, target=GPUTarget("cuda", 90, 32), options=dict(num_warps=warps))
 
 
 def main() -> None:
@@ -136,6 +162,15 @@ def main() -> None:
             weights = (2 * v[5] if v[0] else v[5]) * v[6] // (32 * v[7])
             print(f"  loop: {n} SASS instructions for {weights} weights per thread "
                   f"({n / weights:.1f} per weight): {dict(mix.most_common(8))}")
+    # MXFP4 decode blocks on the tensor cores (stage config "mma"): the main loop is the one
+    # with the MMAs (the activation staging loops come first)
+    for stage1, bn, bk, warps in ((True, 16, 256, 4), (False, 32, 256, 4), (True, 16, 512, 4)):
+        c = compile_decode_mma(stage1, bn, bk, warps)
+        n, mix = loop_sass(c.asm["cubin"], must="HMMA")
+        weights = 2 * (bn if stage1 else bn // 2) * bk // (32 * warps)
+        print(f"decode_mma stage{'1' if stage1 else '2'} BN={bn} BK={bk} warps={warps}: smem "
+              f"{c.metadata.shared} B, loop: {n} SASS instructions for {weights} weights per "
+              f"thread ({n / weights:.1f} per weight): {dict(mix.most_common(8))}")
 
 
 if __name__ == "__main__":
