@@ -131,6 +131,14 @@ def tune_point(shape: str, path: str, M: int, weights: dict, reps: int, log) -> 
                 cur_ms, cur = ms, cfg
         if cur_ms < best_ms:
             best_ms, best = cur_ms, cur
+    if kpath == "w4a16" and best["BLOCK_M"] == 1:  # MXFP4 decode blocks on the tensor cores
+        # (Gluon, where a stage fits) or the CUDA cores, per stage
+        for stages in (("s1",), ("s2",), ("s1", "s2")):
+            cand = dict(best, **{st: dict(best[st], mma=not best[st].get("mma", False))
+                                 for st in stages})
+            ms, cfg = timed(cand)
+            if ms < best_ms:
+                best_ms, best = ms, cfg
     if kpath == "w4a16" and best["BLOCK_M"] != 1:  # MXFP4 tiles: the explicit bf16-pair
         # decode or tl.dot_scaled, per stage
         for stages in (("s1",), ("s2",), ("s1", "s2")):  # each flipped from the op's own choice

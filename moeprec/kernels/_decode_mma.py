@@ -27,6 +27,8 @@ interpreter, so CI runs the Triton decode blocks (same math, other summation ord
 """
 from __future__ import annotations
 
+import os
+
 import triton.language as tl
 from triton.experimental import gluon
 from triton.experimental.gluon import language as gl
@@ -107,12 +109,18 @@ def _act_pairs(a_words, k0, k_end, P: gl.constexpr, CH: gl.constexpr, NSB: gl.co
 
 
 @gluon.jit
-def _bf16_lo(t):
+def _half_lo(t, F16: gl.constexpr):
+    """The first 16-bit value of each pair (the low half) as fp32: fp16 or bf16."""
+    if F16:
+        return t.to(gl.int16).to(gl.float16, bitcast=True).to(gl.float32)
     return (t << 16).to(gl.float32, bitcast=True)
 
 
 @gluon.jit
-def _bf16_hi(t):
+def _half_hi(t, F16: gl.constexpr):
+    """The second 16-bit value of each pair (the high half) as fp32: fp16 or bf16."""
+    if F16:
+        return (t >> 16).to(gl.int16).to(gl.float16, bitcast=True).to(gl.float32)
     return (t & -65536).to(gl.float32, bitcast=True)
 
 
@@ -284,12 +292,13 @@ def _decode_mma_kernel(
                                   is_pure=False, pack=1)
 
     # activations of this K range -> f16 pairs in shared memory, scaled into [1, 2) by 2^-e
+    F16: gl.constexpr = a_ptr.dtype.element_ty == gl.float16
     a_words = (a_ptr + a_row * stride_am).to(gl.pointer_type(gl.int32))
     n_chunks = gl.cdiv(k_end - k_begin, CH * BLOCK_K)
     m = gl.zeros([CH, NSB, 4, 4], gl.float32, layout=P)
     for ch in range(n_chunks):
         t = _act_pairs(a_words, k_begin + ch * CH * BLOCK_K, k_end, P, CH, NSB, BLOCK_K)
-        m = gl.maximum(m, gl.maximum(gl.abs(_bf16_lo(t)), gl.abs(_bf16_hi(t))))
+        m = gl.maximum(m, gl.maximum(gl.abs(_half_lo(t, F16)), gl.abs(_half_hi(t, F16))))
     amax = gl.max(gl.max(gl.max(gl.max(m, axis=3), axis=2), axis=1), axis=0)
     e = (amax.to(gl.int32, bitcast=True) >> 23) & 0xFF
     e = gl.minimum(gl.maximum(e, 1), 253)
@@ -305,10 +314,10 @@ def _decode_mma_kernel(
         q0, q2 = gl.split(t_a)
         q1, q3 = gl.split(t_b)
         # the decode's pair order: values (0, 2), (1, 3), (4, 6), (5, 7) of each word
-        pairs0.index(ch).store(_f16_pair(_bf16_lo(q0) * up, _bf16_lo(q1) * up))
-        pairs1.index(ch).store(_f16_pair(_bf16_hi(q0) * up, _bf16_hi(q1) * up))
-        pairs2.index(ch).store(_f16_pair(_bf16_lo(q2) * up, _bf16_lo(q3) * up))
-        pairs3.index(ch).store(_f16_pair(_bf16_hi(q2) * up, _bf16_hi(q3) * up))
+        pairs0.index(ch).store(_f16_pair(_half_lo(q0, F16) * up, _half_lo(q1, F16) * up))
+        pairs1.index(ch).store(_f16_pair(_half_hi(q0, F16) * up, _half_hi(q1, F16) * up))
+        pairs2.index(ch).store(_f16_pair(_half_lo(q2, F16) * up, _half_lo(q3, F16) * up))
+        pairs3.index(ch).store(_f16_pair(_half_hi(q2, F16) * up, _half_hi(q3, F16) * up))
     gl.thread_barrier()
     STEPS: gl.constexpr = K_CHUNKS * CH
     pairs0 = pairs0._reinterpret(gl.int32, [STEPS, NSB, 4], SMEM_STEP)
@@ -422,7 +431,7 @@ def launch(*, a, b, b_scale, bias, c, sorted_ids, expert_ids, topk_w, pair_mask,
         HAS_MASK=pair_mask is not None, PDL=pdl, ZERO_OUT=zero is not None,
         BLOCK_N=st["BLOCK_N"], BLOCK_K=st["BLOCK_K"], SPLIT_K=split_k,
         K_CHUNKS=_next_pow2(-(-steps // ch)), WARPS=warps, EVEN_K=Kdim % st["BLOCK_K"] == 0,
-        SCALE_PAIRS=(Kdim % 64 == 0 and b_scale.stride(2) == 1 and b_scale.stride(1) % 2 == 0
+        SCALE_PAIRS=(os.environ.get("MOEPREC_MMA_BYTE_SCALES") != "1" and Kdim % 64 == 0 and b_scale.stride(2) == 1 and b_scale.stride(1) % 2 == 0
                      and b_scale.stride(0) % 2 == 0 and b_scale.data_ptr() % 2 == 0),
         num_warps=warps, launch_pdl=pdl and not stage1,
     )
