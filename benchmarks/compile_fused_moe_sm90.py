@@ -101,7 +101,7 @@ def compile_decode_mma(stage1, bn, bk, warps, split=1, even_k=True):
     consts = dict(STAGE1=stage1, INTERLEAVED=False, ACT=0, HAS_BIAS=False, MUL_WEIGHT=not stage1,
                   ATOMIC_OUT=True, PAIR_BLOCKS=True, HAS_MASK=True, PDL=False, ZERO_OUT=False,
                   BLOCK_N=bn, BLOCK_K=bk, SPLIT_K=split, K_CHUNKS=4, WARPS=warps, EVEN_K=even_k,
-                  SCALE_PAIRS=True, stride_bsk=1)
+                  stride_bsk=1)
     ptrs = dict(a_ptr="*bf16", b_ptr="*u8", bs_ptr="*u8", bias_ptr="*fp32",
                 c_ptr="*bf16" if stage1 else "*fp32", sorted_ids_ptr="*i32",
                 expert_ids_ptr="*i32", topk_w_ptr="*fp32", expert_mask_ptr="*i32", zero_ptr="*fp32")

@@ -1,7 +1,8 @@
 """Small fused MoE calls on every kernel path, for `compute-sanitizer --tool memcheck`.
 
 Includes out-of-range and masked expert ids, M=1, sizes off the tile, the CUDA-core decode
-blocks (BLOCK_M = 1) with stage-2 K splits, with and without the alignment launch, the
+blocks (BLOCK_M = 1) with stage-2 K splits, the tensor-core decode blocks ("mma": Gluon, K
+tails, empty K splits), with and without the alignment launch, the
 three-launch block alignment (M = 200: 600 slots), MXFP4 weights decoded before the GEMMs
 ("dequant" to bf16 or to fp8 rows, two experts at a time; at M = 200 also with an expert that gets no token, whose
 weights are then not decoded), the MXFP4 tiles' explicit decode ("dot_scaled": false; K = 96
@@ -49,6 +50,16 @@ def main() -> None:
                                             **args)
                 assert_close(out, ref)
                 print(quant, act, M, "BLOCK_M=1 aligned ok", flush=True)
+                if quant == "mxfp4":  # the tensor-core decode blocks (Gluon), K tails, splits
+                    st = {"BLOCK_N": 16, "BLOCK_K": 128, "num_warps": 1, "num_stages": 2,
+                          "mma": True}
+                    cfg = fix_config({"BLOCK_M": 1, "s1": dict(st), "s2": dict(st, split_k=3)},
+                                     "w4a16")
+                    for pair in (True, False):
+                        out = fused_moe_triton_impl(x, w1, w2, tw, ti,
+                                                    config=dict(cfg, pair_blocks=pair), **args)
+                        assert_close(out, ref)
+                        print(quant, act, M, f"BLOCK_M=1 mma pair_blocks={pair} ok", flush=True)
             if quant == "mxfp4":  # decoded first (to bf16 / to fp8 rows), in chunks of 2 experts
                 import moeprec.kernels.fused_moe_triton as m
 

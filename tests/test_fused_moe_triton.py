@@ -974,7 +974,16 @@ def test_gpu_tensor_core_decode_blocks(activation, gate_mode, bias, masked, atom
     assert_close(out, ref)
     cores = m.fused_moe_triton_impl(x, w1, w2, tw, ti, config=fix_config(
         {**cfg, "s1": dict(cfg["s1"], mma=False), "s2": dict(cfg["s2"], mma=False)}, "w4a16"), **args)
-    assert_close(out, cores)
+    _assert_same_sums(out, cores)
+
+
+def _assert_same_sums(out, cores):
+    # both blocks sum exact products in fp32, in other orders, and round z to the model dtype
+    # in between: far closer than either is to the reference (a wrong scale on some blocks
+    # passes assert_close's 5% of outliers, not this)
+    o, c = out.double(), cores.double()
+    assert (o - c).abs().max() <= 1e-2 * c.abs().max()
+    assert (o - c).abs().mean() <= 1e-3 * c.abs().mean()
 
 
 @pytest.mark.gpu
@@ -1003,3 +1012,6 @@ def test_gpu_tensor_core_decode_activation_range(scale, monkeypatch):
     assert sorted(set(launches)) == [False, True]
     assert torch.isfinite(ref.float()).all()
     assert_close(out / scale, ref / scale)
+    cores = m.fused_moe_triton_impl(x, w1, w2, tw, ti, quant="mxfp4", config=fix_config(
+        {**cfg, "s1": dict(cfg["s1"], mma=False), "s2": dict(cfg["s2"], mma=False)}, "w4a16"), **kw)
+    _assert_same_sums(out / scale, cores / scale)

@@ -27,8 +27,6 @@ interpreter, so CI runs the Triton decode blocks (same math, other summation ord
 """
 from __future__ import annotations
 
-import os
-
 import triton.language as tl
 from triton.experimental import gluon
 from triton.experimental.gluon import language as gl
@@ -126,16 +124,14 @@ def _half_hi(t, F16: gl.constexpr):
 
 @gluon.jit
 def _fetch(words_base, bs_base, rows_lo, rows_hi, k0, k_end, stride_wn, stride_bsn, stride_bsk,
-           L: gl.constexpr, NSB: gl.constexpr, EVEN_K: gl.constexpr, SCALE_PAIRS: gl.constexpr):
+           L: gl.constexpr, NSB: gl.constexpr, EVEN_K: gl.constexpr):
     """One step's packed words [TR2, NSB, 4] (int32, a block per lane) of the lo and hi rows,
     and the E8M0 scales [TR2, NSB, 4] (int32) that the MMA's outputs in that lane need: block
     c of a group of 4 holds the lo row's blocks 2(c % 2) and 2(c % 2) + 1, then the hi row's
     (lanes c = 2, 3 hold zeros; their scales repeat c = 0, 1's, in the same rows, so that a
     NaN scale meets the row it belongs to). Rows are in range (the caller clamps them).
     EVEN_K: whole steps, k0 never past the end: nothing masked; else blocks from k_end on are
-    not read. SCALE_PAIRS: unit block stride, even row stride and an even number of blocks
-    (K % 64 == 0: a pair never straddles k_end), so a lane's two scales per row (blocks
-    2(c % 2) and 2(c % 2) + 1) are one aligned 2-byte load."""
+    not read."""
     sb = k0 // 32 + gl.arange(0, NSB, layout=gl.SliceLayout(0, gl.SliceLayout(2, L)))
     w = gl.arange(0, 4, layout=gl.SliceLayout(0, gl.SliceLayout(1, L)))
     sb3 = gl.expand_dims(gl.expand_dims(sb, 0), 2)                 # [1, NSB, 1]
@@ -149,24 +145,12 @@ def _fetch(words_base, bs_base, rows_lo, rows_hi, k0, k_end, stride_wn, stride_b
     else:
         w_lo = gl.load(words_base + lo3 * stride_wn + wk, mask=sb3 * 32 < k_end, other=0)
         w_hi = gl.load(words_base + hi3 * stride_wn + wk, mask=sb3 * 32 < k_end, other=0)
-    if SCALE_PAIRS:  # the two scales of a lane and row in one 2-byte load
-        b0 = sb3 - sb3 % 4 + 2 * (sb3 % 2)                           # [1, NSB, 1], even
-        pairs = bs_base.to(gl.pointer_type(gl.int16))
-        if EVEN_K:
-            p_lo = gl.load(pairs + (lo3 * stride_bsn + b0) // 2)
-            p_hi = gl.load(pairs + (hi3 * stride_bsn + b0) // 2)
-        else:
-            p_lo = gl.load(pairs + (lo3 * stride_bsn + b0) // 2, mask=b0 * 32 < k_end, other=0x7F7F)
-            p_hi = gl.load(pairs + (hi3 * stride_bsn + b0) // 2, mask=b0 * 32 < k_end, other=0x7F7F)
-        p = gl.where(w3 < 2, p_lo.to(gl.int32), p_hi.to(gl.int32))
-        sc = (p >> (8 * (w3 % 2))) & 0xFF
+    blk = sb3 - sb3 % 4 + 2 * (sb3 % 2) + w3 % 2                       # [1, NSB, 4]
+    s_off = gl.where(w3 < 2, lo3, hi3) * stride_bsn + blk * stride_bsk
+    if EVEN_K:
+        sc = gl.load(bs_base + s_off).to(gl.int32)
     else:
-        blk = sb3 - sb3 % 4 + 2 * (sb3 % 2) + w3 % 2                   # [1, NSB, 4]
-        s_off = gl.where(w3 < 2, lo3, hi3) * stride_bsn + blk * stride_bsk
-        if EVEN_K:
-            sc = gl.load(bs_base + s_off).to(gl.int32)
-        else:
-            sc = gl.load(bs_base + s_off, mask=blk * 32 < k_end, other=127).to(gl.int32)
+        sc = gl.load(bs_base + s_off, mask=blk * 32 < k_end, other=127).to(gl.int32)
     return w_lo, w_hi, sc
 
 
@@ -183,7 +167,6 @@ def _decode_mma_kernel(
     PAIR_BLOCKS: gl.constexpr, HAS_MASK: gl.constexpr, PDL: gl.constexpr,
     ZERO_OUT: gl.constexpr, BLOCK_N: gl.constexpr, BLOCK_K: gl.constexpr,
     SPLIT_K: gl.constexpr, K_CHUNKS: gl.constexpr, WARPS: gl.constexpr, EVEN_K: gl.constexpr,
-    SCALE_PAIRS: gl.constexpr,
 ):
     """One (token, expert) pair x BLOCK_N output columns (stage 1: gate/up GEMM + activation,
     z in the model dtype; stage 2: down GEMM, routed weight, fp32 atomic add or slot row), as
@@ -286,7 +269,7 @@ def _decode_mma_kernel(
     if EVEN_K:  # an empty split (more splits than steps) reads a real step it never uses
         k_first = gl.minimum(k_begin, K - BLOCK_K)
     w_lo, w_hi, sc = _fetch(words_base, bs_base, rows_lo, rows_hi, k_first, k_end, stride_wn,
-                            stride_bsn, stride_bsk, L, NSB, EVEN_K, SCALE_PAIRS)
+                            stride_bsn, stride_bsk, L, NSB, EVEN_K)
     if PDL and not STAGE1:
         gl.inline_asm_elementwise("griddepcontrol.wait; // $0", "=r", [], dtype=gl.int32,
                                   is_pure=False, pack=1)
@@ -335,7 +318,7 @@ def _decode_mma_kernel(
         if EVEN_K:
             nxt = gl.minimum(nxt, n_steps - 1)
         w_lo, w_hi, sc = _fetch(words_base, bs_base, rows_lo, rows_hi, k_begin + nxt * BLOCK_K,
-                                k_end, stride_wn, stride_bsn, stride_bsk, L, NSB, EVEN_K, SCALE_PAIRS)
+                                k_end, stride_wn, stride_bsn, stride_bsk, L, NSB, EVEN_K)
         b0 = gl.expand_dims(pairs0.index(step).load(B), 0)
         b1 = gl.expand_dims(pairs1.index(step).load(B), 0)
         b2 = gl.expand_dims(pairs2.index(step).load(B), 0)
@@ -431,7 +414,5 @@ def launch(*, a, b, b_scale, bias, c, sorted_ids, expert_ids, topk_w, pair_mask,
         HAS_MASK=pair_mask is not None, PDL=pdl, ZERO_OUT=zero is not None,
         BLOCK_N=st["BLOCK_N"], BLOCK_K=st["BLOCK_K"], SPLIT_K=split_k,
         K_CHUNKS=_next_pow2(-(-steps // ch)), WARPS=warps, EVEN_K=Kdim % st["BLOCK_K"] == 0,
-        SCALE_PAIRS=(os.environ.get("MOEPREC_MMA_BYTE_SCALES") != "1" and Kdim % 64 == 0 and b_scale.stride(2) == 1 and b_scale.stride(1) % 2 == 0
-                     and b_scale.stride(0) % 2 == 0 and b_scale.data_ptr() % 2 == 0),
         num_warps=warps, launch_pdl=pdl and not stage1,
     )
