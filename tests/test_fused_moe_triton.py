@@ -661,10 +661,12 @@ def test_gemv_config_rules():
     assert not fix_config({"BLOCK_M": 1, "pair_blocks": False, "s1": dict(st), "s2": dict(st)}, "w4a16")["pair_blocks"]
     assert not fix_config({"BLOCK_M": 16, "pair_blocks": True, "s1": dict(st), "s2": dict(st)}, "w4a16")["pair_blocks"]
     assert not fix_config({"BLOCK_M": 1, "pair_blocks": True, "s1": dict(st), "s2": dict(st)}, "w4a8")["pair_blocks"]
-    # the tensor-core decode blocks: opt-in, MXFP4 with 16-bit activations, one-pair blocks only
-    assert not one["s1"]["mma"]
+    # the tensor-core decode blocks: on unless a config says false, MXFP4 with 16-bit
+    # activations, one-pair blocks only
+    assert one["s1"]["mma"] and one["s2"]["mma"]
+    off = dict(st, mma=False)
+    assert not fix_config({"BLOCK_M": 1, "s1": dict(off), "s2": dict(off)}, "w4a16")["s2"]["mma"]
     on = dict(st, mma=True)
-    assert fix_config({"BLOCK_M": 1, "s1": dict(on), "s2": dict(on)}, "w4a16")["s2"]["mma"]
     assert not fix_config({"BLOCK_M": 1, "s1": dict(on), "s2": dict(on)}, "bf16")["s2"]["mma"]
     assert not fix_config({"BLOCK_M": 16, "s1": dict(on), "s2": dict(on)}, "w4a16")["s2"]["mma"]
     for bad in (4, 24):
