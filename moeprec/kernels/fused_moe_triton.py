@@ -6,8 +6,9 @@
              or fp32 rows per slot summed by a second kernel)
 
 Weights stay in the SPEC layout: MXFP4 is decoded in registers (nibbles + E8M0 -> bf16 for the
-w4a16 path; -> fp8 with a per-column power of two per K block for the fp8 path; -> fp32
-on the CUDA cores for BLOCK_M = 1 decode blocks), or for large batches decoded first, a chunk
+w4a16 path; -> fp8 with a per-column power of two per K block for the fp8 path; -> f16 pairs
+fed to mma.sync for BLOCK_M = 1 decode blocks on the GPU (Gluon: _decode_mma.py), -> fp32 on
+the CUDA cores for those that do not fit it and in the interpreter), or for large batches decoded first, a chunk
 of experts at a time (to bf16, or to fp8 with a power of two per row); fp8 weights keep their
 per-channel scales.
 Launch configurations come from `tuning.get_config`.

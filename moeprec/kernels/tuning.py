@@ -21,7 +21,9 @@ programs for few output tiles over a long K, e.g. Mixtral's I = 14336), on eithe
 runs the plain kernels with the config's settings: to the model dtype for 16-bit activations,
 to fp8 with a power of two per row (the fp8 kernel's per-channel scales) for fp8 activations.
 A stage's "tma_b": true (tensor-core tiles of plain / fp8 weights, or MXFP4 decoded first)
-reads its weight tiles through a TMA descriptor instead of pointer loads.
+reads its weight tiles through a TMA descriptor instead of pointer loads. A BLOCK_M = 1 MXFP4
+stage's "mma" (true unless it says false; 16-bit activations, GPU) runs the Gluon decode
+blocks on the tensor cores where they fit (kernels/_decode_mma.py), else the CUDA-core ones.
 "pdl": true launches stage 2 as a programmatic dependent of stage 1 (Hopper on): its programs
 start while stage 1 drains and wait (griddepcontrol) only before reading stage 1's rows, which
 hides the launch gap between the two; for short, decode-sized calls.
