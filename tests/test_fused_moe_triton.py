@@ -945,6 +945,40 @@ MMA_DECODE_CASES = [
 ]
 
 
+def test_tensor_core_decode_fit_rules():
+    # which BLOCK_M = 1 MXFP4 stages the Gluon blocks take (host-side rules; CPU tensors)
+    pytest.importorskip("triton.experimental.gluon")
+    from moeprec.kernels import _decode_mma
+
+    E, N, K = 2, 64, 256  # noqa: N806
+    a = torch.zeros(3, K, dtype=torch.bfloat16)
+    b = torch.zeros(E, N, K // 2, dtype=torch.uint8)
+    c = torch.zeros(3, N, dtype=torch.bfloat16)
+    st = {"BLOCK_N": 16, "BLOCK_K": 128, "num_warps": 2}
+    assert _decode_mma.fits(a=a, b=b, c=c, stage1=True, st=st)  # 16 lo rows over 2 row warps
+    assert not _decode_mma.fits(a=a, b=b, c=c, stage1=False, st=st)  # 8 lo rows: too few
+    assert _decode_mma.fits(a=a, b=b, c=c, stage1=False, st=dict(st, num_warps=1))
+    assert not _decode_mma.fits(a=a, b=b, c=c, stage1=True, st=dict(st, BLOCK_K=64))  # < 4 blocks
+    assert not _decode_mma.fits(a=a.float(), b=b, c=c, stage1=True, st=st)  # fp32 activations
+    assert not _decode_mma.fits(a=a[:, 1:129], b=b, c=c, stage1=True, st=st)  # row off 16 bytes
+    assert not _decode_mma.fits(a=a, b=b, c=c.t().contiguous().t(), stage1=True, st=st)
+    # the activation staging: chunks of CH steps, K_CHUNKS a power of two per K split
+    assert _decode_mma._staging_chunks(14336, {"BLOCK_K": 256, "num_warps": 4}, 1) == (4, 16)
+    assert _decode_mma._staging_chunks(14336, {"BLOCK_K": 256, "num_warps": 4}, 2) == (4, 8)
+    assert _decode_mma._staging_chunks(96, {"BLOCK_K": 128, "num_warps": 1}, 3) == (2, 1)
+
+
+def _count_mma_launches(monkeypatch):
+    """The stages (stage1 flags) that ran on the Gluon decode blocks: a silent fallback to the
+    CUDA-core blocks would pass the comparisons."""
+    from moeprec.kernels import _decode_mma
+
+    launches = []
+    real = _decode_mma.launch
+    monkeypatch.setattr(_decode_mma, "launch", lambda **kw: launches.append(kw["stage1"]) or real(**kw))
+    return launches
+
+
 @pytest.mark.gpu
 @pytest.mark.skipif(not ON_GPU, reason="Gluon kernels need a GPU")
 @pytest.mark.parametrize("activation,gate_mode,bias,masked,atomic,pdl,split_k,bn,bk,warps,M,H,I,E,k,dtype",
@@ -954,12 +988,9 @@ def test_gpu_tensor_core_decode_blocks(activation, gate_mode, bias, masked, atom
     # the Gluon decode blocks (stage config "mma") against the reference and the CUDA-core
     # blocks; a launch counter proves they ran (a silent fallback would pass the comparison)
     m = _kernel_module()
-    from moeprec.kernels import _decode_mma
     from moeprec.kernels.tuning import fix_config
 
-    launches = []
-    real = _decode_mma.launch
-    monkeypatch.setattr(_decode_mma, "launch", lambda **kw: launches.append(kw["stage1"]) or real(**kw))
+    launches = _count_mma_launches(monkeypatch)
     x, w1, w2, tw, ti, kw = make_case(M, H, I, E, k, "mxfp4", dtype=dtype, bias=bias, seed=M + H)
     mask = None
     if masked:
@@ -995,12 +1026,9 @@ def test_gpu_tensor_core_decode_activation_range(scale, monkeypatch):
     # the f16 staging scales each program's activations into [1, 2) by a power of two: tiny and
     # large rows, and a row mixing magnitudes 2^20 apart, match the reference as well as unit ones
     m = _kernel_module()
-    from moeprec.kernels import _decode_mma
     from moeprec.kernels.tuning import fix_config
 
-    launches = []
-    real = _decode_mma.launch
-    monkeypatch.setattr(_decode_mma, "launch", lambda **kw: launches.append(kw["stage1"]) or real(**kw))
+    launches = _count_mma_launches(monkeypatch)
 
     M, H, I, E, k = 3, 128, 64, 4, 2  # noqa: E741
     x, w1, w2, tw, ti, kw = make_case(M, H, I, E, k, "mxfp4", seed=5)

@@ -61,7 +61,7 @@ for shape in args.shapes.split(","):
         print(f"{shape:<14}{M:>4}  {us['bf16']:8.1f}{us['cores']:10.1f}{us['mma']:8.1f}"
               f"{us['cores'] / us['mma']:8.2f}{us['bf16'] / us['mma']:8.2f}  rel {same:.1e}", flush=True)
         rows.append({"shape": shape, "M": M, "us": us, "same": same,
-                     "mma_used": cfg["BLOCK_M"] == 1})
+                     "one_pair_blocks": cfg["BLOCK_M"] == 1})
     del weights
     torch.cuda.empty_cache()
 save_rows(args.out, "decode_mma.json", rows)

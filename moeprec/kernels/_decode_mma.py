@@ -83,7 +83,8 @@ def _f16_pair(lo, hi):
 
 @gluon.jit
 def _e8m0_to_f32(s):
-    """E8M0 byte (int32) -> 2^(s-127) as fp32, exactly: 0xFF -> NaN, 0 -> the subnormal 2^-127."""
+    """E8M0 byte (int32) -> 2^(s-127) as fp32, exactly: 0xFF -> NaN, 0 -> the subnormal 2^-127.
+    (Gluon twin of quantize._e8m0_to_f32: a Gluon kernel cannot call a triton.jit function.)"""
     f = gl.where(s == 0, 0x00400000, s << 23).to(gl.float32, bitcast=True)
     return gl.where(s == 255, float("nan"), f)
 
@@ -192,7 +193,7 @@ def _decode_mma_kernel(
     if PDL and STAGE1:  # let stage 2's programs launch as this grid drains
         gl.inline_asm_elementwise("griddepcontrol.launch_dependents; // $0", "=r", [],
                                   dtype=gl.int32, is_pure=False, pack=1)
-    if ZERO_OUT:  # before any early exit: every program owns a share
+    if ZERO_OUT:  # before any early exit: every program owns a share (as _zero_share)
         Z: gl.constexpr = gl.BlockedLayout([1], [32], [WARPS], [0])
         nprog = (gl.num_programs(0) * gl.num_programs(1)).to(gl.int64)
         per = gl.cdiv(zero_numel, nprog)
@@ -372,6 +373,15 @@ def _next_pow2(n: int) -> int:
     return 1 << max(0, n - 1).bit_length()
 
 
+def _staging_chunks(K: int, st: dict, split_k: int) -> tuple[int, int]:
+    """(CH, K_CHUNKS) of the activation staging: steps per staging chunk (the kernel's CH, the
+    same formula) and chunks of one K split, rounded up to a power of two."""
+    nsb, warps = st["BLOCK_K"] // 32, st["num_warps"]
+    steps = -(-(-(-K // st["BLOCK_K"])) // split_k)
+    ch = (8 // min(nsb, 8)) * warps
+    return ch, _next_pow2(-(-steps // ch))
+
+
 def fits(*, a, b, c, stage1: bool, st: dict) -> bool:
     """Whether a BLOCK_M = 1 MXFP4 stage can run here: 16-bit activations (f16 staging keeps
     their 8-11 significant bits; fp32 models keep the CUDA-core blocks) in 16-byte rows, unit K
@@ -382,9 +392,8 @@ def fits(*, a, b, c, stage1: bool, st: dict) -> bool:
     nsb, warps = st["BLOCK_K"] // 32, st["num_warps"]
     tr2 = st["BLOCK_N"] if stage1 else st["BLOCK_N"] // 2
     wk = min(warps, nsb // 4)
-    steps = -(-(-(-b.shape[2] * 2 // st["BLOCK_K"])) // st.get("split_k", 1))
-    ch = (8 // min(nsb, 8)) * warps
-    smem = 4 * _next_pow2(-(-steps // ch)) * ch * nsb * 16
+    ch, k_chunks = _staging_chunks(b.shape[2] * 2, st, st.get("split_k", 1))
+    smem = 4 * k_chunks * ch * nsb * 16
     return (a.dtype in (torch.bfloat16, torch.float16) and a.stride(1) == 1
             and a.stride(0) % 8 == 0 and a.data_ptr() % 16 == 0 and b.stride(2) == 1
             and b.stride(1) % 16 == 0 and b.data_ptr() % 16 == 0 and c.stride(-1) == 1
@@ -395,10 +404,8 @@ def launch(*, a, b, b_scale, bias, c, sorted_ids, expert_ids, topk_w, pair_mask,
            num_slots, top_k, num_experts, stage1, interleaved, act, mul_weight, atomic_out,
            alpha, limit, st, pdl, grid):
     """One stage on `_decode_mma_kernel` (arguments as `fused_moe_triton._launch_gemm`'s)."""
-    nsb, warps = st["BLOCK_K"] // 32, st["num_warps"]
     split_k = grid[1]
-    steps = -(-(-(-Kdim // st["BLOCK_K"])) // split_k)
-    ch = (8 // min(nsb, 8)) * warps
+    _, k_chunks = _staging_chunks(Kdim, st, split_k)
     pair_blocks = sorted_ids is None
     dummy = expert_ids
     return _decode_mma_kernel[grid](
@@ -413,6 +420,6 @@ def launch(*, a, b, b_scale, bias, c, sorted_ids, expert_ids, topk_w, pair_mask,
         MUL_WEIGHT=mul_weight, ATOMIC_OUT=atomic_out, PAIR_BLOCKS=pair_blocks,
         HAS_MASK=pair_mask is not None, PDL=pdl, ZERO_OUT=zero is not None,
         BLOCK_N=st["BLOCK_N"], BLOCK_K=st["BLOCK_K"], SPLIT_K=split_k,
-        K_CHUNKS=_next_pow2(-(-steps // ch)), WARPS=warps, EVEN_K=Kdim % st["BLOCK_K"] == 0,
-        num_warps=warps, launch_pdl=pdl and not stage1,
+        K_CHUNKS=k_chunks, WARPS=st["num_warps"], EVEN_K=Kdim % st["BLOCK_K"] == 0,
+        num_warps=st["num_warps"], launch_pdl=pdl and not stage1,
     )
