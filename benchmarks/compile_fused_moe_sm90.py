@@ -90,18 +90,20 @@ def loop_sass(cubin: bytes, must: str | None = None) -> tuple[int, collections.C
     return len(body), collections.Counter(body)
 
 
-def compile_decode_mma(stage1, bn, bk, warps, split=1, even_k=True):
-    """The Gluon tensor-core decode blocks (`moeprec/kernels/_decode_mma.py`), pair blocks."""
+def compile_decode_mma(stage1, bn, bk, warps, split=1, even_k=True, K=4096, scale_words=True):
+    """The Gluon tensor-core decode blocks (`moeprec/kernels/_decode_mma.py`), pair blocks,
+    staged as for a K of `K`."""
     from triton.experimental.gluon._runtime import GluonASTSource
 
     from moeprec.kernels import _decode_mma as D
 
     fn = D._decode_mma_kernel
     names = fn.arg_names
+    _, reps, k_chunks = D._staging_chunks(K, {"BLOCK_K": bk, "num_warps": warps}, split)
     consts = dict(STAGE1=stage1, INTERLEAVED=False, ACT=0, HAS_BIAS=False, MUL_WEIGHT=not stage1,
                   ATOMIC_OUT=True, PAIR_BLOCKS=True, HAS_MASK=True, PDL=False, ZERO_OUT=False,
-                  BLOCK_N=bn, BLOCK_K=bk, SPLIT_K=split, K_CHUNKS=4, WARPS=warps, EVEN_K=even_k,
-                  stride_bsk=1)
+                  BLOCK_N=bn, BLOCK_K=bk, SPLIT_K=split, REPS=reps, K_CHUNKS=k_chunks,
+                  WARPS=warps, EVEN_K=even_k, SCALE_WORDS=scale_words, stride_bsk=1)
     ptrs = dict(a_ptr="*bf16", b_ptr="*u8", bs_ptr="*u8", bias_ptr="*fp32",
                 c_ptr="*bf16" if stage1 else "*fp32", sorted_ids_ptr="*i32",
                 expert_ids_ptr="*i32", topk_w_ptr="*fp32", expert_mask_ptr="*i32", zero_ptr="*fp32")

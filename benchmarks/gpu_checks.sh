@@ -190,15 +190,13 @@ PY
           python3 benchmarks/probes/decode_ncu.py --shape "$shape" --path "$path" --M "$m" --calls 4
       done 2>&1 | tee "$OUT/ncu_decode.log" | grep -E "===|config|_moe_gemm|Duration|DRAM Throughput|Memory Throughput|Issue Slots Busy|No Eligible|Achieved Occupancy|Registers Per|Warp Cycles Per Issued|Stall" ;;
     mma)  # MXFP4 decode blocks on the tensor cores (Gluon, stage config "mma") against the
-      # CUDA-core blocks, at the table's settings and at BLOCK_K 512
+      # CUDA-core blocks: tests, memcheck, the probe (table settings and its variants)
       timeout 150 python3 -m pytest -q -p no:cacheprovider tests/test_fused_moe_triton.py \
         -k "tensor_core or gemv or packaged" 2>&1 | tee "$OUT/mma_tests.log" | tail -3
       PYTORCH_NO_CUDA_MEMORY_CACHING=1 timeout 200 compute-sanitizer --tool memcheck \
         python3 benchmarks/sanitize_fused_moe.py 2>&1 | tee "$OUT/memcheck.log" | grep -E "mma|ERROR S"
-      (cd benchmarks/probes && timeout 150 python3 decode_mma.py --M 1,4,16 --out "$OUT/mma" 2>&1 \
-        | tee "$OUT/decode_mma.log" | tail -13
-       timeout 100 python3 decode_mma.py --M 1,4 --mma-stage '{"BLOCK_K": 512}' \
-        --out "$OUT/mma_bk512" 2>&1 | tee "$OUT/decode_mma_bk512.log" | tail -9) ;;
+      (cd benchmarks/probes && timeout 240 python3 decode_mma.py --M 1,4,16 --out "$OUT/mma" 2>&1 \
+        | tee "$OUT/decode_mma.log" | tail -25) ;;
     small-kernels)  # the prefill call's small kernels (60-150 us each at Qwen3 M = 16384)
       (cd benchmarks/probes && timeout 200 python3 quant_rows.py --out "$OUT/quant_rows" 2>&1 \
         | tee "$OUT/quant_rows.log" | tail -6

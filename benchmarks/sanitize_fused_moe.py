@@ -2,7 +2,7 @@
 
 Includes out-of-range and masked expert ids, M=1, sizes off the tile, the CUDA-core decode
 blocks (BLOCK_M = 1) with stage-2 K splits, the tensor-core decode blocks ("mma": Gluon, K
-tails, empty K splits), with and without the alignment launch, the
+tails, empty K splits, scales read bytewise and as words), with and without the alignment launch, the
 three-launch block alignment (M = 200: 600 slots), MXFP4 weights decoded before the GEMMs
 ("dequant" to bf16 or to fp8 rows, two experts at a time; at M = 200 also with an expert that gets no token, whose
 weights are then not decoded), the MXFP4 tiles' explicit decode ("dot_scaled": false; K = 96
@@ -18,6 +18,21 @@ from moeprec.fused_moe_op import fused_moe
 from moeprec.kernels.fused_moe_triton import fused_moe_triton_impl
 from moeprec.kernels.tuning import fix_config, path_name
 from tests.test_fused_moe_triton import assert_close, make_case  # noqa: E402
+
+
+def mma_blocks(x, w1, w2, tw, ti, args, ref, M, block_k):
+    """The tensor-core decode blocks, stage 2 split 3 ways, with and without the alignment."""
+    from moeprec.kernels import _decode_mma
+
+    words = [_decode_mma.scale_words(args[n], K)
+             for n, K in (("w1_scale", x.shape[1]), ("w2_scale", w2.shape[2] * 2))]
+    st = {"BLOCK_N": 16, "BLOCK_K": block_k, "num_warps": 1, "num_stages": 2, "mma": True}
+    cfg = fix_config({"BLOCK_M": 1, "s1": dict(st), "s2": dict(st, split_k=3)}, "w4a16")
+    for pair in (True, False):
+        out = fused_moe_triton_impl(x, w1, w2, tw, ti, config=dict(cfg, pair_blocks=pair), **args)
+        assert_close(out, ref)
+        print(f"mxfp4 bf16 {M} BLOCK_M=1 mma K={x.shape[1]} scale_words={words} "
+              f"pair_blocks={pair} ok", flush=True)
 
 
 def main() -> None:
@@ -51,15 +66,13 @@ def main() -> None:
                 assert_close(out, ref)
                 print(quant, act, M, "BLOCK_M=1 aligned ok", flush=True)
                 if quant == "mxfp4":  # the tensor-core decode blocks (Gluon), K tails, splits
-                    st = {"BLOCK_N": 16, "BLOCK_K": 128, "num_warps": 1, "num_stages": 2,
-                          "mma": True}
-                    cfg = fix_config({"BLOCK_M": 1, "s1": dict(st), "s2": dict(st, split_k=3)},
-                                     "w4a16")
-                    for pair in (True, False):
-                        out = fused_moe_triton_impl(x, w1, w2, tw, ti,
-                                                    config=dict(cfg, pair_blocks=pair), **args)
-                        assert_close(out, ref)
-                        print(quant, act, M, f"BLOCK_M=1 mma pair_blocks={pair} ok", flush=True)
+                    mma_blocks(x, w1, w2, tw, ti, args, ref, M, 128)
+                    # scale words (K a multiple of 128; H = 384 under BLOCK_K = 256: a K tail)
+                    x2, w12, w22, tw2, _, kw2 = make_case(M, 384, 128, E, k, quant, bias=True,
+                                                          seed=M)
+                    args2 = dict(args, **kw2)
+                    ref2 = fused_moe(x2, w12, w22, tw2, ti, backend="torch", **args2)
+                    mma_blocks(x2, w12, w22, tw2, ti, args2, ref2, M, 256)
             if quant == "mxfp4":  # decoded first (to bf16 / to fp8 rows), in chunks of 2 experts
                 import moeprec.kernels.fused_moe_triton as m
 

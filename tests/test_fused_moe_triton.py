@@ -942,6 +942,10 @@ MMA_DECODE_CASES = [
     ("swiglu_oai", "interleaved", True, True, True, False, 3, 16, 128, 1, 7, 96, 96, 5, 2, torch.bfloat16),
     ("silu", "separated", True, False, False, True, 1, 64, 128, 4, 4, 96, 160, 4, 3, torch.float16),
     ("silu", "separated", False, False, True, True, 2, 64, 256, 8, 16, 2048, 768, 8, 2, torch.bfloat16),
+    # K = 384 and 128 under BLOCK_K = 256: K tails of whole scale words
+    ("swiglu_oai", "interleaved", False, False, True, True, 3, 32, 256, 4, 5, 384, 128, 6, 3, torch.bfloat16),
+    # K = 2336: 19 steps of 128, staged in 4 chunks of 8 (4 pieces per thread), a K tail
+    ("silu", "separated", False, False, True, False, 1, 16, 128, 1, 2, 2336, 64, 3, 2, torch.bfloat16),
 ]
 
 
@@ -962,10 +966,13 @@ def test_tensor_core_decode_fit_rules():
     assert not _decode_mma.fits(a=a.float(), b=b, c=c, stage1=True, st=st)  # fp32 activations
     assert not _decode_mma.fits(a=a[:, 1:129], b=b, c=c, stage1=True, st=st)  # row off 16 bytes
     assert not _decode_mma.fits(a=a, b=b, c=c.t().contiguous().t(), stage1=True, st=st)
-    # the activation staging: chunks of CH steps, K_CHUNKS a power of two per K split
-    assert _decode_mma._staging_chunks(14336, {"BLOCK_K": 256, "num_warps": 4}, 1) == (4, 16)
-    assert _decode_mma._staging_chunks(14336, {"BLOCK_K": 256, "num_warps": 4}, 2) == (4, 8)
-    assert _decode_mma._staging_chunks(96, {"BLOCK_K": 128, "num_warps": 1}, 3) == (2, 1)
+    # the activation staging: chunks of CH steps (REPS 16-byte pieces per thread, at most
+    # _STAGING_REPS = 4), K_CHUNKS a power of two per K split
+    assert _decode_mma._staging_chunks(14336, {"BLOCK_K": 256, "num_warps": 4}, 1) == (16, 4, 4)
+    assert _decode_mma._staging_chunks(14336, {"BLOCK_K": 256, "num_warps": 4}, 2) == (16, 4, 2)
+    assert _decode_mma._staging_chunks(4096, {"BLOCK_K": 256, "num_warps": 4}, 1) == (16, 4, 1)
+    assert _decode_mma._staging_chunks(2048, {"BLOCK_K": 256, "num_warps": 4}, 1) == (8, 2, 1)
+    assert _decode_mma._staging_chunks(96, {"BLOCK_K": 128, "num_warps": 1}, 3) == (2, 1, 1)
 
 
 def _count_mma_launches(monkeypatch):
@@ -981,10 +988,14 @@ def _count_mma_launches(monkeypatch):
 
 @pytest.mark.gpu
 @pytest.mark.skipif(not ON_GPU, reason="Gluon kernels need a GPU")
-@pytest.mark.parametrize("activation,gate_mode,bias,masked,atomic,pdl,split_k,bn,bk,warps,M,H,I,E,k,dtype",
-                         MMA_DECODE_CASES)
+@pytest.mark.parametrize("activation,gate_mode,bias,masked,atomic,pdl,split_k,bn,bk,warps,M,H,I,E,k,dtype,scale_words",
+                         # scales read bytewise on every case; as 4-byte words where both K are
+                         # multiples of 128 (the default there)
+                         [(*c, False) for c in MMA_DECODE_CASES]
+                         + [(*c, True) for c in MMA_DECODE_CASES if c[11] % 128 == 0 == c[12] % 128])
 def test_gpu_tensor_core_decode_blocks(activation, gate_mode, bias, masked, atomic, pdl, split_k,
-                                       bn, bk, warps, M, H, I, E, k, dtype, monkeypatch):  # noqa: E741
+                                       bn, bk, warps, M, H, I, E, k, dtype, scale_words,
+                                       monkeypatch):  # noqa: E741
     # the Gluon decode blocks (stage config "mma") against the reference and the CUDA-core
     # blocks; a launch counter proves they ran (a silent fallback would pass the comparison)
     m = _kernel_module()
@@ -1002,6 +1013,12 @@ def test_gpu_tensor_core_decode_blocks(activation, gate_mode, bias, masked, atom
     cfg = fix_config({"BLOCK_M": 1, "atomic": atomic, "pdl": pdl, "s1": dict(st),
                       "s2": dict(st, split_k=split_k)}, "w4a16")
     assert cfg["s1"]["mma"] and cfg["s2"]["mma"]
+    from moeprec.kernels import _decode_mma
+
+    if scale_words:
+        assert _decode_mma.scale_words(kw["w1_scale"], H) and _decode_mma.scale_words(kw["w2_scale"], I)
+    else:  # the bytewise scale reads (the path of K not a multiple of 128)
+        monkeypatch.setattr(_decode_mma, "scale_words", lambda b_scale, K: False)
     out = m.fused_moe_triton_impl(x, w1, w2, tw, ti, config=cfg, **args)
     assert sorted(set(launches)) == [False, True]
     assert_close(out, ref)

@@ -62,11 +62,11 @@ def _stage_candidates(bm: int) -> list[dict[str, int]]:
 def _gemv_stage_candidates(stage: str) -> list[dict[str, Any]]:
     """Settings for BLOCK_M = 1 (CUDA cores: no tensor-core tile or pipeline to fit)."""
     shapes = [(16, 256, 4, 2), (32, 256, 4, 2), (8, 256, 4, 2), (16, 256, 8, 2), (32, 128, 4, 2),
-              (16, 512, 4, 2)]
+              (16, 512, 4, 2), (64, 256, 4, 2)]  # (the tensor-core blocks like more rows)
     cands = [{"BLOCK_N": n, "BLOCK_K": k, "GROUP_M": 1, "num_warps": w, "num_stages": s}
              for n, k, w, s in shapes]
     if stage == "s2":  # K splits: more programs for the few output tiles of small batches
-        cands += [dict(cands[1], split_k=2), dict(cands[0], split_k=4)]
+        cands += [dict(cands[1], split_k=2), dict(cands[0], split_k=4), dict(cands[6], split_k=2)]
     return cands
 
 

@@ -125,14 +125,14 @@ def _half_hi(t, F16: gl.constexpr):
 
 @gluon.jit
 def _fetch(words_base, bs_base, rows_lo, rows_hi, k0, k_end, stride_wn, stride_bsn, stride_bsk,
-           L: gl.constexpr, NSB: gl.constexpr, EVEN_K: gl.constexpr):
+           L: gl.constexpr, NSB: gl.constexpr, EVEN_K: gl.constexpr, SCALE_WORDS: gl.constexpr):
     """One step's packed words [TR2, NSB, 4] (int32, a block per lane) of the lo and hi rows,
-    and the E8M0 scales [TR2, NSB, 4] (int32) that the MMA's outputs in that lane need: block
-    c of a group of 4 holds the lo row's blocks 2(c % 2) and 2(c % 2) + 1, then the hi row's
-    (lanes c = 2, 3 hold zeros; their scales repeat c = 0, 1's, in the same rows, so that a
-    NaN scale meets the row it belongs to). Rows are in range (the caller clamps them).
-    EVEN_K: whole steps, k0 never past the end: nothing masked; else blocks from k_end on are
-    not read."""
+    and their E8M0 scales, raw (converted only where they are used, so that nothing waits for
+    the loads before the step that needs them): SCALE_WORDS, the 4-byte word of scales of the
+    lane's group of 4 blocks, lo and hi row ([TR2, NSB] int32 each); else the scales the
+    lane's MMA outputs need, a byte each ([TR2, NSB, 4] int32, and a dummy 0). Rows are in
+    range (the caller clamps them). EVEN_K: whole steps, k0 never past the end: nothing
+    masked; else blocks from k_end on are not read."""
     sb = k0 // 32 + gl.arange(0, NSB, layout=gl.SliceLayout(0, gl.SliceLayout(2, L)))
     w = gl.arange(0, 4, layout=gl.SliceLayout(0, gl.SliceLayout(1, L)))
     sb3 = gl.expand_dims(gl.expand_dims(sb, 0), 2)                 # [1, NSB, 1]
@@ -146,13 +146,57 @@ def _fetch(words_base, bs_base, rows_lo, rows_hi, k0, k_end, stride_wn, stride_b
     else:
         w_lo = gl.load(words_base + lo3 * stride_wn + wk, mask=sb3 * 32 < k_end, other=0)
         w_hi = gl.load(words_base + hi3 * stride_wn + wk, mask=sb3 * 32 < k_end, other=0)
-    blk = sb3 - sb3 % 4 + 2 * (sb3 % 2) + w3 % 2                       # [1, NSB, 4]
-    s_off = gl.where(w3 < 2, lo3, hi3) * stride_bsn + blk * stride_bsk
-    if EVEN_K:
-        sc = gl.load(bs_base + s_off).to(gl.int32)
+    if SCALE_WORDS:  # unit K stride, 4-byte rows, whole groups: one word per row and group
+        sb2 = gl.expand_dims(sb, 0)                                    # [1, NSB]
+        lo2 = gl.expand_dims(rows_lo, 1)                               # [TR2, 1]
+        hi2 = gl.expand_dims(rows_hi, 1)
+        bs_words = bs_base.to(gl.pointer_type(gl.int32))
+        grp = sb2 // 4
+        if EVEN_K:
+            s_lo = gl.load(bs_words + lo2 * (stride_bsn // 4) + grp)
+            s_hi = gl.load(bs_words + hi2 * (stride_bsn // 4) + grp)
+        else:
+            s_lo = gl.load(bs_words + lo2 * (stride_bsn // 4) + grp, mask=sb2 * 32 < k_end,
+                           other=0x7F7F7F7F)
+            s_hi = gl.load(bs_words + hi2 * (stride_bsn // 4) + grp, mask=sb2 * 32 < k_end,
+                           other=0x7F7F7F7F)
     else:
-        sc = gl.load(bs_base + s_off, mask=blk * 32 < k_end, other=127).to(gl.int32)
-    return w_lo, w_hi, sc
+        # lane c of a group of 4 blocks: the lo row's blocks 2(c % 2) and 2(c % 2) + 1, then
+        # the hi row's (lanes c = 2, 3 hold zeros; their scales repeat c = 0, 1's, in the same
+        # rows, so that a NaN scale meets the row it belongs to)
+        blk = sb3 - sb3 % 4 + 2 * (sb3 % 2) + w3 % 2                   # [1, NSB, 4]
+        s_off = gl.where(w3 < 2, lo3, hi3) * stride_bsn + blk * stride_bsk
+        if EVEN_K:
+            s_lo = gl.load(bs_base + s_off).to(gl.int32)
+        else:
+            s_lo = gl.load(bs_base + s_off, mask=blk * 32 < k_end, other=127).to(gl.int32)
+        s_hi = 0
+    return w_lo, w_hi, s_lo, s_hi
+
+
+@gluon.jit
+def _step(acc, w_lo, w_hi, s_lo, s_hi, pairs0, pairs1, pairs2, pairs3, step, real,
+          L: gl.constexpr, NSB: gl.constexpr, SCALE_WORDS: gl.constexpr):
+    """acc + one step's block partial sums (8 MMAs per block and lane) times their scales
+    (times 0 unless `real`: the partial sums of finite f16 products are finite)."""
+    B: gl.constexpr = gl.SliceLayout(0, L)
+    b0 = gl.expand_dims(pairs0.index(step).load(B), 0)
+    b1 = gl.expand_dims(pairs1.index(step).load(B), 0)
+    b2 = gl.expand_dims(pairs2.index(step).load(B), 0)
+    b3 = gl.expand_dims(pairs3.index(step).load(B), 0)
+    part = gl.inline_asm_elementwise(
+        _BLOCK_MMA, "=f,=f,=f,=f" + ",r" * 24, [w_lo, w_hi, b0, b1, b2, b3],
+        dtype=gl.float32, is_pure=True, pack=4)
+    if SCALE_WORDS:  # output w of lane c: byte 2(c % 2) + w % 2 of the lo (w < 2) or hi word
+        c = gl.arange(0, NSB, layout=gl.SliceLayout(0, gl.SliceLayout(2, L)))
+        w = gl.arange(0, 4, layout=gl.SliceLayout(0, gl.SliceLayout(1, L)))
+        c3 = gl.expand_dims(gl.expand_dims(c, 0), 2)
+        w3 = gl.expand_dims(gl.expand_dims(w, 0), 1)
+        word = gl.where(w3 < 2, gl.expand_dims(s_lo, 2), gl.expand_dims(s_hi, 2))
+        sc = (word >> (8 * (2 * (c3 % 2) + w3 % 2))) & 0xFF
+    else:
+        sc = s_lo
+    return acc + part * gl.where(real, _e8m0_to_f32(sc), 0.0)
 
 
 @gluon.jit
@@ -167,7 +211,8 @@ def _decode_mma_kernel(
     HAS_BIAS: gl.constexpr, MUL_WEIGHT: gl.constexpr, ATOMIC_OUT: gl.constexpr,
     PAIR_BLOCKS: gl.constexpr, HAS_MASK: gl.constexpr, PDL: gl.constexpr,
     ZERO_OUT: gl.constexpr, BLOCK_N: gl.constexpr, BLOCK_K: gl.constexpr,
-    SPLIT_K: gl.constexpr, K_CHUNKS: gl.constexpr, WARPS: gl.constexpr, EVEN_K: gl.constexpr,
+    SPLIT_K: gl.constexpr, REPS: gl.constexpr, K_CHUNKS: gl.constexpr, WARPS: gl.constexpr,
+    EVEN_K: gl.constexpr, SCALE_WORDS: gl.constexpr,
 ):
     """One (token, expert) pair x BLOCK_N output columns (stage 1: gate/up GEMM + activation,
     z in the model dtype; stage 2: down GEMM, routed weight, fp32 atomic add or slot row), as
@@ -180,9 +225,10 @@ def _decode_mma_kernel(
     WK: gl.constexpr = WARPS if WARPS <= NSB // 4 else NSB // 4
     L: gl.constexpr = gl.BlockedLayout([1, 1, 4], [8, 4, 1], [WARPS // WK, WK, 1], [2, 1, 0])
     ROW: gl.constexpr = gl.SliceLayout(1, gl.SliceLayout(2, L))
-    # the activation staging: one (step, block, word) per thread
+    # the activation staging: REPS (step, block, word) pieces per thread and chunk, all loaded
+    # at once (one memory round trip per chunk; a K range of up to 8 * 1024 values is one chunk)
     TB: gl.constexpr = 8 if NSB >= 8 else NSB
-    CH: gl.constexpr = (8 // TB) * WARPS
+    CH: gl.constexpr = (8 // TB) * WARPS * REPS
     P: gl.constexpr = gl.BlockedLayout([1, 1, 1, 4], [8 // TB, TB, 4, 1], [WARPS, 1, 1, 1],
                                        [3, 2, 1, 0])
     # shared memory without swizzle (row-major), so that the two views below agree: chunks of
@@ -269,8 +315,9 @@ def _decode_mma_kernel(
     k_first = k_begin
     if EVEN_K:  # an empty split (more splits than steps) reads a real step it never uses
         k_first = gl.minimum(k_begin, K - BLOCK_K)
-    w_lo, w_hi, sc = _fetch(words_base, bs_base, rows_lo, rows_hi, k_first, k_end, stride_wn,
-                            stride_bsn, stride_bsk, L, NSB, EVEN_K)
+    wa_lo, wa_hi, sa_lo, sa_hi = _fetch(words_base, bs_base, rows_lo, rows_hi, k_first, k_end,
+                                        stride_wn, stride_bsn, stride_bsk, L, NSB, EVEN_K,
+                                        SCALE_WORDS)
     if PDL and not STAGE1:
         gl.inline_asm_elementwise("griddepcontrol.wait; // $0", "=r", [], dtype=gl.int32,
                                   is_pure=False, pack=1)
@@ -309,25 +356,29 @@ def _decode_mma_kernel(
     pairs2 = pairs2._reinterpret(gl.int32, [STEPS, NSB, 4], SMEM_STEP)
     pairs3 = pairs3._reinterpret(gl.int32, [STEPS, NSB, 4], SMEM_STEP)
 
-    B: gl.constexpr = gl.SliceLayout(0, L)
+    # two steps per iteration, their weights in two register sets (a and b) that alternate:
+    # each is fetched a step before its arithmetic, straight into the registers it is used
+    # from (one set carried over with a copy would wait on the loads at every iteration's end)
     acc = gl.zeros([TR2, NSB, 4], gl.float32, layout=L)
-    for step in range(n_steps):
-        cw_lo, cw_hi, c_sc = w_lo, w_hi, sc
-        # the next step's weights before this step's arithmetic (past the last step: the last
-        # step again when nothing is masked)
-        nxt = step + 1
+    for step in range(0, n_steps, 2):
+        nb = step + 1  # (past the last step: the last step again when nothing is masked)
         if EVEN_K:
-            nxt = gl.minimum(nxt, n_steps - 1)
-        w_lo, w_hi, sc = _fetch(words_base, bs_base, rows_lo, rows_hi, k_begin + nxt * BLOCK_K,
-                                k_end, stride_wn, stride_bsn, stride_bsk, L, NSB, EVEN_K)
-        b0 = gl.expand_dims(pairs0.index(step).load(B), 0)
-        b1 = gl.expand_dims(pairs1.index(step).load(B), 0)
-        b2 = gl.expand_dims(pairs2.index(step).load(B), 0)
-        b3 = gl.expand_dims(pairs3.index(step).load(B), 0)
-        part = gl.inline_asm_elementwise(
-            _BLOCK_MMA, "=f,=f,=f,=f" + ",r" * 24, [cw_lo, cw_hi, b0, b1, b2, b3],
-            dtype=gl.float32, is_pure=True, pack=4)
-        acc += part * _e8m0_to_f32(c_sc)
+            nb = gl.minimum(nb, n_steps - 1)
+        wb_lo, wb_hi, sb_lo, sb_hi = _fetch(words_base, bs_base, rows_lo, rows_hi,
+                                            k_begin + nb * BLOCK_K, k_end, stride_wn, stride_bsn,
+                                            stride_bsk, L, NSB, EVEN_K, SCALE_WORDS)
+        acc = _step(acc, wa_lo, wa_hi, sa_lo, sa_hi, pairs0, pairs1, pairs2, pairs3, step, True,
+                    L, NSB, SCALE_WORDS)
+        na = step + 2
+        if EVEN_K:
+            na = gl.minimum(na, n_steps - 1)
+        wa_lo, wa_hi, sa_lo, sa_hi = _fetch(words_base, bs_base, rows_lo, rows_hi,
+                                            k_begin + na * BLOCK_K, k_end, stride_wn, stride_bsn,
+                                            stride_bsk, L, NSB, EVEN_K, SCALE_WORDS)
+        # unconditional (a branch would let the compiler sink b's loads into it, next to their
+        # use): past the last step its scales are zeroed, its activations read in range
+        acc = _step(acc, wb_lo, wb_hi, sb_lo, sb_hi, pairs0, pairs1, pairs2, pairs3,
+                    gl.minimum(step + 1, STEPS - 1), step + 1 < n_steps, L, NSB, SCALE_WORDS)
     # outputs 0, 1 of a lane are lo-row sums, 2, 3 hi-row sums (lanes c = 2, 3: zeros)
     w = gl.expand_dims(gl.expand_dims(gl.arange(0, 4, layout=gl.SliceLayout(0, gl.SliceLayout(1, L))), 0), 1)
     lo = gl.sum(gl.sum(gl.where(w < 2, acc, 0.0), axis=2), axis=1) * down
@@ -369,17 +420,32 @@ def _decode_mma_kernel(
             gl.store(out + col_hi, hi.to(c_ptr.dtype.element_ty), mask=ok_hi)
 
 
+# the most 16-byte activation pieces a thread loads at once in the staging (registers held
+# across one memory round trip; 8 raised the kernel to 95 registers at K = 7168, 4 keeps 64)
+_STAGING_REPS = 4
+
+
 def _next_pow2(n: int) -> int:
     return 1 << max(0, n - 1).bit_length()
 
 
-def _staging_chunks(K: int, st: dict, split_k: int) -> tuple[int, int]:
-    """(CH, K_CHUNKS) of the activation staging: steps per staging chunk (the kernel's CH, the
-    same formula) and chunks of one K split, rounded up to a power of two."""
+def _staging_chunks(K: int, st: dict, split_k: int) -> tuple[int, int, int]:
+    """(CH, REPS, K_CHUNKS) of the activation staging: steps per staging chunk (the kernel's CH,
+    the same formula), the pieces per thread that make one chunk (up to 8: the whole K range
+    when it fits) and the chunks of one K split, rounded up to a power of two."""
     nsb, warps = st["BLOCK_K"] // 32, st["num_warps"]
     steps = -(-(-(-K // st["BLOCK_K"])) // split_k)
-    ch = (8 // min(nsb, 8)) * warps
-    return ch, _next_pow2(-(-steps // ch))
+    per_rep = (8 // min(nsb, 8)) * warps
+    reps = min(_STAGING_REPS, _next_pow2(-(-steps // per_rep)))
+    ch = per_rep * reps
+    return ch, reps, _next_pow2(-(-steps // ch))
+
+
+def scale_words(b_scale, K: int) -> bool:
+    """Whether the kernel may read a lane's scales as one 4-byte word per row and group of 4
+    blocks: unit K stride, 4-byte aligned rows and experts, whole groups (K a multiple of 128)."""
+    return (b_scale.stride(2) == 1 and b_scale.stride(1) % 4 == 0 and b_scale.stride(0) % 4 == 0
+            and b_scale.data_ptr() % 4 == 0 and K % 128 == 0)
 
 
 def fits(*, a, b, c, stage1: bool, st: dict) -> bool:
@@ -392,7 +458,7 @@ def fits(*, a, b, c, stage1: bool, st: dict) -> bool:
     nsb, warps = st["BLOCK_K"] // 32, st["num_warps"]
     tr2 = st["BLOCK_N"] if stage1 else st["BLOCK_N"] // 2
     wk = min(warps, nsb // 4)
-    ch, k_chunks = _staging_chunks(b.shape[2] * 2, st, st.get("split_k", 1))
+    ch, _, k_chunks = _staging_chunks(b.shape[2] * 2, st, st.get("split_k", 1))
     smem = 4 * k_chunks * ch * nsb * 16
     return (a.dtype in (torch.bfloat16, torch.float16) and a.stride(1) == 1
             and a.stride(0) % 8 == 0 and a.data_ptr() % 16 == 0 and b.stride(2) == 1
@@ -405,7 +471,7 @@ def launch(*, a, b, b_scale, bias, c, sorted_ids, expert_ids, topk_w, pair_mask,
            alpha, limit, st, pdl, grid):
     """One stage on `_decode_mma_kernel` (arguments as `fused_moe_triton._launch_gemm`'s)."""
     split_k = grid[1]
-    _, k_chunks = _staging_chunks(Kdim, st, split_k)
+    _, reps, k_chunks = _staging_chunks(Kdim, st, split_k)
     pair_blocks = sorted_ids is None
     dummy = expert_ids
     return _decode_mma_kernel[grid](
@@ -419,7 +485,8 @@ def launch(*, a, b, b_scale, bias, c, sorted_ids, expert_ids, topk_w, pair_mask,
         STAGE1=stage1, INTERLEAVED=interleaved, ACT=act, HAS_BIAS=bias is not None,
         MUL_WEIGHT=mul_weight, ATOMIC_OUT=atomic_out, PAIR_BLOCKS=pair_blocks,
         HAS_MASK=pair_mask is not None, PDL=pdl, ZERO_OUT=zero is not None,
-        BLOCK_N=st["BLOCK_N"], BLOCK_K=st["BLOCK_K"], SPLIT_K=split_k,
+        BLOCK_N=st["BLOCK_N"], BLOCK_K=st["BLOCK_K"], SPLIT_K=split_k, REPS=reps,
         K_CHUNKS=k_chunks, WARPS=st["num_warps"], EVEN_K=Kdim % st["BLOCK_K"] == 0,
+        SCALE_WORDS=scale_words(b_scale, Kdim),
         num_warps=st["num_warps"], launch_pdl=pdl and not stage1,
     )
