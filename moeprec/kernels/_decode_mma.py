@@ -179,10 +179,9 @@ def _fetch(words_base, bs_base, rows_lo, rows_hi, k0, k_end, stride_wn, stride_b
 
 
 @gluon.jit
-def _step(acc, w_lo, w_hi, s_lo, s_hi, pairs0, pairs1, pairs2, pairs3, step, real,
+def _step(acc, w_lo, w_hi, s_lo, s_hi, pairs0, pairs1, pairs2, pairs3, step,
           L: gl.constexpr, NSB: gl.constexpr, SCALE_WORDS: gl.constexpr):
-    """acc + one step's block partial sums (8 MMAs per block and lane) times their scales
-    (times 0 unless `real`: the partial sums of finite f16 products are finite)."""
+    """acc + one step's block partial sums (8 MMAs per block and lane) times their scales."""
     B: gl.constexpr = gl.SliceLayout(0, L)
     b0 = gl.expand_dims(pairs0.index(step).load(B), 0)
     b1 = gl.expand_dims(pairs1.index(step).load(B), 0)
@@ -200,7 +199,7 @@ def _step(acc, w_lo, w_hi, s_lo, s_hi, pairs0, pairs1, pairs2, pairs3, step, rea
         sc = (word >> (8 * (2 * (c3 % 2) + w3 % 2))) & 0xFF
     else:
         sc = s_lo
-    return acc + part * gl.where(real, _e8m0_to_f32(sc), 0.0)
+    return acc + part * _e8m0_to_f32(sc)
 
 
 @gluon.jit
@@ -364,25 +363,31 @@ def _decode_mma_kernel(
     # each is fetched a step before its arithmetic, straight into the registers it is used
     # from (one set carried over with a copy would wait on the loads at every iteration's end)
     acc = gl.zeros([TR2, NSB, 4], gl.float32, layout=L)
-    for step in range(0, n_steps, 2):
-        nb = step + 1  # (past the last step: the last step again when nothing is masked)
-        if EVEN_K:
+    first = n_steps % 2
+    if first == 1:  # an odd count: step 0 alone, so that the loop's steps come in pairs
+        nb = 1
+        if EVEN_K:  # (one step: that step again)
             nb = gl.minimum(nb, n_steps - 1)
         wb_lo, wb_hi, sb_lo, sb_hi = _fetch(words_base, bs_base, rows_lo, rows_hi,
                                             k_begin + nb * BLOCK_K, k_end, stride_wn, stride_bsn,
                                             stride_bsk, L, NSB, EVEN_K, SCALE_WORDS)
-        acc = _step(acc, wa_lo, wa_hi, sa_lo, sa_hi, pairs0, pairs1, pairs2, pairs3, step, True,
-                    L, NSB, SCALE_WORDS)
-        na = step + 2
+        acc = _step(acc, wa_lo, wa_hi, sa_lo, sa_hi, pairs0, pairs1, pairs2, pairs3, 0, L, NSB,
+                    SCALE_WORDS)
+        wa_lo, wa_hi, sa_lo, sa_hi = wb_lo, wb_hi, sb_lo, sb_hi
+    for step in range(first, n_steps, 2):
+        wb_lo, wb_hi, sb_lo, sb_hi = _fetch(words_base, bs_base, rows_lo, rows_hi,
+                                            k_begin + (step + 1) * BLOCK_K, k_end, stride_wn,
+                                            stride_bsn, stride_bsk, L, NSB, EVEN_K, SCALE_WORDS)
+        acc = _step(acc, wa_lo, wa_hi, sa_lo, sa_hi, pairs0, pairs1, pairs2, pairs3, step, L,
+                    NSB, SCALE_WORDS)
+        na = step + 2  # (past the last step: the last step again when nothing is masked)
         if EVEN_K:
             na = gl.minimum(na, n_steps - 1)
         wa_lo, wa_hi, sa_lo, sa_hi = _fetch(words_base, bs_base, rows_lo, rows_hi,
                                             k_begin + na * BLOCK_K, k_end, stride_wn, stride_bsn,
                                             stride_bsk, L, NSB, EVEN_K, SCALE_WORDS)
-        # unconditional (a branch would let the compiler sink b's loads into it, next to their
-        # use): past the last step its scales are zeroed, its activations read in range
-        acc = _step(acc, wb_lo, wb_hi, sb_lo, sb_hi, pairs0, pairs1, pairs2, pairs3,
-                    gl.minimum(step + 1, STEPS - 1), step + 1 < n_steps, L, NSB, SCALE_WORDS)
+        acc = _step(acc, wb_lo, wb_hi, sb_lo, sb_hi, pairs0, pairs1, pairs2, pairs3, step + 1, L,
+                    NSB, SCALE_WORDS)
     # outputs 0, 1 of a lane are lo-row sums, 2, 3 hi-row sums (lanes c = 2, 3: zeros)
     w = gl.expand_dims(gl.expand_dims(gl.arange(0, 4, layout=gl.SliceLayout(0, gl.SliceLayout(1, L))), 0), 1)
     lo = gl.sum(gl.sum(gl.where(w < 2, acc, 0.0), axis=2), axis=1) * down
