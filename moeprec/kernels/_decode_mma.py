@@ -22,8 +22,9 @@ subnormals (absolute error at most amax * 2^-25 each), below amax * 2^-25 they f
 within fp32 rounding of the sum. The power of two comes off the program's total.
 
 The K loop takes two steps per iteration with their weights in two register sets that
-alternate, each fetched a step ahead straight into the registers it is used from; the scales
-of a lane's group of 4 blocks are one 4-byte word per row where their layout allows.
+alternate, each fetched a step ahead straight into the registers it is used from (an odd
+count takes step 0 alone first); the scales of a lane's group of 4 blocks are one 4-byte word
+per row where their layout allows.
 
 Stage 1 pairs each output column's gate row (lo) with its up row (hi), so the epilogue is
 elementwise; stage 2 gives a lane output columns i and i + BLOCK_N / 2. GPU only: Gluon has no
