@@ -90,6 +90,21 @@ def loop_sass(cubin: bytes, must: str | None = None) -> tuple[int, collections.C
     return len(body), collections.Counter(body)
 
 
+def registers(cubin: bytes) -> int:
+    """Registers per thread of the cubin's kernel (cuobjdump -res-usage)."""
+    import os
+    import subprocess
+    import tempfile
+
+    bin_dir = os.path.join(os.path.dirname(triton.__file__), "backends", "nvidia", "bin")
+    with tempfile.NamedTemporaryFile(suffix=".cubin") as f:
+        f.write(cubin)
+        f.flush()
+        out = subprocess.run([os.path.join(bin_dir, "cuobjdump"), "-res-usage", f.name],
+                             capture_output=True, text=True, check=True).stdout
+    return int(re.search(r"REG:(\d+)", out).group(1))
+
+
 def compile_decode_mma(stage1, bn, bk, warps, split=1, even_k=True, K=4096, scale_words=True):
     """The Gluon tensor-core decode blocks (`moeprec/kernels/_decode_mma.py`), pair blocks,
     staged as for a K of `K`."""
@@ -166,14 +181,17 @@ def main() -> None:
                   f"({n / weights:.1f} per weight): {dict(mix.most_common(8))}")
     # MXFP4 decode blocks on the tensor cores (stage config "mma"): the main loop is the one
     # with the MMAs (the activation staging loops come first)
-    for stage1, bn, bk, warps in ((True, 16, 256, 4), (False, 32, 256, 4), (True, 16, 512, 4)):
-        c = compile_decode_mma(stage1, bn, bk, warps)
+    # (the table's decode settings: BLOCK_N 16-64 at BLOCK_K 256; stage 2 at Mixtral's K split)
+    for stage1, bn, bk, warps, K, split in ((True, 16, 256, 4, 4096, 1), (True, 32, 256, 4, 4096, 1),
+                                            (False, 64, 256, 4, 2048, 1), (False, 32, 256, 4, 14336, 2),
+                                            (True, 16, 512, 4, 4096, 1)):
+        c = compile_decode_mma(stage1, bn, bk, warps, split=split, K=K)
         n, mix = loop_sass(c.asm["cubin"], must="HMMA")
-        weights = 2 * (bn if stage1 else bn // 2) * bk // (32 * warps)
-        print(f"decode_mma stage{'1' if stage1 else '2'} BN={bn} BK={bk} warps={warps}: smem "
-              f"{c.metadata.shared} B, loop: {n} SASS instructions for {weights} weights per "
-              f"thread ({n / weights:.1f} per weight): {dict(mix.most_common(8))}")
-
+        weights = 2 * 2 * (bn if stage1 else bn // 2) * bk // (32 * warps)  # two steps per loop
+        print(f"decode_mma stage{'1' if stage1 else '2'} BN={bn} BK={bk} warps={warps} K={K}/{split}: "
+              f"{registers(c.asm['cubin'])} registers, smem {c.metadata.shared} B, loop: {n} SASS "
+              f"instructions for {weights} weights per thread ({n / weights:.2f} per weight): "
+              f"{dict(mix.most_common(8))}")
 
 if __name__ == "__main__":
     main()
