@@ -441,8 +441,8 @@ def _next_pow2(n: int) -> int:
 
 def _staging_chunks(K: int, st: dict, split_k: int) -> tuple[int, int, int]:
     """(CH, REPS, K_CHUNKS) of the activation staging: steps per staging chunk (the kernel's CH,
-    the same formula), the pieces per thread that make one chunk (up to 8: the whole K range
-    when it fits) and the chunks of one K split, rounded up to a power of two."""
+    the same formula), the pieces per thread that make one chunk (up to _STAGING_REPS: the
+    whole K range when it fits) and the chunks of one K split, rounded up to a power of two."""
     nsb, warps = st["BLOCK_K"] // 32, st["num_warps"]
     steps = -(-(-(-K // st["BLOCK_K"])) // split_k)
     per_rep = (8 // min(nsb, 8)) * warps
