@@ -64,9 +64,8 @@ def compile_variant(stage1, b_fmt, a_fp8, dot_scaled, bm, bn, bk, warps, stages=
                           options=dict(num_warps=warps, num_stages=stages))
 
 
-def loop_sass(cubin: bytes, must: str | None = None) -> tuple[int, collections.Counter]:
-    """SASS instructions of the kernel's innermost loop (the body of its backward branch), or of
-    the innermost loop holding instruction `must` (a kernel with other loops before its main one)."""
+def cuobjdump(cubin: bytes, flag: str) -> str:
+    """What Triton's bundled cuobjdump prints for the cubin with `flag` (-sass, -res-usage)."""
     import os
     import subprocess
     import tempfile
@@ -75,8 +74,14 @@ def loop_sass(cubin: bytes, must: str | None = None) -> tuple[int, collections.C
     with tempfile.NamedTemporaryFile(suffix=".cubin") as f:
         f.write(cubin)
         f.flush()
-        sass = subprocess.run([os.path.join(bin_dir, "cuobjdump"), "-sass", f.name],
+        return subprocess.run([os.path.join(bin_dir, "cuobjdump"), flag, f.name],
                               capture_output=True, text=True, check=True).stdout
+
+
+def loop_sass(cubin: bytes, must: str | None = None) -> tuple[int, collections.Counter]:
+    """SASS instructions of the kernel's innermost loop (the body of its backward branch), or of
+    the innermost loop holding instruction `must` (a kernel with other loops before its main one)."""
+    sass = cuobjdump(cubin, "-sass")
     ins = [(int(m.group(1), 16), m.group(2), line) for line in sass.splitlines()
            if (m := re.match(r"\s*/\*([0-9a-f]{4,})\*/\s+(?:@!?P\d+\s+)?([A-Z][A-Z0-9_.]*)", line))]
     loops = [(int(t.group(1), 16), off) for off, op, line in ins if op.startswith("BRA")
@@ -92,17 +97,7 @@ def loop_sass(cubin: bytes, must: str | None = None) -> tuple[int, collections.C
 
 def registers(cubin: bytes) -> int:
     """Registers per thread of the cubin's kernel (cuobjdump -res-usage)."""
-    import os
-    import subprocess
-    import tempfile
-
-    bin_dir = os.path.join(os.path.dirname(triton.__file__), "backends", "nvidia", "bin")
-    with tempfile.NamedTemporaryFile(suffix=".cubin") as f:
-        f.write(cubin)
-        f.flush()
-        out = subprocess.run([os.path.join(bin_dir, "cuobjdump"), "-res-usage", f.name],
-                             capture_output=True, text=True, check=True).stdout
-    return int(re.search(r"REG:(\d+)", out).group(1))
+    return int(re.search(r"REG:(\d+)", cuobjdump(cubin, "-res-usage")).group(1))
 
 
 def compile_decode_mma(stage1, bn, bk, warps, split=1, even_k=True, K=4096, scale_words=True):
