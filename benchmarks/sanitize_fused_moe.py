@@ -2,8 +2,7 @@
 
 Includes out-of-range and masked expert ids, M=1, sizes off the tile, the CUDA-core decode
 blocks (BLOCK_M = 1) with stage-2 K splits, the tensor-core decode blocks ("mma": Gluon, K
-tails, empty K splits, scales read bytewise and as words, weights through registers or a
-shared-memory ring), with and without the alignment launch, the
+tails, empty K splits, scales read bytewise and as words), with and without the alignment launch, the
 three-launch block alignment (M = 200: 600 slots), MXFP4 weights decoded before the GEMMs
 ("dequant" to bf16 or to fp8 rows, two experts at a time; at M = 200 also with an expert that gets no token, whose
 weights are then not decoded), the MXFP4 tiles' explicit decode ("dot_scaled": false; K = 96
@@ -27,16 +26,13 @@ def mma_blocks(x, w1, w2, tw, ti, args, ref, M, block_k):
 
     words = [_decode_mma.scale_words(args[n], K)
              for n, K in (("w1_scale", x.shape[1]), ("w2_scale", w2.shape[2] * 2))]
-    for ring in (0, 3):  # weights in registers, or through a ring of 3 steps in shared memory
-        st = {"BLOCK_N": 16, "BLOCK_K": block_k, "num_warps": 1, "num_stages": 2, "mma": True,
-              "ring": ring}
-        cfg = fix_config({"BLOCK_M": 1, "s1": dict(st), "s2": dict(st, split_k=3)}, "w4a16")
-        for pair in (True, False):
-            out = fused_moe_triton_impl(x, w1, w2, tw, ti, config=dict(cfg, pair_blocks=pair),
-                                        **args)
-            assert_close(out, ref)
-            print(f"mxfp4 bf16 {M} BLOCK_M=1 mma K={x.shape[1]} scale_words={words} ring={ring} "
-                  f"pair_blocks={pair} ok", flush=True)
+    st = {"BLOCK_N": 16, "BLOCK_K": block_k, "num_warps": 1, "num_stages": 2, "mma": True}
+    cfg = fix_config({"BLOCK_M": 1, "s1": dict(st), "s2": dict(st, split_k=3)}, "w4a16")
+    for pair in (True, False):
+        out = fused_moe_triton_impl(x, w1, w2, tw, ti, config=dict(cfg, pair_blocks=pair), **args)
+        assert_close(out, ref)
+        print(f"mxfp4 bf16 {M} BLOCK_M=1 mma K={x.shape[1]} scale_words={words} "
+              f"pair_blocks={pair} ok", flush=True)
 
 
 def main() -> None:

@@ -957,21 +957,15 @@ def test_tensor_core_decode_fit_rules():
     E, N, K = 2, 64, 256  # noqa: N806
     a = torch.zeros(3, K, dtype=torch.bfloat16)
     b = torch.zeros(E, N, K // 2, dtype=torch.uint8)
-    bs = torch.zeros(E, N, K // 32, dtype=torch.uint8)
     c = torch.zeros(3, N, dtype=torch.bfloat16)
     st = {"BLOCK_N": 16, "BLOCK_K": 128, "num_warps": 2}
-    assert _decode_mma.fits(a=a, b=b, b_scale=bs, c=c, stage1=True, st=st)  # 16 lo rows over 2 row warps
-    assert not _decode_mma.fits(a=a, b=b, b_scale=bs, c=c, stage1=False, st=st)  # 8 lo rows: too few
-    assert _decode_mma.fits(a=a, b=b, b_scale=bs, c=c, stage1=False, st=dict(st, num_warps=1))
-    assert not _decode_mma.fits(a=a, b=b, b_scale=bs, c=c, stage1=True, st=dict(st, BLOCK_K=64))  # < 4 blocks
-    assert not _decode_mma.fits(a=a.float(), b=b, b_scale=bs, c=c, stage1=True, st=st)  # fp32 activations
-    assert not _decode_mma.fits(a=a[:, 1:129], b=b, b_scale=bs, c=c, stage1=True, st=st)  # row off 16 bytes
-    assert not _decode_mma.fits(a=a, b=b, b_scale=bs, c=c.t().contiguous().t(), stage1=True,
-                                st=st)
-    # the weight ring's shared memory counts: 8 steps of 64 lo and hi rows x 16 blocks do not fit
-    big = {"BLOCK_N": 64, "BLOCK_K": 512, "num_warps": 4}
-    assert _decode_mma.fits(a=a, b=b, b_scale=bs, c=c, stage1=True, st=dict(big, ring=2))
-    assert not _decode_mma.fits(a=a, b=b, b_scale=bs, c=c, stage1=True, st=dict(big, ring=8))
+    assert _decode_mma.fits(a=a, b=b, c=c, stage1=True, st=st)  # 16 lo rows over 2 row warps
+    assert not _decode_mma.fits(a=a, b=b, c=c, stage1=False, st=st)  # 8 lo rows: too few
+    assert _decode_mma.fits(a=a, b=b, c=c, stage1=False, st=dict(st, num_warps=1))
+    assert not _decode_mma.fits(a=a, b=b, c=c, stage1=True, st=dict(st, BLOCK_K=64))  # < 4 blocks
+    assert not _decode_mma.fits(a=a.float(), b=b, c=c, stage1=True, st=st)  # fp32 activations
+    assert not _decode_mma.fits(a=a[:, 1:129], b=b, c=c, stage1=True, st=st)  # row off 16 bytes
+    assert not _decode_mma.fits(a=a, b=b, c=c.t().contiguous().t(), stage1=True, st=st)
     # the activation staging: chunks of CH steps (REPS 16-byte pieces per thread, at most
     # _STAGING_REPS = 4), K_CHUNKS a power of two per K split
     assert _decode_mma._staging_chunks(14336, {"BLOCK_K": 256, "num_warps": 4}, 1) == (16, 4, 4)
@@ -994,14 +988,13 @@ def _count_mma_launches(monkeypatch):
 
 @pytest.mark.gpu
 @pytest.mark.skipif(not ON_GPU, reason="Gluon kernels need a GPU")
-@pytest.mark.parametrize("ring", [0, 3], ids=["registers", "ring3"])
 @pytest.mark.parametrize("activation,gate_mode,bias,masked,atomic,pdl,split_k,bn,bk,warps,M,H,I,E,k,dtype,scale_words",
                          # scales read bytewise on every case; as 4-byte words where both K are
                          # multiples of 128 (the default there)
                          [(*c, False) for c in MMA_DECODE_CASES]
                          + [(*c, True) for c in MMA_DECODE_CASES if c[11] % 128 == 0 == c[12] % 128])
 def test_gpu_tensor_core_decode_blocks(activation, gate_mode, bias, masked, atomic, pdl, split_k,
-                                       bn, bk, warps, M, H, I, E, k, dtype, scale_words, ring,
+                                       bn, bk, warps, M, H, I, E, k, dtype, scale_words,
                                        monkeypatch):  # noqa: E741
     # the Gluon decode blocks (stage config "mma") against the reference and the CUDA-core
     # blocks; a launch counter proves they ran (a silent fallback would pass the comparison)
@@ -1016,11 +1009,10 @@ def test_gpu_tensor_core_decode_blocks(activation, gate_mode, bias, masked, atom
         mask[1] = False
     args = dict(quant="mxfp4", activation=activation, gate_mode=gate_mode, expert_mask=mask, **kw)
     ref = fused_moe(x, w1, w2, tw, ti, backend="torch", **args)
-    st = {"BLOCK_N": bn, "BLOCK_K": bk, "num_warps": warps, "num_stages": 2, "mma": True,
-          "ring": ring}
+    st = {"BLOCK_N": bn, "BLOCK_K": bk, "num_warps": warps, "num_stages": 2, "mma": True}
     cfg = fix_config({"BLOCK_M": 1, "atomic": atomic, "pdl": pdl, "s1": dict(st),
                       "s2": dict(st, split_k=split_k)}, "w4a16")
-    assert cfg["s1"]["mma"] and cfg["s2"]["mma"] and cfg["s1"]["ring"] == ring
+    assert cfg["s1"]["mma"] and cfg["s2"]["mma"]
     from moeprec.kernels import _decode_mma
 
     if scale_words:

@@ -35,7 +35,6 @@ from __future__ import annotations
 import triton.language as tl
 from triton.experimental import gluon
 from triton.experimental.gluon import language as gl
-from triton.experimental.gluon.language.nvidia.ampere import async_copy
 
 # 4 words (one 32-value block) of each of two rows (lo: $4..$7, hi: $8..$11) -> E4M3 bytes ->
 # f16 pairs (values times 2^-6, exact) -> 8 m16n8k16 MMAs against the f16 activation pairs of
@@ -130,9 +129,15 @@ def _half_hi(t, F16: gl.constexpr):
 
 
 @gluon.jit
-def _word_ptrs(words_base, rows_lo, rows_hi, k0, stride_wn, L: gl.constexpr, NSB: gl.constexpr):
-    """Pointers to one step's packed weights in the lo and hi rows ([TR2, NSB, 4] int32 words,
-    a 32-value block per lane), and the step's block indices ([1, NSB, 1])."""
+def _fetch(words_base, bs_base, rows_lo, rows_hi, k0, k_end, stride_wn, stride_bsn, stride_bsk,
+           L: gl.constexpr, NSB: gl.constexpr, EVEN_K: gl.constexpr, SCALE_WORDS: gl.constexpr):
+    """One step's packed words [TR2, NSB, 4] (int32, a block per lane) of the lo and hi rows,
+    and their E8M0 scales, raw (converted only where they are used, so that nothing waits for
+    the loads before the step that needs them): SCALE_WORDS, the 4-byte word of scales of the
+    lane's group of 4 blocks, lo and hi row ([TR2, NSB] int32 each); else the scales the
+    lane's MMA outputs need, a byte each ([TR2, NSB, 4] int32, and a dummy 0). Rows are in
+    range (the caller clamps them). EVEN_K: whole steps, k0 never past the end: nothing
+    masked; else blocks from k_end on are not read."""
     sb = k0 // 32 + gl.arange(0, NSB, layout=gl.SliceLayout(0, gl.SliceLayout(2, L)))
     w = gl.arange(0, 4, layout=gl.SliceLayout(0, gl.SliceLayout(1, L)))
     sb3 = gl.expand_dims(gl.expand_dims(sb, 0), 2)                 # [1, NSB, 1]
@@ -140,88 +145,38 @@ def _word_ptrs(words_base, rows_lo, rows_hi, k0, stride_wn, L: gl.constexpr, NSB
     lo3 = gl.expand_dims(gl.expand_dims(rows_lo, 1), 2)            # [TR2, 1, 1]
     hi3 = gl.expand_dims(gl.expand_dims(rows_hi, 1), 2)
     wk = sb3 * 4 + w3
-    return words_base + lo3 * stride_wn + wk, words_base + hi3 * stride_wn + wk, sb3
-
-
-@gluon.jit
-def _scale_word_ptrs(bs_base, rows_lo, rows_hi, k0, stride_bsn, L: gl.constexpr,
-                     NSB: gl.constexpr):
-    """Pointers to the scale word of each lane's group of 4 blocks (unit K stride, 4-byte rows),
-    lo and hi row ([TR2, NSB] int32), and the step's block indices ([1, NSB])."""
-    sb2 = gl.expand_dims(k0 // 32 + gl.arange(0, NSB, layout=gl.SliceLayout(0, gl.SliceLayout(2, L))), 0)
-    bs_words = bs_base.to(gl.pointer_type(gl.int32))
-    grp = sb2 // 4
-    return (bs_words + gl.expand_dims(rows_lo, 1) * (stride_bsn // 4) + grp,
-            bs_words + gl.expand_dims(rows_hi, 1) * (stride_bsn // 4) + grp, sb2)
-
-
-@gluon.jit
-def _scale_bytes(bs_base, rows_lo, rows_hi, k0, k_end, stride_bsn, stride_bsk, L: gl.constexpr,
-                 NSB: gl.constexpr, MASKED: gl.constexpr):
-    """The scales the lane's MMA outputs need, a byte each ([TR2, NSB, 4] int32): lane c of a
-    group of 4 blocks gets the lo row's blocks 2(c % 2) and 2(c % 2) + 1, then the hi row's
-    (lanes c = 2, 3 hold zeros; their scales repeat c = 0, 1's, in the same rows, so that a NaN
-    scale meets the row it belongs to). MASKED: blocks from k_end on are not read."""
-    sb = k0 // 32 + gl.arange(0, NSB, layout=gl.SliceLayout(0, gl.SliceLayout(2, L)))
-    w = gl.arange(0, 4, layout=gl.SliceLayout(0, gl.SliceLayout(1, L)))
-    sb3 = gl.expand_dims(gl.expand_dims(sb, 0), 2)                 # [1, NSB, 1]
-    w3 = gl.expand_dims(gl.expand_dims(w, 0), 1)                   # [1, 1, 4]
-    lo3 = gl.expand_dims(gl.expand_dims(rows_lo, 1), 2)            # [TR2, 1, 1]
-    hi3 = gl.expand_dims(gl.expand_dims(rows_hi, 1), 2)
-    blk = sb3 - sb3 % 4 + 2 * (sb3 % 2) + w3 % 2                   # [1, NSB, 4]
-    s_off = gl.where(w3 < 2, lo3, hi3) * stride_bsn + blk * stride_bsk
-    if MASKED:
-        return gl.load(bs_base + s_off, mask=blk * 32 < k_end, other=127).to(gl.int32)
-    return gl.load(bs_base + s_off).to(gl.int32)
-
-
-@gluon.jit
-def _fetch(words_base, bs_base, rows_lo, rows_hi, k0, k_end, stride_wn, stride_bsn, stride_bsk,
-           L: gl.constexpr, NSB: gl.constexpr, EVEN_K: gl.constexpr, SCALE_WORDS: gl.constexpr):
-    """One step's packed words [TR2, NSB, 4] (int32, a block per lane) of the lo and hi rows,
-    and their E8M0 scales, into registers, raw (converted only where they are used, so that
-    nothing waits for the loads before the step that needs them): SCALE_WORDS, the scale words
-    of the lo and hi rows ([TR2, NSB] int32 each); else `_scale_bytes` and a dummy 0. Rows
-    are in range (the caller clamps them). EVEN_K: whole steps, k0 never past the end: nothing
-    masked; else blocks from k_end on are not read."""
-    p_lo, p_hi, sb3 = _word_ptrs(words_base, rows_lo, rows_hi, k0, stride_wn, L, NSB)
     if EVEN_K:
-        w_lo = gl.load(p_lo)
-        w_hi = gl.load(p_hi)
+        w_lo = gl.load(words_base + lo3 * stride_wn + wk)
+        w_hi = gl.load(words_base + hi3 * stride_wn + wk)
     else:
-        w_lo = gl.load(p_lo, mask=sb3 * 32 < k_end, other=0)
-        w_hi = gl.load(p_hi, mask=sb3 * 32 < k_end, other=0)
-    if SCALE_WORDS:
-        q_lo, q_hi, sb2 = _scale_word_ptrs(bs_base, rows_lo, rows_hi, k0, stride_bsn, L, NSB)
+        w_lo = gl.load(words_base + lo3 * stride_wn + wk, mask=sb3 * 32 < k_end, other=0)
+        w_hi = gl.load(words_base + hi3 * stride_wn + wk, mask=sb3 * 32 < k_end, other=0)
+    if SCALE_WORDS:  # unit K stride, 4-byte rows, whole groups: one word per row and group
+        sb2 = gl.expand_dims(sb, 0)                                    # [1, NSB]
+        lo2 = gl.expand_dims(rows_lo, 1)                               # [TR2, 1]
+        hi2 = gl.expand_dims(rows_hi, 1)
+        bs_words = bs_base.to(gl.pointer_type(gl.int32))
+        grp = sb2 // 4
         if EVEN_K:
-            s_lo = gl.load(q_lo)
-            s_hi = gl.load(q_hi)
+            s_lo = gl.load(bs_words + lo2 * (stride_bsn // 4) + grp)
+            s_hi = gl.load(bs_words + hi2 * (stride_bsn // 4) + grp)
         else:
-            s_lo = gl.load(q_lo, mask=sb2 * 32 < k_end, other=0x7F7F7F7F)
-            s_hi = gl.load(q_hi, mask=sb2 * 32 < k_end, other=0x7F7F7F7F)
+            s_lo = gl.load(bs_words + lo2 * (stride_bsn // 4) + grp, mask=sb2 * 32 < k_end,
+                           other=0x7F7F7F7F)
+            s_hi = gl.load(bs_words + hi2 * (stride_bsn // 4) + grp, mask=sb2 * 32 < k_end,
+                           other=0x7F7F7F7F)
     else:
-        s_lo = _scale_bytes(bs_base, rows_lo, rows_hi, k0, k_end, stride_bsn, stride_bsk, L, NSB,
-                            not EVEN_K)
+        # lane c of a group of 4 blocks: the lo row's blocks 2(c % 2) and 2(c % 2) + 1, then
+        # the hi row's (lanes c = 2, 3 hold zeros; their scales repeat c = 0, 1's, in the same
+        # rows, so that a NaN scale meets the row it belongs to)
+        blk = sb3 - sb3 % 4 + 2 * (sb3 % 2) + w3 % 2                   # [1, NSB, 4]
+        s_off = gl.where(w3 < 2, lo3, hi3) * stride_bsn + blk * stride_bsk
+        if EVEN_K:
+            s_lo = gl.load(bs_base + s_off).to(gl.int32)
+        else:
+            s_lo = gl.load(bs_base + s_off, mask=blk * 32 < k_end, other=127).to(gl.int32)
         s_hi = 0
     return w_lo, w_hi, s_lo, s_hi
-
-
-@gluon.jit
-def _fetch_async(ring_lo, ring_hi, ring_slo, ring_shi, slot, words_base, bs_base, rows_lo,
-                 rows_hi, k0, k_end, stride_wn, stride_bsn, L: gl.constexpr, NSB: gl.constexpr,
-                 SCALE_WORDS: gl.constexpr):
-    """One step's packed words (and SCALE_WORDS: scale words) copied asynchronously (cp.async)
-    into slot `slot` of the rings in shared memory, as one commit group; blocks from k_end on
-    are not read (zeros: a step past the end costs no memory traffic). Each thread reads back
-    only what it copied itself (same layout), so no barrier orders the ring."""
-    p_lo, p_hi, sb3 = _word_ptrs(words_base, rows_lo, rows_hi, k0, stride_wn, L, NSB)
-    async_copy.async_copy_global_to_shared(ring_lo.index(slot), p_lo, mask=sb3 * 32 < k_end)
-    async_copy.async_copy_global_to_shared(ring_hi.index(slot), p_hi, mask=sb3 * 32 < k_end)
-    if SCALE_WORDS:
-        q_lo, q_hi, sb2 = _scale_word_ptrs(bs_base, rows_lo, rows_hi, k0, stride_bsn, L, NSB)
-        async_copy.async_copy_global_to_shared(ring_slo.index(slot), q_lo, mask=sb2 * 32 < k_end)
-        async_copy.async_copy_global_to_shared(ring_shi.index(slot), q_hi, mask=sb2 * 32 < k_end)
-    async_copy.commit_group()
 
 
 @gluon.jit
@@ -261,7 +216,7 @@ def _decode_mma_kernel(
     PAIR_BLOCKS: gl.constexpr, HAS_MASK: gl.constexpr, PDL: gl.constexpr,
     ZERO_OUT: gl.constexpr, BLOCK_N: gl.constexpr, BLOCK_K: gl.constexpr,
     SPLIT_K: gl.constexpr, REPS: gl.constexpr, K_CHUNKS: gl.constexpr, WARPS: gl.constexpr,
-    EVEN_K: gl.constexpr, SCALE_WORDS: gl.constexpr, RING: gl.constexpr,
+    EVEN_K: gl.constexpr, SCALE_WORDS: gl.constexpr,
 ):
     """One (token, expert) pair x BLOCK_N output columns (stage 1: gate/up GEMM + activation,
     z in the model dtype; stage 2: down GEMM, routed weight, fp32 atomic add or slot row), as
@@ -361,29 +316,12 @@ def _decode_mma_kernel(
     k_end = gl.minimum(((pid_k + 1) * k_steps // SPLIT_K) * BLOCK_K, K)
     # the first weight step is in flight before anything waits on the previous launch
     n_steps = gl.cdiv(k_end - k_begin, BLOCK_K)
-    if RING > 0:  # the first RING - 1 steps copied into the rings
-        RING_L: gl.constexpr = gl.SwizzledSharedLayout(1, 1, 1, [2, 1, 0])
-        ring_lo = gl.allocate_shared_memory(gl.int32, [RING, TR2, NSB, 4], RING_L)
-        ring_hi = gl.allocate_shared_memory(gl.int32, [RING, TR2, NSB, 4], RING_L)
-        RING_S: gl.constexpr = gl.SwizzledSharedLayout(1, 1, 1, [0, 1])
-        SW: gl.constexpr = gl.SliceLayout(2, L)
-        RS: gl.constexpr = RING if SCALE_WORDS else 1  # (scale bytes: a placeholder)
-        ring_slo = gl.allocate_shared_memory(gl.int32, [RS, TR2, NSB], RING_S)
-        ring_shi = gl.allocate_shared_memory(gl.int32, [RS, TR2, NSB], RING_S)
-        for j in gl.static_range(RING - 1):
-            _fetch_async(ring_lo, ring_hi, ring_slo, ring_shi, j, words_base, bs_base, rows_lo,
-                         rows_hi, k_begin + j * BLOCK_K, k_end, stride_wn, stride_bsn, L, NSB,
-                         SCALE_WORDS)
-        if not SCALE_WORDS:  # scale bytes (no 1-byte async copies): registers, a step ahead
-            sn_lo = _scale_bytes(bs_base, rows_lo, rows_hi, k_begin, k_end, stride_bsn,
-                                 stride_bsk, L, NSB, True)
-    else:
-        k_first = k_begin
-        if EVEN_K:  # an empty split (more splits than steps) reads a real step it never uses
-            k_first = gl.minimum(k_begin, K - BLOCK_K)
-        wa_lo, wa_hi, sa_lo, sa_hi = _fetch(words_base, bs_base, rows_lo, rows_hi, k_first,
-                                            k_end, stride_wn, stride_bsn, stride_bsk, L, NSB,
-                                            EVEN_K, SCALE_WORDS)
+    k_first = k_begin
+    if EVEN_K:  # an empty split (more splits than steps) reads a real step it never uses
+        k_first = gl.minimum(k_begin, K - BLOCK_K)
+    wa_lo, wa_hi, sa_lo, sa_hi = _fetch(words_base, bs_base, rows_lo, rows_hi, k_first, k_end,
+                                        stride_wn, stride_bsn, stride_bsk, L, NSB, EVEN_K,
+                                        SCALE_WORDS)
     if PDL and not STAGE1:
         gl.inline_asm_elementwise("griddepcontrol.wait; // $0", "=r", [], dtype=gl.int32,
                                   is_pure=False, pack=1)
@@ -422,57 +360,35 @@ def _decode_mma_kernel(
     pairs2 = pairs2._reinterpret(gl.int32, [STEPS, NSB, 4], SMEM_STEP)
     pairs3 = pairs3._reinterpret(gl.int32, [STEPS, NSB, 4], SMEM_STEP)
 
+    # two steps per iteration, their weights in two register sets (a and b) that alternate:
+    # each is fetched a step before its arithmetic, straight into the registers it is used
+    # from (one set carried over with a copy would wait on the loads at every iteration's end)
     acc = gl.zeros([TR2, NSB, 4], gl.float32, layout=L)
-    if RING > 0:  # a step per iteration, the next RING - 1 steps in flight into shared memory
-        for step in range(n_steps):
-            async_copy.wait_group(RING - 2)  # this step's copies have landed
-            here = step % RING
-            w_lo = ring_lo.index(here).load(L)
-            w_hi = ring_hi.index(here).load(L)
-            if SCALE_WORDS:
-                s_lo = ring_slo.index(here).load(SW)
-                s_hi = ring_shi.index(here).load(SW)
-            else:
-                s_lo = sn_lo
-                s_hi = 0
-                sn_lo = _scale_bytes(bs_base, rows_lo, rows_hi, k_begin + (step + 1) * BLOCK_K,
-                                     k_end, stride_bsn, stride_bsk, L, NSB, True)
-            # into the slot read last iteration (this thread's own reads, long consumed)
-            ahead = step + RING - 1
-            _fetch_async(ring_lo, ring_hi, ring_slo, ring_shi, ahead % RING, words_base, bs_base,
-                         rows_lo, rows_hi, k_begin + ahead * BLOCK_K, k_end, stride_wn,
-                         stride_bsn, L, NSB, SCALE_WORDS)
-            acc = _step(acc, w_lo, w_hi, s_lo, s_hi, pairs0, pairs1, pairs2, pairs3, step, L,
-                        NSB, SCALE_WORDS)
-    else:  # two steps per iteration, their weights in two register sets (a and b) that
-        # alternate: each is fetched a step before its arithmetic, straight into the registers
-        # it is used from (one set carried over with a copy would wait on the loads at every
-        # iteration's end)
-        first = n_steps % 2
-        if first == 1:  # an odd count: step 0 alone, so that the loop's steps come in pairs
-            nb = 1
-            if EVEN_K:  # (one step: that step again)
-                nb = gl.minimum(nb, n_steps - 1)
-            wb_lo, wb_hi, sb_lo, sb_hi = _fetch(words_base, bs_base, rows_lo, rows_hi,
-                                                k_begin + nb * BLOCK_K, k_end, stride_wn, stride_bsn,
-                                                stride_bsk, L, NSB, EVEN_K, SCALE_WORDS)
-            acc = _step(acc, wa_lo, wa_hi, sa_lo, sa_hi, pairs0, pairs1, pairs2, pairs3, 0, L, NSB,
-                        SCALE_WORDS)
-            wa_lo, wa_hi, sa_lo, sa_hi = wb_lo, wb_hi, sb_lo, sb_hi
-        for step in range(first, n_steps, 2):
-            wb_lo, wb_hi, sb_lo, sb_hi = _fetch(words_base, bs_base, rows_lo, rows_hi,
-                                                k_begin + (step + 1) * BLOCK_K, k_end, stride_wn,
-                                                stride_bsn, stride_bsk, L, NSB, EVEN_K, SCALE_WORDS)
-            acc = _step(acc, wa_lo, wa_hi, sa_lo, sa_hi, pairs0, pairs1, pairs2, pairs3, step, L,
-                        NSB, SCALE_WORDS)
-            na = step + 2  # (past the last step: the last step again when nothing is masked)
-            if EVEN_K:
-                na = gl.minimum(na, n_steps - 1)
-            wa_lo, wa_hi, sa_lo, sa_hi = _fetch(words_base, bs_base, rows_lo, rows_hi,
-                                                k_begin + na * BLOCK_K, k_end, stride_wn, stride_bsn,
-                                                stride_bsk, L, NSB, EVEN_K, SCALE_WORDS)
-            acc = _step(acc, wb_lo, wb_hi, sb_lo, sb_hi, pairs0, pairs1, pairs2, pairs3, step + 1, L,
-                        NSB, SCALE_WORDS)
+    first = n_steps % 2
+    if first == 1:  # an odd count: step 0 alone, so that the loop's steps come in pairs
+        nb = 1
+        if EVEN_K:  # (one step: that step again)
+            nb = gl.minimum(nb, n_steps - 1)
+        wb_lo, wb_hi, sb_lo, sb_hi = _fetch(words_base, bs_base, rows_lo, rows_hi,
+                                            k_begin + nb * BLOCK_K, k_end, stride_wn, stride_bsn,
+                                            stride_bsk, L, NSB, EVEN_K, SCALE_WORDS)
+        acc = _step(acc, wa_lo, wa_hi, sa_lo, sa_hi, pairs0, pairs1, pairs2, pairs3, 0, L, NSB,
+                    SCALE_WORDS)
+        wa_lo, wa_hi, sa_lo, sa_hi = wb_lo, wb_hi, sb_lo, sb_hi
+    for step in range(first, n_steps, 2):
+        wb_lo, wb_hi, sb_lo, sb_hi = _fetch(words_base, bs_base, rows_lo, rows_hi,
+                                            k_begin + (step + 1) * BLOCK_K, k_end, stride_wn,
+                                            stride_bsn, stride_bsk, L, NSB, EVEN_K, SCALE_WORDS)
+        acc = _step(acc, wa_lo, wa_hi, sa_lo, sa_hi, pairs0, pairs1, pairs2, pairs3, step, L,
+                    NSB, SCALE_WORDS)
+        na = step + 2  # (past the last step: the last step again when nothing is masked)
+        if EVEN_K:
+            na = gl.minimum(na, n_steps - 1)
+        wa_lo, wa_hi, sa_lo, sa_hi = _fetch(words_base, bs_base, rows_lo, rows_hi,
+                                            k_begin + na * BLOCK_K, k_end, stride_wn, stride_bsn,
+                                            stride_bsk, L, NSB, EVEN_K, SCALE_WORDS)
+        acc = _step(acc, wb_lo, wb_hi, sb_lo, sb_hi, pairs0, pairs1, pairs2, pairs3, step + 1, L,
+                    NSB, SCALE_WORDS)
     # outputs 0, 1 of a lane are lo-row sums, 2, 3 hi-row sums (lanes c = 2, 3: zeros)
     w = gl.expand_dims(gl.expand_dims(gl.arange(0, 4, layout=gl.SliceLayout(0, gl.SliceLayout(1, L))), 0), 1)
     lo = gl.sum(gl.sum(gl.where(w < 2, acc, 0.0), axis=2), axis=1) * down
@@ -542,25 +458,18 @@ def scale_words(b_scale, K: int) -> bool:
             and b_scale.data_ptr() % 4 == 0 and K % 128 == 0)
 
 
-def _ring_bytes(st: dict, tr2: int, nsb: int, words: bool) -> int:
-    """Shared memory of the weight ring (stage setting "ring"): lo and hi words, scale words."""
-    ring = st.get("ring", 0)
-    return ring * tr2 * nsb * (2 * 16 + (8 if words else 0)) + (0 if words or not ring else 8 * tr2 * nsb)
-
-
-def fits(*, a, b, b_scale, c, stage1: bool, st: dict) -> bool:
+def fits(*, a, b, c, stage1: bool, st: dict) -> bool:
     """Whether a BLOCK_M = 1 MXFP4 stage can run here: 16-bit activations (f16 staging keeps
     their 8-11 significant bits; fp32 models keep the CUDA-core blocks) in 16-byte rows, unit K
     strides of weights and output, whole groups of 4 blocks per step, 8 lo rows per row-splitting warp,
-    the staging and the weight ring in shared memory."""
+    the staging in shared memory."""
     import torch
 
     nsb, warps = st["BLOCK_K"] // 32, st["num_warps"]
     tr2 = st["BLOCK_N"] if stage1 else st["BLOCK_N"] // 2
     wk = min(warps, nsb // 4)
-    K = b.shape[2] * 2
-    ch, _, k_chunks = _staging_chunks(K, st, st.get("split_k", 1))
-    smem = 4 * k_chunks * ch * nsb * 16 + _ring_bytes(st, tr2, nsb, scale_words(b_scale, K))
+    ch, _, k_chunks = _staging_chunks(b.shape[2] * 2, st, st.get("split_k", 1))
+    smem = 4 * k_chunks * ch * nsb * 16
     return (a.dtype in (torch.bfloat16, torch.float16) and a.stride(1) == 1
             and a.stride(0) % 8 == 0 and a.data_ptr() % 16 == 0 and b.stride(2) == 1
             and b.stride(1) % 16 == 0 and b.data_ptr() % 16 == 0 and c.stride(-1) == 1
@@ -588,6 +497,6 @@ def launch(*, a, b, b_scale, bias, c, sorted_ids, expert_ids, topk_w, pair_mask,
         HAS_MASK=pair_mask is not None, PDL=pdl, ZERO_OUT=zero is not None,
         BLOCK_N=st["BLOCK_N"], BLOCK_K=st["BLOCK_K"], SPLIT_K=split_k, REPS=reps,
         K_CHUNKS=k_chunks, WARPS=st["num_warps"], EVEN_K=Kdim % st["BLOCK_K"] == 0,
-        SCALE_WORDS=scale_words(b_scale, Kdim), RING=st.get("ring", 0),
+        SCALE_WORDS=scale_words(b_scale, Kdim),
         num_warps=st["num_warps"], launch_pdl=pdl and not stage1,
     )

@@ -261,7 +261,7 @@ def _launch_gemm(*, a, a_scale, b, b_scale, bias, c, c_scale, sorted_ids, expert
     if gemv and b_fmt == 1 and st.get("mma") and not triton_interpret():
         from moeprec.kernels import _decode_mma
 
-        if _decode_mma.fits(a=a, b=b, b_scale=b_scale, c=c, stage1=stage1, st=st):  # tensor-core decode blocks
+        if _decode_mma.fits(a=a, b=b, c=c, stage1=stage1, st=st):  # tensor-core decode blocks
             return _decode_mma.launch(
                 a=a, b=b, b_scale=b_scale, bias=bias, c=c,
                 sorted_ids=None if pair_blocks else sorted_ids, expert_ids=expert_ids,

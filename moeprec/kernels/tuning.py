@@ -23,8 +23,7 @@ to fp8 with a power of two per row (the fp8 kernel's per-channel scales) for fp8
 A stage's "tma_b": true (tensor-core tiles of plain / fp8 weights, or MXFP4 decoded first)
 reads its weight tiles through a TMA descriptor instead of pointer loads. A BLOCK_M = 1 MXFP4
 stage's "mma" (true unless it says false; 16-bit activations, GPU) runs the Gluon decode
-blocks on the tensor cores where they fit (kernels/_decode_mma.py), else the CUDA-core ones;
-there "ring": n (2-8) keeps n - 1 weight steps in flight through shared memory (cp.async).
+blocks on the tensor cores where they fit (kernels/_decode_mma.py), else the CUDA-core ones.
 "pdl": true launches stage 2 as a programmatic dependent of stage 1 (Hopper on): its programs
 start while stage 1 drains and wait (griddepcontrol) only before reading stage 1's rows, which
 hides the launch gap between the two; for short, decode-sized calls.
@@ -155,10 +154,6 @@ def fix_config(cfg: dict[str, Any], path: str) -> dict[str, Any]:
         # MXFP4 one-pair blocks with 16-bit activations: the Gluon tensor-core decode (GPU,
         # where it fits) instead of the CUDA-core product (1.02-1.29x on the H200, 2026-12-03)
         s["mma"] = bool(s.get("mma", True)) and gemv and path == "w4a16"
-        # their weights through a ring of that many steps in shared memory (cp.async), or
-        # (0) two register sets a step ahead
-        ring = int(s.get("ring", 0)) if s["mma"] else 0
-        s["ring"] = 0 if ring < 2 else min(ring, 8)
         # MXFP4 decodes K in blocks of 32; tl.dot needs K >= 16 per half (>= 32 for fp8).
         if mxfp4_tiles:
             s["BLOCK_K"] = max(s["BLOCK_K"], 64)
