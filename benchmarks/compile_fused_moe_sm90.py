@@ -100,8 +100,7 @@ def registers(cubin: bytes) -> int:
     return int(re.search(r"REG:(\d+)", cuobjdump(cubin, "-res-usage")).group(1))
 
 
-def compile_decode_mma(stage1, bn, bk, warps, split=1, even_k=True, K=4096, scale_words=True,
-                       l2_ahead=0):
+def compile_decode_mma(stage1, bn, bk, warps, split=1, even_k=True, K=4096, scale_words=True):
     """The Gluon tensor-core decode blocks (`moeprec/kernels/_decode_mma.py`), pair blocks,
     staged as for a K of `K`."""
     from triton.experimental.gluon._runtime import GluonASTSource
@@ -114,8 +113,7 @@ def compile_decode_mma(stage1, bn, bk, warps, split=1, even_k=True, K=4096, scal
     consts = dict(STAGE1=stage1, INTERLEAVED=False, ACT=0, HAS_BIAS=False, MUL_WEIGHT=not stage1,
                   ATOMIC_OUT=True, PAIR_BLOCKS=True, HAS_MASK=True, PDL=False, ZERO_OUT=False,
                   BLOCK_N=bn, BLOCK_K=bk, SPLIT_K=split, REPS=reps, K_CHUNKS=k_chunks,
-                  WARPS=warps, EVEN_K=even_k, SCALE_WORDS=scale_words, L2_AHEAD=l2_ahead,
-                  stride_bsk=1)
+                  WARPS=warps, EVEN_K=even_k, SCALE_WORDS=scale_words, stride_bsk=1)
     ptrs = dict(a_ptr="*bf16", b_ptr="*u8", bs_ptr="*u8", bias_ptr="*fp32",
                 c_ptr="*bf16" if stage1 else "*fp32", sorted_ids_ptr="*i32",
                 expert_ids_ptr="*i32", topk_w_ptr="*fp32", expert_mask_ptr="*i32", zero_ptr="*fp32")

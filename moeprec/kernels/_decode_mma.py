@@ -180,23 +180,6 @@ def _fetch(words_base, bs_base, rows_lo, rows_hi, k0, k_end, stride_wn, stride_b
 
 
 @gluon.jit
-def _prefetch_l2(words_base, rows_lo, rows_hi, k0, k_end, stride_wn, L: gl.constexpr,
-                 NSB: gl.constexpr):
-    """Ask L2 for one step's packed weights of the lo and hi rows (prefetch.global.L2: each
-    lane its block's 16 bytes; nothing held in registers or shared memory), so that the
-    register fetch of that step finds them there. Nothing from k_end on."""
-    sb = k0 // 32 + gl.arange(0, NSB, layout=gl.SliceLayout(0, gl.SliceLayout(2, L)))
-    sb2 = gl.expand_dims(sb, 0)                                      # [1, NSB]
-    live = (sb2 * 32 < k_end).to(gl.int32) + gl.expand_dims(rows_lo, 1) * 0
-    for half in gl.static_range(2):
-        r = rows_lo if half == 0 else rows_hi
-        gl.inline_asm_elementwise(
-            "{ .reg .pred p; setp.ne.s32 p, $2, 0; @p prefetch.global.L2 [$1]; mov.b32 $0, 0; }",
-            "=r,l,r", [words_base + gl.expand_dims(r, 1) * stride_wn + sb2 * 4, live],
-            dtype=gl.int32, is_pure=False, pack=1)
-
-
-@gluon.jit
 def _step(acc, w_lo, w_hi, s_lo, s_hi, pairs0, pairs1, pairs2, pairs3, step,
           L: gl.constexpr, NSB: gl.constexpr, SCALE_WORDS: gl.constexpr):
     """acc + one step's block partial sums (8 MMAs per block and lane) times their scales."""
@@ -233,7 +216,7 @@ def _decode_mma_kernel(
     PAIR_BLOCKS: gl.constexpr, HAS_MASK: gl.constexpr, PDL: gl.constexpr,
     ZERO_OUT: gl.constexpr, BLOCK_N: gl.constexpr, BLOCK_K: gl.constexpr,
     SPLIT_K: gl.constexpr, REPS: gl.constexpr, K_CHUNKS: gl.constexpr, WARPS: gl.constexpr,
-    EVEN_K: gl.constexpr, SCALE_WORDS: gl.constexpr, L2_AHEAD: gl.constexpr,
+    EVEN_K: gl.constexpr, SCALE_WORDS: gl.constexpr,
 ):
     """One (token, expert) pair x BLOCK_N output columns (stage 1: gate/up GEMM + activation,
     z in the model dtype; stage 2: down GEMM, routed weight, fp32 atomic add or slot row), as
@@ -339,8 +322,6 @@ def _decode_mma_kernel(
     wa_lo, wa_hi, sa_lo, sa_hi = _fetch(words_base, bs_base, rows_lo, rows_hi, k_first, k_end,
                                         stride_wn, stride_bsn, stride_bsk, L, NSB, EVEN_K,
                                         SCALE_WORDS)
-    for d in gl.static_range(1, L2_AHEAD + 1):  # steps 1..L2_AHEAD on their way to L2
-        _prefetch_l2(words_base, rows_lo, rows_hi, k_begin + d * BLOCK_K, k_end, stride_wn, L, NSB)
     if PDL and not STAGE1:
         gl.inline_asm_elementwise("griddepcontrol.wait; // $0", "=r", [], dtype=gl.int32,
                                   is_pure=False, pack=1)
@@ -395,11 +376,6 @@ def _decode_mma_kernel(
                     SCALE_WORDS)
         wa_lo, wa_hi, sa_lo, sa_hi = wb_lo, wb_hi, sb_lo, sb_hi
     for step in range(first, n_steps, 2):
-        if L2_AHEAD > 0:  # the two steps L2_AHEAD past this iteration's fetches
-            _prefetch_l2(words_base, rows_lo, rows_hi, k_begin + (step + 1 + L2_AHEAD) * BLOCK_K,
-                         k_end, stride_wn, L, NSB)
-            _prefetch_l2(words_base, rows_lo, rows_hi, k_begin + (step + 2 + L2_AHEAD) * BLOCK_K,
-                         k_end, stride_wn, L, NSB)
         wb_lo, wb_hi, sb_lo, sb_hi = _fetch(words_base, bs_base, rows_lo, rows_hi,
                                             k_begin + (step + 1) * BLOCK_K, k_end, stride_wn,
                                             stride_bsn, stride_bsk, L, NSB, EVEN_K, SCALE_WORDS)
@@ -521,6 +497,6 @@ def launch(*, a, b, b_scale, bias, c, sorted_ids, expert_ids, topk_w, pair_mask,
         HAS_MASK=pair_mask is not None, PDL=pdl, ZERO_OUT=zero is not None,
         BLOCK_N=st["BLOCK_N"], BLOCK_K=st["BLOCK_K"], SPLIT_K=split_k, REPS=reps,
         K_CHUNKS=k_chunks, WARPS=st["num_warps"], EVEN_K=Kdim % st["BLOCK_K"] == 0,
-        SCALE_WORDS=scale_words(b_scale, Kdim), L2_AHEAD=st.get("l2_ahead", 0),
+        SCALE_WORDS=scale_words(b_scale, Kdim),
         num_warps=st["num_warps"], launch_pdl=pdl and not stage1,
     )

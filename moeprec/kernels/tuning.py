@@ -154,8 +154,6 @@ def fix_config(cfg: dict[str, Any], path: str) -> dict[str, Any]:
         # MXFP4 one-pair blocks with 16-bit activations: the Gluon tensor-core decode (GPU,
         # where it fits) instead of the CUDA-core product (1.02-1.29x on the H200, 2026-12-03)
         s["mma"] = bool(s.get("mma", True)) and gemv and path == "w4a16"
-        # there: each weight step asked of L2 this many steps before its register fetch (0: off)
-        s["l2_ahead"] = max(0, min(int(s.get("l2_ahead", 0)), 8)) if s["mma"] else 0
         # MXFP4 decodes K in blocks of 32; tl.dot needs K >= 16 per half (>= 32 for fp8).
         if mxfp4_tiles:
             s["BLOCK_K"] = max(s["BLOCK_K"], 64)
