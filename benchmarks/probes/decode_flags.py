@@ -7,7 +7,8 @@ For each shape, path (bf16, mxfp4-w4a16) and M in 1, 4, 16, 64: the configuratio
 with pair_blocks switched, and each atomic-combine variant (stage 2 not split) with slot rows
 and a per-token sum instead ("+ slot rows"), the table's config with "pdl" switched, and
 (atomic entries) stage 2's fp32 output zero-filled by a memset launch against by stage 1's
-programs (`fused_moe_triton.ZERO_IN_STAGE1_*`; with pdl the op takes the memset). bf16 at
+programs (`fused_moe_triton.ZERO_IN_STAGE1_MAX_BYTES`; before 2026-12-03 23:00 UTC a pdl
+entry took the memset and the probe timed stage 1's zero fill there). bf16 at
 M <= 16 with tensor-core tiles in its entry also tries one-pair blocks with the w4a16 entry's
 stage settings. Each variant is a CUDA-graph replay over
 3 input sets (median of 30); "same" is the largest difference to the first variant's output
@@ -59,12 +60,9 @@ for shape, (H, I, E, k) in SHAPES.items():  # noqa: E741
                     variants[f"{name} + slot rows"] = dict(cfg, atomic=False)
             # stage 2 as a programmatic dependent launch of stage 1
             variants[f"table pdl={not base.get('pdl', False)}"] = dict(base, pdl=not base.get("pdl", False))
-            # the atomic output zero-filled by the other of a memset launch and stage 1's
-            # programs (module switches, not config keys: "zero" holds them)
-            if base.get("atomic", True) and base.get("pdl", False):
-                variants["table, zero fill in stage 1"] = dict(base, zero=dict(
-                    ZERO_IN_STAGE1_WITH_PDL=True))
-            elif base.get("atomic", True):
+            # the atomic output zero-filled by a memset launch instead of stage 1's programs
+            # (a module switch, not a config key: "zero" holds it)
+            if base.get("atomic", True):
                 variants["table, zero fill by memset"] = dict(base, zero=dict(
                     ZERO_IN_STAGE1_MAX_BYTES=0))
             ref_out, ref_us = None, None

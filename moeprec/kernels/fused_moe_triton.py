@@ -47,9 +47,9 @@ DEQUANT_WORKSPACE_BYTES = 1 << 30
 # atomics, whose buffer is k times smaller.
 SLOT_ROWS_MAX_BYTES = 4 << 30
 # Stage 2's fp32 atomic output up to this size is zero-filled by stage 1's programs, not by a
-# memset launch of its own (Qwen3-30B-A3B: M <= 512).
+# memset launch of its own (Qwen3-30B-A3B: M <= 512). With pdl as well: 1.00-1.04x on the H200
+# at every pdl decode entry (2026-12-03, benchmarks/probes/decode_flags.py).
 ZERO_IN_STAGE1_MAX_BYTES = 4 << 20
-ZERO_IN_STAGE1_WITH_PDL = False  # see fused_moe_triton_impl
 
 
 
@@ -400,13 +400,11 @@ def fused_moe_triton_impl(
     keep = aligned.routed if aligned is not None and aligned.routed is not None else expert_mask
     gemm = functools.partial(_gemm_dequantized, keep=keep) if dequant else _launch_gemm
     # stage 2's output first: its zero fill between the stages would hold up a pdl stage 2.
-    # A small one stage 1 zero-fills (a launch fewer: decode calls are a few short kernels);
-    # a large one a memset, at full bandwidth. Not with pdl: Qwen3-30B-A3B M = 1 measured
-    # 30.1 us with both against 27.1 with pdl alone (H200, two runs on different machines:
-    # not yet told apart from run-to-run spread; benchmarks/probes/decode_flags.py times both).
+    # A small one stage 1 zero-fills (a launch fewer: decode calls are a few short kernels;
+    # a pdl stage 2 adds into it only after its wait for stage 1); a large one a memset, at
+    # full bandwidth.
     atomic = bool(cfg.get("atomic", True)) or S * H * 4 > SLOT_ROWS_MAX_BYTES
-    zero_in_stage1 = (atomic and not dequant and (ZERO_IN_STAGE1_WITH_PDL or not pdl)
-                      and M * H * 4 <= ZERO_IN_STAGE1_MAX_BYTES)
+    zero_in_stage1 = atomic and not dequant and M * H * 4 <= ZERO_IN_STAGE1_MAX_BYTES
     if not atomic:  # slot rows: one fp32 row per kept slot, summed per token below (the rest
         out32 = _scratch((S, H), torch.float32, dev)  # are never read)
     elif zero_in_stage1:  # stage 1 writes its zeros
