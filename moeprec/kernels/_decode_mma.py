@@ -36,27 +36,18 @@ import triton.language as tl
 from triton.experimental import gluon
 from triton.experimental.gluon import language as gl
 
+from moeprec.kernels._e2m1_ptx import e2m1_to_e4m3
+
 # 4 words (one 32-value block) of each of two rows (lo: $4..$7, hi: $8..$11) -> E4M3 bytes ->
 # f16 pairs (values times 2^-6, exact) -> 8 m16n8k16 MMAs against the f16 activation pairs of
 # the block (pair r of word w: ${12 + 4r + w}), kept only in the lanes 4n + n of column n (the
 # diagonal); out: D[g, 2c], D[g, 2c + 1] (lo row) and D[g + 8, 2c], D[g + 8, 2c + 1] (hi row)
-_WORD_F16 = """
-shl.b32 t0, {w}, 4;
-shl.b32 t1, {w}, 2;
-and.b32 t0, t0, 0x80808080;
-and.b32 t1, t1, 0x1C1C1C1C;
-or.b32 l, t0, t1;
-shr.b32 t1, {w}, 2;
-and.b32 t1, t1, 0x1C1C1C1C;
-and.b32 t0, {w}, 0x80808080;
-or.b32 h, t0, t1;
-mov.b32 {{u0, u1}}, l;
-mov.b32 {{u2, u3}}, h;
-cvt.rn.f16x2.e4m3x2 {d}0, u0;
-cvt.rn.f16x2.e4m3x2 {d}1, u1;
-cvt.rn.f16x2.e4m3x2 {d}2, u2;
-cvt.rn.f16x2.e4m3x2 {d}3, u3;
-"""
+def _word_f16(w: str, d: str) -> str:
+    """PTX: packed word `w` -> its 8 values as f16 pairs (times 2^-6) in registers d0..d3."""
+    return (e2m1_to_e4m3(w, "l", "h") + "mov.b32 {u0, u1}, l;\nmov.b32 {u2, u3}, h;\n"
+            + "".join(f"cvt.rn.f16x2.e4m3x2 {d}{i}, u{i};\n" for i in range(4)))
+
+
 _MMA = "mma.sync.aligned.m16n8k16.row.col.f32.f16.f16.f32 {{c0, c1, c2, c3}}, {{{a}}}, {{{b}}}, {{c0, c1, c2, c3}};\n"
 
 
@@ -70,7 +61,7 @@ def _block_mma_asm() -> str:
     lines += [f"mov.f32 c{i}, 0f00000000;" for i in range(4)]
     text = "\n".join(lines) + "\n"
     for w in range(4):
-        text += _WORD_F16.format(w=f"${4 + w}", d="x") + _WORD_F16.format(w=f"${8 + w}", d="y")
+        text += _word_f16(f"${4 + w}", "x") + _word_f16(f"${8 + w}", "y")
         text += _MMA.format(a="x0, y0, x2, y2", b=f"q{w}, q{4 + w}")
         text += _MMA.format(a="x1, y1, x3, y3", b=f"q{8 + w}, q{12 + w}")
     return text + "mov.f32 $0, c0;\nmov.f32 $1, c1;\nmov.f32 $2, c2;\nmov.f32 $3, c3;\n}"
@@ -129,15 +120,17 @@ def _half_hi(t, F16: gl.constexpr):
 
 
 @gluon.jit
-def _fetch(words_base, bs_base, rows_lo, rows_hi, k0, k_end, stride_wn, stride_bsn, stride_bsk,
-           L: gl.constexpr, NSB: gl.constexpr, EVEN_K: gl.constexpr, SCALE_WORDS: gl.constexpr):
+def _fetch(src, k0, k_end, L: gl.constexpr, NSB: gl.constexpr, EVEN_K: gl.constexpr,
+           SCALE_WORDS: gl.constexpr):
     """One step's packed words [TR2, NSB, 4] (int32, a block per lane) of the lo and hi rows,
     and their E8M0 scales, raw (converted only where they are used, so that nothing waits for
     the loads before the step that needs them): SCALE_WORDS, the 4-byte word of scales of the
     lane's group of 4 blocks, lo and hi row ([TR2, NSB] int32 each); else the scales the
     lane's MMA outputs need, a byte each ([TR2, NSB, 4] int32, and a dummy 0). Rows are in
     range (the caller clamps them). EVEN_K: whole steps, k0 never past the end: nothing
-    masked; else blocks from k_end on are not read."""
+    masked; else blocks from k_end on are not read. `src`: the program's weight rows (words,
+    scales, lo and hi row indices, row and K strides: the same at every step)."""
+    words_base, bs_base, rows_lo, rows_hi, stride_wn, stride_bsn, stride_bsk = src
     sb = k0 // 32 + gl.arange(0, NSB, layout=gl.SliceLayout(0, gl.SliceLayout(2, L)))
     w = gl.arange(0, 4, layout=gl.SliceLayout(0, gl.SliceLayout(1, L)))
     sb3 = gl.expand_dims(gl.expand_dims(sb, 0), 2)                 # [1, NSB, 1]
@@ -319,9 +312,8 @@ def _decode_mma_kernel(
     k_first = k_begin
     if EVEN_K:  # an empty split (more splits than steps) reads a real step it never uses
         k_first = gl.minimum(k_begin, K - BLOCK_K)
-    wa_lo, wa_hi, sa_lo, sa_hi = _fetch(words_base, bs_base, rows_lo, rows_hi, k_first, k_end,
-                                        stride_wn, stride_bsn, stride_bsk, L, NSB, EVEN_K,
-                                        SCALE_WORDS)
+    src = (words_base, bs_base, rows_lo, rows_hi, stride_wn, stride_bsn, stride_bsk)
+    wa_lo, wa_hi, sa_lo, sa_hi = _fetch(src, k_first, k_end, L, NSB, EVEN_K, SCALE_WORDS)
     if PDL and not STAGE1:
         gl.inline_asm_elementwise("griddepcontrol.wait; // $0", "=r", [], dtype=gl.int32,
                                   is_pure=False, pack=1)
@@ -369,24 +361,21 @@ def _decode_mma_kernel(
         nb = 1
         if EVEN_K:  # (one step: that step again)
             nb = gl.minimum(nb, n_steps - 1)
-        wb_lo, wb_hi, sb_lo, sb_hi = _fetch(words_base, bs_base, rows_lo, rows_hi,
-                                            k_begin + nb * BLOCK_K, k_end, stride_wn, stride_bsn,
-                                            stride_bsk, L, NSB, EVEN_K, SCALE_WORDS)
+        wb_lo, wb_hi, sb_lo, sb_hi = _fetch(src, k_begin + nb * BLOCK_K, k_end, L, NSB, EVEN_K,
+                                            SCALE_WORDS)
         acc = _step(acc, wa_lo, wa_hi, sa_lo, sa_hi, pairs0, pairs1, pairs2, pairs3, 0, L, NSB,
                     SCALE_WORDS)
         wa_lo, wa_hi, sa_lo, sa_hi = wb_lo, wb_hi, sb_lo, sb_hi
     for step in range(first, n_steps, 2):
-        wb_lo, wb_hi, sb_lo, sb_hi = _fetch(words_base, bs_base, rows_lo, rows_hi,
-                                            k_begin + (step + 1) * BLOCK_K, k_end, stride_wn,
-                                            stride_bsn, stride_bsk, L, NSB, EVEN_K, SCALE_WORDS)
+        wb_lo, wb_hi, sb_lo, sb_hi = _fetch(src, k_begin + (step + 1) * BLOCK_K, k_end, L, NSB,
+                                            EVEN_K, SCALE_WORDS)
         acc = _step(acc, wa_lo, wa_hi, sa_lo, sa_hi, pairs0, pairs1, pairs2, pairs3, step, L,
                     NSB, SCALE_WORDS)
         na = step + 2  # (past the last step: the last step again when nothing is masked)
         if EVEN_K:
             na = gl.minimum(na, n_steps - 1)
-        wa_lo, wa_hi, sa_lo, sa_hi = _fetch(words_base, bs_base, rows_lo, rows_hi,
-                                            k_begin + na * BLOCK_K, k_end, stride_wn, stride_bsn,
-                                            stride_bsk, L, NSB, EVEN_K, SCALE_WORDS)
+        wa_lo, wa_hi, sa_lo, sa_hi = _fetch(src, k_begin + na * BLOCK_K, k_end, L, NSB, EVEN_K,
+                                            SCALE_WORDS)
         acc = _step(acc, wb_lo, wb_hi, sb_lo, sb_hi, pairs0, pairs1, pairs2, pairs3, step + 1, L,
                     NSB, SCALE_WORDS)
     # outputs 0, 1 of a lane are lo-row sums, 2, 3 hi-row sums (lanes c = 2, 3: zeros)

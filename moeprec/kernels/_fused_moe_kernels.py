@@ -25,6 +25,7 @@ import triton.language as tl
 
 from triton.language.extra.cuda import gdc_launch_dependents, gdc_wait
 
+from moeprec.kernels._e2m1_ptx import e2m1_to_e4m3
 from moeprec.kernels.quantize import _decoded_to, _e2m1_to_f32, _e8m0_to_f32
 
 
@@ -421,17 +422,27 @@ def _mx_dot(a, acc, b_base, bs_base, rows, row_mask, k0, K, stride_bn, stride_bk
     return tl.dot_scaled(a, None, A_FMT, packed, scale, "e2m1", acc)
 
 
+# one packed word ($8) -> its 8 values as fp32 times 2^-6 ($0..$7: low nibbles, then high)
+_E2M1_WORD_F32 = tl.constexpr(
+    "{\n.reg .b32 t0, t1, lo, hi, d0, d1, d2, d3;\n"
+    ".reg .b16 a0, a1, b0, b1, f0, f1, f2, f3, f4, f5, f6, f7;\n"
+    + e2m1_to_e4m3("$8", "lo", "hi")
+    + "mov.b32 {a0, a1}, lo;\nmov.b32 {b0, b1}, hi;\n"
+    + "".join(f"cvt.rn.f16x2.e4m3x2 d{i}, {r};\n" for i, r in enumerate(("a0", "a1", "b0", "b1")))
+    + "".join(f"mov.b32 {{f{2 * i}, f{2 * i + 1}}}, d{i};\n" for i in range(4))
+    + "".join(f"cvt.f32.f16 ${i}, f{i};\n" for i in range(8)) + "}")
+
+
 @triton.jit
 def _e2m1_words_to_f32(w, INTERP: tl.constexpr):
     """Packed MXFP4 words [TR, NSB, 4] (int32: 4 bytes, 8 E2M1 values each) -> their values
     [TR, NSB, 32] as fp32 times 2^-6 (the caller folds 2^6 into the block scale), in K order:
     value k of a 32-value scale block comes from byte k // 2, low nibble first.
 
-    On the GPU, inline PTX decodes a whole word: the nibbles are moved to E4M3 bit positions
-    (sign to bit 7, exponent and mantissa to bits 4..2, so E4M3's exponent bias does the decode
-    and E2M1's subnormal 0.5 lands on an E4M3 subnormal) and Hopper's cvt.rn.f16x2.e4m3x2
-    converts two at a time, exactly: ~2.5 instructions per value instead of ~10 for
-    per-element integer code. The interpreter, which runs no PTX, shifts and masks instead.
+    On the GPU, inline PTX decodes a whole word (nibbles to E4M3 bit positions, `_e2m1_ptx`,
+    then cvt.rn.f16x2.e4m3x2 two at a time, exactly): ~2.5 instructions per value instead of
+    ~10 for per-element integer code. The interpreter, which runs no PTX, shifts and masks
+    instead.
     """
     if INTERP:
         vals = []
@@ -443,37 +454,7 @@ def _e2m1_words_to_f32(w, INTERP: tl.constexpr):
         l0, h0, l1, h1, l2, h2, l3, h3 = vals
     else:
         l0, l1, l2, l3, h0, h1, h2, h3 = tl.inline_asm_elementwise(
-            asm="""{
-            .reg .b32 t0, t1, lo, hi, d0, d1, d2, d3;
-            .reg .b16 a0, a1, b0, b1, f0, f1, f2, f3, f4, f5, f6, f7;
-            shl.b32 t0, $8, 4;
-            shl.b32 t1, $8, 2;
-            and.b32 t0, t0, 0x80808080;
-            and.b32 t1, t1, 0x1C1C1C1C;
-            or.b32 lo, t0, t1;
-            shr.b32 t1, $8, 2;
-            and.b32 t1, t1, 0x1C1C1C1C;
-            and.b32 t0, $8, 0x80808080;
-            or.b32 hi, t0, t1;
-            mov.b32 {a0, a1}, lo;
-            mov.b32 {b0, b1}, hi;
-            cvt.rn.f16x2.e4m3x2 d0, a0;
-            cvt.rn.f16x2.e4m3x2 d1, a1;
-            cvt.rn.f16x2.e4m3x2 d2, b0;
-            cvt.rn.f16x2.e4m3x2 d3, b1;
-            mov.b32 {f0, f1}, d0;
-            mov.b32 {f2, f3}, d1;
-            mov.b32 {f4, f5}, d2;
-            mov.b32 {f6, f7}, d3;
-            cvt.f32.f16 $0, f0;
-            cvt.f32.f16 $1, f1;
-            cvt.f32.f16 $2, f2;
-            cvt.f32.f16 $3, f3;
-            cvt.f32.f16 $4, f4;
-            cvt.f32.f16 $5, f5;
-            cvt.f32.f16 $6, f6;
-            cvt.f32.f16 $7, f7;
-            }""",
+            asm=_E2M1_WORD_F32,
             constraints="=r,=r,=r,=r,=r,=r,=r,=r,r",
             args=[w], dtype=(tl.float32,) * 8, is_pure=True, pack=1)
     # position 8q + 4*i1 + 2*i0 + h for byte i = 2*i1 + i0 of word q, nibble h: tl.join appends
