@@ -7,6 +7,8 @@ the MMA instruction (wgmma = Hopper tensor cores; mma.sync = the older path Trit
 BLOCK_M < 64) and the wgmma wait depths (pendings >= 1 means consecutive MMAs overlap; 0 after
 every dot means they are serialized). Pointer and stride divisibility are declared as the
 runtime specialization would (without it the compiler emits scalar loads and no cp.async).
+Each line ends with a digest of the variant's SASS ("sass <sha1 prefix>"): a refactor that
+should not change the generated code diffs clean against the report of the commit before.
 
     PYTHONPATH=<dir with the device's triton, e.g. triton==3.6.0> python benchmarks/compile_fused_moe_sm90.py
 """
@@ -95,6 +97,15 @@ def loop_sass(cubin: bytes, must: str | None = None) -> tuple[int, collections.C
     return len(body), collections.Counter(body)
 
 
+def sass_digest(cubin: bytes) -> str:
+    """A short digest of the cubin's SASS listing (its header lines left out)."""
+    import hashlib
+
+    sass = cuobjdump(cubin, "-sass")
+    body = "\n".join(line for line in sass.splitlines() if "Function" not in line and ".text" not in line)
+    return hashlib.sha1(body.encode()).hexdigest()[:12]
+
+
 def registers(cubin: bytes) -> int:
     """Registers per thread of the cubin's kernel (cuobjdump -res-usage)."""
     return int(re.search(r"REG:(\d+)", cuobjdump(cubin, "-res-usage")).group(1))
@@ -167,7 +178,7 @@ def main() -> None:
         tma = len(re.findall(r"cp\.async\.bulk\.tensor", ptx))
         print(f"stage{'1' if v[0] else '2'} b_fmt={v[1]} a_fp8={v[2]:d} dot_scaled={v[3]:d} "
               f"BM={v[4]} BN={v[5]} BK={v[6]}{f32}: smem {c.metadata.shared} B, cp.async {cp}, TMA {tma}, "
-              f"{dict(ops)}, wgmma waits {waits}")
+              f"{dict(ops)}, wgmma waits {waits}, sass {sass_digest(c.asm['cubin'])}")
         zero_out = len(v) > 13 and v[13]  # (its zero-fill loop would be taken for the K loop)
         if (v[4] == 1 or (v[1] == 1 and not v[2])) and not zero_out:  # one K step per weight
             n, mix = loop_sass(c.asm["cubin"])
@@ -186,7 +197,7 @@ def main() -> None:
         print(f"decode_mma stage{'1' if stage1 else '2'} BN={bn} BK={bk} warps={warps} K={K}/{split}: "
               f"{registers(c.asm['cubin'])} registers, smem {c.metadata.shared} B, loop: {n} SASS "
               f"instructions for {weights} weights per thread ({n / weights:.2f} per weight): "
-              f"{dict(mix.most_common(8))}")
+              f"{dict(mix.most_common(8))}, sass {sass_digest(c.asm['cubin'])}")
 
 if __name__ == "__main__":
     main()
