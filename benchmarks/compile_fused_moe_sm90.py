@@ -120,10 +120,10 @@ def compile_decode_mma(stage1, bn, bk, warps, split=1, even_k=True, K=4096, scal
 
     fn = D._decode_mma_kernel
     names = fn.arg_names
-    _, reps, k_chunks = D._staging_chunks(K, {"BLOCK_K": bk, "num_warps": warps}, split)
+    ch, _, k_chunks = D._staging_chunks(K, {"BLOCK_K": bk, "num_warps": warps}, split)
     consts = dict(STAGE1=stage1, INTERLEAVED=False, ACT=0, HAS_BIAS=False, MUL_WEIGHT=not stage1,
                   ATOMIC_OUT=True, PAIR_BLOCKS=True, HAS_MASK=True, PDL=False, ZERO_OUT=False,
-                  BLOCK_N=bn, BLOCK_K=bk, SPLIT_K=split, REPS=reps, K_CHUNKS=k_chunks,
+                  BLOCK_N=bn, BLOCK_K=bk, SPLIT_K=split, CH=ch, K_CHUNKS=k_chunks,
                   WARPS=warps, EVEN_K=even_k, SCALE_WORDS=scale_words, stride_bsk=1)
     ptrs = dict(a_ptr="*bf16", b_ptr="*u8", bs_ptr="*u8", bias_ptr="*fp32",
                 c_ptr="*bf16" if stage1 else "*fp32", sorted_ids_ptr="*i32",

@@ -208,7 +208,7 @@ def _decode_mma_kernel(
     HAS_BIAS: gl.constexpr, MUL_WEIGHT: gl.constexpr, ATOMIC_OUT: gl.constexpr,
     PAIR_BLOCKS: gl.constexpr, HAS_MASK: gl.constexpr, PDL: gl.constexpr,
     ZERO_OUT: gl.constexpr, BLOCK_N: gl.constexpr, BLOCK_K: gl.constexpr,
-    SPLIT_K: gl.constexpr, REPS: gl.constexpr, K_CHUNKS: gl.constexpr, WARPS: gl.constexpr,
+    SPLIT_K: gl.constexpr, CH: gl.constexpr, K_CHUNKS: gl.constexpr, WARPS: gl.constexpr,
     EVEN_K: gl.constexpr, SCALE_WORDS: gl.constexpr,
 ):
     """One (token, expert) pair x BLOCK_N output columns (stage 1: gate/up GEMM + activation,
@@ -222,10 +222,10 @@ def _decode_mma_kernel(
     WK: gl.constexpr = WARPS if WARPS <= NSB // 4 else NSB // 4
     L: gl.constexpr = gl.BlockedLayout([1, 1, 4], [8, 4, 1], [WARPS // WK, WK, 1], [2, 1, 0])
     ROW: gl.constexpr = gl.SliceLayout(1, gl.SliceLayout(2, L))
-    # the activation staging: REPS (step, block, word) pieces per thread and chunk, all loaded
-    # at once (one memory round trip per chunk; a K range of up to 8 * 1024 values is one chunk)
+    # the activation staging: chunks of CH steps (`_staging_chunks`), up to _STAGING_REPS
+    # (step, block, word) pieces per thread, all loaded at once (one memory round trip per
+    # chunk; a K range of up to 8 * 1024 values is one chunk)
     TB: gl.constexpr = 8 if NSB >= 8 else NSB
-    CH: gl.constexpr = (8 // TB) * WARPS * REPS
     P: gl.constexpr = gl.BlockedLayout([1, 1, 1, 4], [8 // TB, TB, 4, 1], [WARPS, 1, 1, 1],
                                        [3, 2, 1, 0])
     # shared memory without swizzle (row-major), so that the two views below agree: chunks of
@@ -429,9 +429,10 @@ def _next_pow2(n: int) -> int:
 
 
 def _staging_chunks(K: int, st: dict, split_k: int) -> tuple[int, int, int]:
-    """(CH, REPS, K_CHUNKS) of the activation staging: steps per staging chunk (the kernel's CH,
-    the same formula), the pieces per thread that make one chunk (up to _STAGING_REPS: the
-    whole K range when it fits) and the chunks of one K split, rounded up to a power of two."""
+    """(CH, REPS, K_CHUNKS) of the activation staging: steps per staging chunk (the kernel's CH:
+    REPS times the steps its staging layout covers at once, 8 // min(NSB, 8) per warp), the
+    pieces per thread that make one chunk (up to _STAGING_REPS: the whole K range when it
+    fits) and the chunks of one K split, rounded up to a power of two."""
     nsb, warps = st["BLOCK_K"] // 32, st["num_warps"]
     steps = -(-(-(-K // st["BLOCK_K"])) // split_k)
     per_rep = (8 // min(nsb, 8)) * warps
@@ -470,7 +471,7 @@ def launch(*, a, b, b_scale, bias, c, sorted_ids, expert_ids, topk_w, pair_mask,
            alpha, limit, st, pdl, grid):
     """One stage on `_decode_mma_kernel` (arguments as `fused_moe_triton._launch_gemm`'s)."""
     split_k = grid[1]
-    _, reps, k_chunks = _staging_chunks(Kdim, st, split_k)
+    ch, _, k_chunks = _staging_chunks(Kdim, st, split_k)
     pair_blocks = sorted_ids is None
     dummy = expert_ids
     return _decode_mma_kernel[grid](
@@ -484,7 +485,7 @@ def launch(*, a, b, b_scale, bias, c, sorted_ids, expert_ids, topk_w, pair_mask,
         STAGE1=stage1, INTERLEAVED=interleaved, ACT=act, HAS_BIAS=bias is not None,
         MUL_WEIGHT=mul_weight, ATOMIC_OUT=atomic_out, PAIR_BLOCKS=pair_blocks,
         HAS_MASK=pair_mask is not None, PDL=pdl, ZERO_OUT=zero is not None,
-        BLOCK_N=st["BLOCK_N"], BLOCK_K=st["BLOCK_K"], SPLIT_K=split_k, REPS=reps,
+        BLOCK_N=st["BLOCK_N"], BLOCK_K=st["BLOCK_K"], SPLIT_K=split_k, CH=ch,
         K_CHUNKS=k_chunks, WARPS=st["num_warps"], EVEN_K=Kdim % st["BLOCK_K"] == 0,
         SCALE_WORDS=scale_words(b_scale, Kdim),
         num_warps=st["num_warps"], launch_pdl=pdl and not stage1,
