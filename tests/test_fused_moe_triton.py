@@ -974,6 +974,14 @@ def test_tensor_core_decode_fit_rules():
     assert _decode_mma._staging_chunks(4096, {"BLOCK_K": 256, "num_warps": 4}, 1) == (16, 4, 1)
     assert _decode_mma._staging_chunks(2048, {"BLOCK_K": 256, "num_warps": 4}, 1) == (8, 2, 1)
     assert _decode_mma._staging_chunks(96, {"BLOCK_K": 128, "num_warps": 1}, 3) == (2, 1, 1)
+    # scales as one 4-byte word per row and group of 4 blocks: unit K stride, 4-byte aligned
+    # rows, experts and base, K a multiple of 128; else the byte reads
+    bs = torch.zeros(E, N, 8, dtype=torch.uint8)  # K = 256: 8 blocks per row
+    assert _decode_mma.scale_words(bs, 256)
+    assert not _decode_mma.scale_words(bs, 192)  # a partial group
+    assert not _decode_mma.scale_words(bs.transpose(1, 2).contiguous().transpose(1, 2), 256)
+    assert not _decode_mma.scale_words(torch.zeros(E, N, 10, dtype=torch.uint8)[:, :, :8], 256)
+    assert not _decode_mma.scale_words(torch.zeros(E * N * 8 + 1, dtype=torch.uint8)[1:].view(E, N, 8), 256)
 
 
 def _count_mma_launches(monkeypatch):
