@@ -7,6 +7,7 @@
 #   bash benchmarks/gpu_checks.sh moe          # fused MoE bench, all shapes and paths (no peers)
 #   bash benchmarks/gpu_checks.sh decode       # decode blocks: their tests, memcheck, bench M <= 64
 #   bash benchmarks/gpu_checks.sh decode-tune  # re-tune decode points (tries pair_blocks), bench
+#   bash benchmarks/gpu_checks.sh bf16-decode-tune  # re-tune bf16 M = 1 / 4 (pdl, pair_blocks), bench
 #   bash benchmarks/gpu_checks.sh decode-flags # the table's decode configs, pair_blocks on vs off
 #   bash benchmarks/gpu_checks.sh tiles        # MXFP4 tiles: their tests, explicit decode vs dot_scaled
 #   bash benchmarks/gpu_checks.sh even-k       # tensor-core loop without K masks vs with (table configs)
@@ -126,6 +127,10 @@ for section in "${@:-tests}"; do
         --paths mxfp4-w4a16 --M 1,4,16 --budget-s 300
       bench_with_copy decode_tuned 200 --paths bf16,mxfp4-w4a16 --M 1,4,16 --no-peers --reps 8 \
         --sets 3 ;;
+    bf16-decode-tune)  # bf16 M = 1 / 4 entries (some predate pair_blocks and pdl), bench with them
+      tune_into_copy bf16_decode_tune 230 --shapes qwen3-30b-a3b,gpt-oss-20b,mixtral-8x7b,deepseek-v3 \
+        --paths bf16 --M 4,1 --budget-s 200
+      bench_with_copy bf16_decode_tuned 110 --paths bf16 --M 1,4,16 --no-peers --reps 8 --sets 3 ;;
     dequant)
       { timeout 100 python3 -m pytest -q -p no:cacheprovider -m gpu tests/test_quantize_triton.py -k dequant
         timeout 200 python3 -m pytest -q -p no:cacheprovider tests/test_fused_moe_triton.py \
