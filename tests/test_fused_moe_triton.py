@@ -900,9 +900,11 @@ def test_gpu_cuda_graph_with_programmatic_dependent_launch():
         assert_close(out, fused_moe(x, w1, w2, tw, ti, backend="torch"))
 
 
-@pytest.mark.parametrize("M,K", [(0, 64), (1, 96), (9, 768), (3, 1500)])
-def test_fp8_row_quantization_matches_the_reference(M, K):
-    # the fp8 path's own row kernel (one program per row, two passes past 1024 columns) against
+@pytest.mark.parametrize("M,K,one_pass_max", [(0, 64, 16384), (1, 96, 16384), (9, 768, 16384),
+                                               (3, 1500, 16384), (11, 1500, 512)])
+def test_fp8_row_quantization_matches_the_reference(M, K, one_pass_max):
+    # the fp8 path's own row kernel (several rows per program, in registers or, past
+    # one_pass_max columns, read twice in chunks; a last program with fewer rows) against
     # the reference quantizer Q, zero, NaN, huge and tiny rows included. Interpreted, the
     # division is IEEE: the same bytes and scales. On the GPU Triton's `/` is div.full.f32
     # (within 2 ulp; docs/kernels.md): scales within 2 ulp, codes within one E4M3 step.
@@ -917,7 +919,7 @@ def test_fp8_row_quantization_matches_the_reference(M, K):
         x[4] *= 1e30
         x[5] *= 1e-30
     x = x.to(torch.bfloat16).to(DEV)
-    q, s = m._quant_fp8_rows(x)
+    q, s = m._quant_fp8_rows(x, one_pass_max)
     ref_q, ref_s = quantize_fp8_torch(x.cpu(), "per_token")
     assert q.dtype == torch.float8_e4m3fn and q.shape == (M, K) and s.shape == (M,)
     s, ref_s = s.cpu(), ref_s[:, 0]

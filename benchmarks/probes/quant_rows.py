@@ -1,7 +1,7 @@
 """Probe: fp8 per-token quantization of the fused MoE path's rows, its own kernel against the
 public quantizer over launch settings.
 
-    python3 benchmarks/probes/quant_rows.py [--out DIR] [--M 16384]
+    python3 benchmarks/probes/quant_rows.py [--out DIR] [--M 16384] [--own-only]
 
 For each bench shape: the x rows [M, H] and the z rows [M * k, I] that the fp8 path quantizes.
 GPU time per call (captured in a CUDA graph, mean of 20 replays): the path's own kernel (`fused_moe_triton._quant_fp8_rows`,
@@ -28,6 +28,7 @@ SWEEP = [{}, {"fp8_max_group": 16384}] + [
 ap = argparse.ArgumentParser()
 ap.add_argument("--out", default=None)
 ap.add_argument("--M", type=int, default=16384)
+ap.add_argument("--own-only", action="store_true", help="the fused path's kernel alone")
 args = ap.parse_args()
 
 rows = []
@@ -37,8 +38,9 @@ for shape, (H, I, E, k) in SHAPES.items():  # noqa: E741
         x = torch.randn(r, c, device="cuda", dtype=torch.bfloat16)
         ref = _quant_fp8_rows(x)
         variants = [("fused path kernel", lambda: _quant_fp8_rows(x), None)]
-        variants += [(f"public {opt or 'default'}", lambda: Q.quantize_fp8_triton(x, "per_token"), opt)
-                     for opt in SWEEP]
+        if not args.own_only:
+            variants += [(f"public {opt or 'default'}", lambda: Q.quantize_fp8_triton(x, "per_token"), opt)
+                         for opt in SWEEP]
         for label, fn, opt in variants:
             Q.LAUNCH.clear()
             Q.LAUNCH.update(default, **(opt or {}))

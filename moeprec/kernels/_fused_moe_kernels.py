@@ -824,20 +824,33 @@ def _sum_slot_rows_kernel(rows_ptr, topk_ids_ptr, expert_mask_ptr, out_ptr, N, t
 
 
 @triton.jit
-def _quant_fp8_rows_kernel(x_ptr, q_ptr, s_ptr, K, stride_xm, stride_qm, BLOCK: tl.constexpr,
-                           INTERP: tl.constexpr):
+def _quant_fp8_rows_kernel(x_ptr, q_ptr, s_ptr, M, K, stride_xm, stride_qm, ROWS: tl.constexpr,
+                           BLOCK: tl.constexpr, ONE_PASS: tl.constexpr, INTERP: tl.constexpr):
     """One fp8 scale per row: s = amax / 448, q = clamp(x / s) (clamped before the cast; NaN
-    anywhere in the row gives a NaN scale, hence a NaN row, as in the reference)."""
-    row = tl.program_id(0).to(tl.int64)
-    amax = tl.zeros([BLOCK], dtype=tl.float32)
-    for k0 in range(0, K, BLOCK):
-        kk = k0 + tl.arange(0, BLOCK)
-        x = tl.load(x_ptr + row * stride_xm + kk, mask=kk < K, other=0.0).to(tl.float32)
-        amax = tl.maximum(amax, tl.abs(x), propagate_nan=tl.PropagateNan.ALL)
-    sc = _fp8_scale(_max_nan(amax, 0))
-    tl.store(s_ptr + row, sc)
-    for k0 in range(0, K, BLOCK):
-        kk = k0 + tl.arange(0, BLOCK)
-        x = tl.load(x_ptr + row * stride_xm + kk, mask=kk < K, other=0.0).to(tl.float32)
-        q = _clamp_nan(x / sc, -448.0, 448.0)
-        tl.store(q_ptr + row * stride_qm + kk, _to_fp8(q, INTERP), mask=kk < K)
+    anywhere in the row gives a NaN scale, hence a NaN row, as in the reference). ROWS rows per
+    program; ONE_PASS: a row fits one BLOCK and is read once (kept in registers), else twice."""
+    rows = tl.program_id(0).to(tl.int64) * ROWS + tl.arange(0, ROWS)
+    r_ok = rows < M
+    x_rows = x_ptr + rows[:, None] * stride_xm
+    q_rows = q_ptr + rows[:, None] * stride_qm
+    kk = tl.arange(0, BLOCK)[None, :]
+    if ONE_PASS:
+        ok = r_ok[:, None] & (kk < K)
+        x = tl.load(x_rows + kk, mask=ok, other=0.0).to(tl.float32)
+        sc = _fp8_scale(_max_nan(tl.abs(x), 1))
+        tl.store(s_ptr + rows, sc, mask=r_ok)
+        q = _clamp_nan(x / sc[:, None], -448.0, 448.0)
+        tl.store(q_rows + kk, _to_fp8(q, INTERP), mask=ok)
+    else:
+        amax = tl.zeros([ROWS, BLOCK], dtype=tl.float32)
+        for k0 in range(0, K, BLOCK):
+            ok = r_ok[:, None] & (k0 + kk < K)
+            x = tl.load(x_rows + k0 + kk, mask=ok, other=0.0).to(tl.float32)
+            amax = tl.maximum(amax, tl.abs(x), propagate_nan=tl.PropagateNan.ALL)
+        sc = _fp8_scale(_max_nan(amax, 1))
+        tl.store(s_ptr + rows, sc, mask=r_ok)
+        for k0 in range(0, K, BLOCK):
+            ok = r_ok[:, None] & (k0 + kk < K)
+            x = tl.load(x_rows + k0 + kk, mask=ok, other=0.0).to(tl.float32)
+            q = _clamp_nan(x / sc[:, None], -448.0, 448.0)
+            tl.store(q_rows + k0 + kk, _to_fp8(q, INTERP), mask=ok)

@@ -185,14 +185,25 @@ def _sum_slot_rows(rows: torch.Tensor, topk_ids: torch.Tensor, expert_mask: torc
     return out
 
 
-def _quant_fp8_rows(x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+# the fp8 row quantizer reads a row once when it fits this many values (registers), else twice;
+# programs take about ROW_TILE values (several short rows each)
+QUANT_ONE_PASS_MAX = 16384
+QUANT_ROW_TILE = 4096
+
+
+def _quant_fp8_rows(x: torch.Tensor, one_pass_max: int = QUANT_ONE_PASS_MAX
+                    ) -> tuple[torch.Tensor, torch.Tensor]:
     x = x.contiguous()  # the kernel walks rows with unit column stride
     M, H = x.shape
     q = torch.empty(M, H, dtype=torch.float8_e4m3fn, device=x.device)
     s = torch.empty(M, dtype=torch.float32, device=x.device)
-    K._quant_fp8_rows_kernel[(M,)](x, q, s, H, x.stride(0), q.stride(0),
-                                   BLOCK=min(1024, next_power_of_2(H)), INTERP=triton_interpret(),
-                                   num_warps=4)
+    width = next_power_of_2(H)
+    one_pass = width <= one_pass_max
+    block = width if one_pass else min(QUANT_ROW_TILE, one_pass_max)
+    rows = max(1, QUANT_ROW_TILE // block)
+    K._quant_fp8_rows_kernel[(cdiv(M, rows),)](
+        x, q, s, M, H, x.stride(0), q.stride(0), ROWS=rows, BLOCK=block, ONE_PASS=one_pass,
+        INTERP=triton_interpret(), num_warps=max(4, min(16, rows * block // 1024)))
     return q, s
 
 
