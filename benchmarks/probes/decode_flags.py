@@ -8,7 +8,8 @@ with pair_blocks switched, and each atomic-combine variant (stage 2 not split) w
 and a per-token sum instead ("+ slot rows"), the table's config with "pdl" switched, and
 (atomic entries) stage 2's fp32 output zero-filled by a memset launch against by stage 1's
 programs (`fused_moe_triton.ZERO_IN_STAGE1_MAX_BYTES`; before 2026-12-03 23:00 UTC a pdl
-entry took the memset and the probe timed stage 1's zero fill there). bf16 at
+entry took the memset and the probe timed stage 1's zero fill there), and (pdl entries) the
+output cast by torch against the programmatic dependent cast launch (`_cast_out`). bf16 at
 M <= 16 with tensor-core tiles in its entry also tries one-pair blocks with the w4a16 entry's
 stage settings. Each variant is a CUDA-graph replay over
 3 input sets (median of 30); "same" is the largest difference to the first variant's output
@@ -60,15 +61,19 @@ for shape, (H, I, E, k) in SHAPES.items():  # noqa: E741
                     variants[f"{name} + slot rows"] = dict(cfg, atomic=False)
             # stage 2 as a programmatic dependent launch of stage 1
             variants[f"table pdl={not base.get('pdl', False)}"] = dict(base, pdl=not base.get("pdl", False))
-            # the atomic output zero-filled by a memset launch instead of stage 1's programs
-            # (a module switch, not a config key: "zero" holds it)
+            # module switches, not config keys ("switches" holds them): the atomic output
+            # zero-filled by a memset launch instead of stage 1's programs; with pdl, the
+            # output cast by torch instead of the programmatic dependent `_cast_out`
             if base.get("atomic", True):
-                variants["table, zero fill by memset"] = dict(base, zero=dict(
+                variants["table, zero fill by memset"] = dict(base, switches=dict(
                     ZERO_IN_STAGE1_MAX_BYTES=0))
+                if base.get("pdl", False):
+                    variants["table, cast by torch"] = dict(base, switches=dict(
+                        _cast_out=lambda x, dtype: x.to(dtype)))
             ref_out, ref_us = None, None
             for name, cfg in variants.items():
-                switches = cfg.get("zero", {})
-                cfg = fix_config({kk: v for kk, v in cfg.items() if kk != "zero"}, kpath)
+                switches = cfg.get("switches", {})
+                cfg = fix_config({kk: v for kk, v in cfg.items() if kk != "switches"}, kpath)
                 fns = [lambda a=a, c=cfg: fused_moe_triton_impl(
                     a[0], weights["w1"], weights["w2"], a[1], a[2], quant=quant, act_dtype=act,
                     config=c, **wkw) for a in inputs]
@@ -85,7 +90,7 @@ for shape, (H, I, E, k) in SHAPES.items():  # noqa: E741
                     same = f"rel {rel_diff(out, ref_out):.1e}"
                 print(f"{shape:<14}{path:<13}{M:>4}  {name:<34}{us:8.1f}{ref_us / us:8.2f}  {same}", flush=True)
                 rows.append({"shape": shape, "path": path, "M": M, "variant": name, "us": us,
-                             "config": cfg, "switches": switches,
+                             "config": cfg, "switches": {n: repr(v) for n, v in switches.items()},
                              "same": same})
         del weights
         torch.cuda.empty_cache()

@@ -233,7 +233,7 @@ def _decode_mma_kernel(
     SMEM: gl.constexpr = gl.SwizzledSharedLayout(1, 1, 1, [2, 1, 0])
     SMEM_STEP: gl.constexpr = gl.SwizzledSharedLayout(1, 1, 1, [1, 0])
 
-    if PDL and STAGE1:  # let stage 2's programs launch as this grid drains
+    if PDL:  # let the next launch's programs in as this grid drains (stage 2; the cast)
         gl.inline_asm_elementwise("griddepcontrol.launch_dependents; // $0", "=r", [],
                                   dtype=gl.int32, is_pure=False, pack=1)
     if ZERO_OUT:  # before any early exit: every program owns a share (as _zero_share)

@@ -13,6 +13,8 @@ The kernels:
   pair with 16-bit activations, on the CUDA cores (`_gemv_tiles`, optionally split along K in
   stage 2).
 - `_sum_slot_rows_kernel`: the per-token sum of stage 2's stored slot rows.
+- `_cast_out_kernel`: the fp32 output to the model dtype, as a programmatic dependent launch
+  of stage 2 (with `pdl`, in place of torch's cast).
 
 Weight formats (B_FMT): 0 = plain float (bf16/fp16/fp32), 1 = MXFP4 (packed nibbles + E8M0
 scales, decoded in registers), 2 = fp8 e4m3 with one fp32 scale per output channel.
@@ -678,8 +680,8 @@ def _moe_gemm_kernel(
     ZERO_OUT: tl.constexpr,      # stage 1: also zero-fill zero_ptr[:zero_numel] (fp32), stage
                                  # 2's atomic output, each program its share
 ):
-    if PDL and STAGE1 and not INTERP:  # let stage 2's programs launch as this grid drains
-        gdc_launch_dependents()
+    if PDL and not INTERP:  # let the next launch's programs in as this grid drains (stage 1:
+        gdc_launch_dependents()  # stage 2; stage 2: the output cast, `_cast_out_kernel`)
     if ZERO_OUT:  # before any early exit: every program owns a share
         _zero_share(zero_ptr, zero_numel)
     pid = tl.program_id(0)
@@ -821,6 +823,17 @@ def _sum_slot_rows_kernel(rows_ptr, topk_ids_ptr, expert_mask_ptr, out_ptr, N, t
                 mask=keep[:, None] & n_ok[None, :], other=0.0)
     tl.store(out_ptr + t * stride_om + offs_n, tl.sum(r, axis=0).to(out_ptr.dtype.element_ty),
              mask=n_ok)
+
+
+@triton.jit
+def _cast_out_kernel(src_ptr, dst_ptr, n, BLOCK: tl.constexpr, INTERP: tl.constexpr):
+    """dst = src rounded to dst's dtype (to nearest even, as torch's cast), after stage 2: this
+    is launched as its programmatic dependent, so its launch overlaps stage 2's last programs."""
+    if not INTERP:
+        gdc_wait()
+    offs = tl.program_id(0).to(tl.int64) * BLOCK + tl.arange(0, BLOCK)
+    v = tl.load(src_ptr + offs, mask=offs < n)
+    tl.store(dst_ptr + offs, v.to(dst_ptr.dtype.element_ty), mask=offs < n)
 
 
 @triton.jit

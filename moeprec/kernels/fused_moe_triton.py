@@ -455,7 +455,18 @@ def fused_moe_triton_impl(
     )
     if not atomic:
         return _sum_slot_rows(out32, topk_ids, expert_mask, M, k, E, out_dtype)
+    if pdl and out_dtype != torch.float32:  # the cast's launch overlaps stage 2's end
+        return _cast_out(out32, out_dtype)
     return out32.to(out_dtype)
+
+
+def _cast_out(x: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
+    """x (contiguous fp32) cast to dtype by a programmatic dependent launch of the launch before."""
+    out = torch.empty(x.shape, dtype=dtype, device=x.device)
+    n = x.numel()
+    K._cast_out_kernel[(cdiv(n, 1024),)](x, out, n, BLOCK=1024, INTERP=triton_interpret(),
+                                        num_warps=4, launch_pdl=True)
+    return out
 
 
 @torch.library.custom_op("moeprec::fused_moe_triton", mutates_args=())
