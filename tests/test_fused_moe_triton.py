@@ -200,12 +200,12 @@ def test_slot_rows_fall_back_to_atomics_past_their_memory_bound(monkeypatch):
 
 
 @pytest.mark.parametrize("one_program", [True, False])
-@pytest.mark.parametrize("M,k,E,bm", [(9, 3, 6, 4), (50, 3, 6, 16), (70, 4, 40, 16),
-                                       (70, 4, 130, 16)])
+@pytest.mark.parametrize("M,k,E,bm", [(9, 3, 6, 4), (8, 4, 130, 16), (50, 3, 6, 16),
+                                       (70, 4, 40, 16), (70, 4, 130, 16)])
 def test_align_blocks_layout(one_program, M, k, E, bm, monkeypatch):
-    # both align paths; 150 and 280 slots span several chunks of the three-launch path (64
-    # slots a chunk up to 64 experts, 128 past that), and its scan takes two chunks a step so
-    # that it loops
+    # both align paths; 27 and 32 slots are one tile of the one-program path (ids loaded once),
+    # 150 and 280 slots span several chunks of both paths (three-launch: 64 slots a chunk up
+    # to 64 experts, 128 past that), and its scan takes two chunks a step so that it loops
     m = _kernel_module()
     monkeypatch.setattr(m, "_ALIGN_ONE_PROGRAM_MAX_SLOTS", 1 << 30 if one_program else 0)
     monkeypatch.setattr(m, "_ALIGN_SCAN_ROWS", 2)

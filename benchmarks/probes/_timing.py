@@ -35,6 +35,20 @@ def graph_us(f, n=20):
     return start.elapsed_time(end) / n * 1e3
 
 
+def queued_us(replays, reps=200):
+    """GPU time per replay of CUDA graph replays (callables, rotated) queued back to back behind
+    a ~10-20 ms sleep kernel, so that the host's replay rate does not show (median)."""
+    torch.cuda._sleep(20_000_000)
+    ev = [torch.cuda.Event(enable_timing=True) for _ in range(reps + 1)]
+    ev[0].record()
+    for i, e in enumerate(ev[1:]):
+        replays[i % len(replays)]()
+        e.record()
+    torch.cuda.synchronize()
+    gaps = sorted(a.elapsed_time(b) * 1e3 for a, b in zip(ev, ev[1:]))
+    return gaps[len(gaps) // 2]
+
+
 def rel_diff(out, ref):
     """Largest |out - ref| relative to max |ref| (summation-order differences show as ~1e-3)."""
     return ((out.float() - ref.float()).abs().max() / ref.float().abs().max()).item()

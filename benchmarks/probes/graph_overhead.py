@@ -17,7 +17,7 @@ import argparse
 import torch
 import triton
 import triton.language as tl
-from _timing import save_rows  # noqa: E402 (this folder)
+from _timing import queued_us, save_rows  # noqa: E402 (this folder)
 
 from triton.language.extra.cuda import gdc_launch_dependents, gdc_wait
 
@@ -37,16 +37,7 @@ def _touch(p, SIGNAL: tl.constexpr, PDL: tl.constexpr):
 def both_timings(calls, reps=200):
     """(bench-timed median us, queued median us) of graph replays of `calls` (rotated)."""
     replays = _as_graphs(calls if isinstance(calls, list) else [calls])
-    us = _median_ms(replays, reps) * 1e3
-    torch.cuda._sleep(20_000_000)  # ~10-20 ms of GPU time: the replays below queue up
-    ev = [torch.cuda.Event(enable_timing=True) for _ in range(reps + 1)]
-    ev[0].record()
-    for i, e in enumerate(ev[1:]):
-        replays[i % len(replays)]()
-        e.record()
-    torch.cuda.synchronize()
-    gaps = sorted(a.elapsed_time(b) * 1e3 for a, b in zip(ev, ev[1:]))
-    return us, gaps[len(gaps) // 2]
+    return _median_ms(replays, reps) * 1e3, queued_us(replays, reps)
 
 
 ap = argparse.ArgumentParser()

@@ -83,10 +83,15 @@ def _place_chunk(topk_ids_ptr, expert_mask_ptr, sorted_ids_ptr, offs, base, num_
     ids, valid = _load_local_ids(topk_ids_ptr, expert_mask_ptr, offs, num_slots, num_experts,
                                  HAS_MASK)
     onehot = (ids[:, None] == tl.arange(0, E_PAD)[None, :]).to(tl.int32)
-    csum = tl.cumsum(onehot, axis=0)
-    pos = tl.sum(onehot * (csum - 1 + base[None, :]), axis=1)
-    tl.store(sorted_ids_ptr + pos, offs, mask=valid)
+    _place_onehot(sorted_ids_ptr, onehot, offs, valid, base)
     return tl.sum(onehot, axis=0)
+
+
+@triton.jit
+def _place_onehot(sorted_ids_ptr, onehot, offs, valid, base):
+    """Store the flat ids `offs` (one-hot by expert: [chunk, E_PAD]) at base[e] + their rank."""
+    pos = tl.sum(onehot * (tl.cumsum(onehot, axis=0) - 1 + base[None, :]), axis=1)
+    tl.store(sorted_ids_ptr + pos, offs, mask=valid)
 
 
 @triton.jit
@@ -94,9 +99,22 @@ def _align_kernel(
     topk_ids_ptr, expert_mask_ptr, sorted_ids_ptr, expert_ids_ptr,
     num_slots, num_experts, max_blocks,
     HAS_MASK: tl.constexpr, BLOCK_M: tl.constexpr, E_PAD: tl.constexpr, CHUNK: tl.constexpr,
+    ONE_CHUNK: tl.constexpr,
 ):
-    """Small batches: the whole alignment in one program (one launch, for decode)."""
+    """Small batches: the whole alignment in one program (one launch, for decode). ONE_CHUNK:
+    every slot fits one CHUNK, whose ids are loaded and one-hot encoded once for both passes."""
     e_range = tl.arange(0, E_PAD)
+    if ONE_CHUNK:
+        offs = tl.arange(0, CHUNK)
+        ids, valid = _load_local_ids(topk_ids_ptr, expert_mask_ptr, offs, num_slots, num_experts,
+                                     HAS_MASK)
+        onehot = (ids[:, None] == e_range[None, :]).to(tl.int32)
+        counts = tl.sum(onehot, axis=0)
+        padded, ends, starts, total = _block_layout(counts, BLOCK_M)
+        _write_pads(sorted_ids_ptr, counts, padded, starts, num_slots, BLOCK_M)
+        _write_block_owners(expert_ids_ptr, ends, total, 0, max_blocks, BLOCK_M, CHUNK)
+        _place_onehot(sorted_ids_ptr, onehot, offs, valid, starts)
+        return
     # pass 1: tokens per expert
     counts = tl.zeros([E_PAD], dtype=tl.int32)
     for c0 in range(0, num_slots, CHUNK):

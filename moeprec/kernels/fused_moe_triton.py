@@ -136,9 +136,12 @@ def _align(topk_ids: torch.Tensor, num_experts: int, block_m: int,
     e_pad = next_power_of_2(num_experts)
     if num_slots <= _ALIGN_ONE_PROGRAM_MAX_SLOTS:
         chunk = max(16, min(64, 16384 // e_pad))  # a [chunk, e_pad] one-hot tile per step
+        one_chunk = num_slots <= chunk  # (decode) the ids in one tile, no larger than needed
+        if one_chunk:
+            chunk = max(16, next_power_of_2(num_slots))
         K._align_kernel[(1,)](ids, mask, sorted_ids, expert_ids, num_slots, num_experts, nb,
                               HAS_MASK=expert_mask is not None, BLOCK_M=block_m, E_PAD=e_pad,
-                              CHUNK=chunk, num_warps=4 if e_pad <= 64 else 8)
+                              CHUNK=chunk, ONE_CHUNK=one_chunk, num_warps=4 if e_pad <= 64 else 8)
         return Alignment(sorted_ids, expert_ids, None)
     totals, _ = _align_launches(ids, mask, expert_mask is not None, num_experts, block_m,
                                 sorted_ids, expert_ids, *_align_chunk_launch(e_pad))
