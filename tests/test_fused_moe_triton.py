@@ -1033,9 +1033,16 @@ def test_gpu_tensor_core_decode_blocks(activation, gate_mode, bias, masked, atom
     out = m.fused_moe_triton_impl(x, w1, w2, tw, ti, config=cfg, **args)
     assert sorted(set(launches)) == [False, True]
     assert_close(out, ref)
-    cores = m.fused_moe_triton_impl(x, w1, w2, tw, ti, config=fix_config(
-        {**cfg, "s1": dict(cfg["s1"], mma=False), "s2": dict(cfg["s2"], mma=False)}, "w4a16"), **args)
+    cores = m.fused_moe_triton_impl(x, w1, w2, tw, ti, config=_cuda_core_blocks(cfg), **args)
     _assert_same_sums(out, cores)
+
+
+def _cuda_core_blocks(cfg):
+    """The w4a16 config with both stages on the CUDA-core decode blocks ("mma" off)."""
+    from moeprec.kernels.tuning import fix_config
+
+    return fix_config({**cfg, "s1": dict(cfg["s1"], mma=False), "s2": dict(cfg["s2"], mma=False)},
+                      "w4a16")
 
 
 def _assert_same_sums(out, cores):
@@ -1070,6 +1077,6 @@ def test_gpu_tensor_core_decode_activation_range(scale, monkeypatch):
     assert sorted(set(launches)) == [False, True]
     assert torch.isfinite(ref.float()).all()
     assert_close(out / scale, ref / scale)
-    cores = m.fused_moe_triton_impl(x, w1, w2, tw, ti, quant="mxfp4", config=fix_config(
-        {**cfg, "s1": dict(cfg["s1"], mma=False), "s2": dict(cfg["s2"], mma=False)}, "w4a16"), **kw)
+    cores = m.fused_moe_triton_impl(x, w1, w2, tw, ti, quant="mxfp4", config=_cuda_core_blocks(cfg),
+                                    **kw)
     _assert_same_sums(out / scale, cores / scale)
