@@ -111,7 +111,8 @@ def registers(cubin: bytes) -> int:
     return int(re.search(r"REG:(\d+)", cuobjdump(cubin, "-res-usage")).group(1))
 
 
-def compile_decode_mma(stage1, bn, bk, warps, split=1, even_k=True, K=4096, scale_words=True):
+def compile_decode_mma(stage1, bn, bk, warps, split=1, even_k=True, K=4096, scale_words=True,
+                       ring=0, maxnreg=None):
     """The Gluon tensor-core decode blocks (`moeprec/kernels/_decode_mma.py`), pair blocks,
     staged as for a K of `K`."""
     from triton.experimental.gluon._runtime import GluonASTSource
@@ -124,17 +125,25 @@ def compile_decode_mma(stage1, bn, bk, warps, split=1, even_k=True, K=4096, scal
     consts = dict(STAGE1=stage1, INTERLEAVED=False, ACT=0, HAS_BIAS=False, MUL_WEIGHT=not stage1,
                   ATOMIC_OUT=True, PAIR_BLOCKS=True, HAS_MASK=True, PDL=False, ZERO_OUT=False,
                   BLOCK_N=bn, BLOCK_K=bk, SPLIT_K=split, CH=ch, K_CHUNKS=k_chunks,
-                  WARPS=warps, EVEN_K=even_k, SCALE_WORDS=scale_words, stride_bsk=1)
+                  WARPS=warps, EVEN_K=even_k, SCALE_WORDS=scale_words, stride_bsk=1, RING=ring)
+    if not ring:
+        consts["b_desc"] = None
     ptrs = dict(a_ptr="*bf16", b_ptr="*u8", bs_ptr="*u8", bias_ptr="*fp32",
                 c_ptr="*bf16" if stage1 else "*fp32", sorted_ids_ptr="*i32",
-                expert_ids_ptr="*i32", topk_w_ptr="*fp32", expert_mask_ptr="*i32", zero_ptr="*fp32")
+                expert_ids_ptr="*i32", topk_w_ptr="*fp32", expert_mask_ptr="*i32", zero_ptr="*fp32",
+                # the ring's TMA view of the weight words: [experts * rows, K / 8] int32
+                b_desc="tensordesc<i32[{},{}],NVMMASharedLayout(swizzle_byte_width=0, "
+                       "element_bitwidth=32, rank=2)>".format(bn if stage1 else bn // 2, bk // 8))
     sig = {n: "constexpr" if n in consts else ptrs.get(n, "fp32" if n in ("alpha", "limit") else "i32")
            for n in names}
     attrs = {(i,): [["tt.divisibility", 16]] for i, n in enumerate(names)
              if n not in consts and n not in NOT_DIVISIBLE}
     src = GluonASTSource(fn, sig, constexprs={(names.index(k),): v for k, v in consts.items()},
                          attrs=attrs)
-    return triton.compile(src, target=GPUTarget("cuda", 90, 32), options=dict(num_warps=warps))
+    opts = dict(num_warps=warps)
+    if maxnreg:
+        opts["maxnreg"] = maxnreg
+    return triton.compile(src, target=GPUTarget("cuda", 90, 32), options=opts)
 
 
 def main() -> None:
@@ -197,6 +206,20 @@ def main() -> None:
         print(f"decode_mma stage{'1' if stage1 else '2'} BN={bn} BK={bk} warps={warps} K={K}/{split}: "
               f"{registers(c.asm['cubin'])} registers, smem {c.metadata.shared} B, loop: {n} SASS "
               f"instructions for {weights} weights per thread ({n / weights:.2f} per weight): "
+              f"{dict(mix.most_common(8))}, sass {sass_digest(c.asm['cubin'])}")
+    # the same blocks with a TMA ring of 4 steps filled by a producer warp (stage setting "ring",
+    # registers capped at 80 per thread: three programs of 4 + 4 warps per SM): the loop's
+    # barriers should be the consumer warps' own (bar.sync 0, 128 per step), none CTA-wide
+    for stage1, bn, bk, warps, K, split in ((True, 32, 256, 4, 4096, 1), (False, 32, 256, 4, 14336, 2)):
+        c = compile_decode_mma(stage1, bn, bk, warps, split=split, K=K, ring=4, maxnreg=80)
+        n, mix = loop_sass(c.asm["cubin"], must="HMMA")
+        ptx = c.asm["ptx"]
+        weights = 2 * (bn if stage1 else bn // 2) * bk // (32 * warps)  # one step per loop
+        regs = re.findall(r"setmaxnreg\.(\w+)\.sync\.aligned\.u32\s+(\d+)", ptx)
+        print(f"decode_mma ring=4 stage{'1' if stage1 else '2'} BN={bn} BK={bk} warps={warps} "
+              f"K={K}/{split}: setmaxnreg {sorted(set(regs))}, smem {c.metadata.shared} B, "
+              f"TMA copies {ptx.count('cp.async.bulk.tensor')}, loop: {n} SASS instructions for "
+              f"{weights} weights per thread ({n / weights:.2f} per weight): "
               f"{dict(mix.most_common(8))}, sass {sass_digest(c.asm['cubin'])}")
 
 if __name__ == "__main__":

@@ -30,6 +30,7 @@
 #   bash benchmarks/gpu_checks.sh pdl          # stage 2 as a programmatic dependent launch: tests, decode probe
 #   bash benchmarks/gpu_checks.sh ncu          # Nsight Compute counters of the decode GEMMs
 #   bash benchmarks/gpu_checks.sh mma          # tensor-core decode blocks: tests, memcheck, against the CUDA cores
+#   bash benchmarks/gpu_checks.sh ring         # those blocks' weights through a TMA ring: tests, memcheck, probe
 # Uses the machine's own python3 (torch + triton preinstalled); moeprec from this checkout.
 set -uo pipefail
 OUT=${OUT:-out}
@@ -202,6 +203,15 @@ PY
         python3 benchmarks/sanitize_fused_moe.py 2>&1 | tee "$OUT/memcheck.log" | grep -E "mma|ERROR S"
       (cd benchmarks/probes && timeout 240 python3 decode_mma.py --M 1,4,16 --out "$OUT/mma" 2>&1 \
         | tee "$OUT/decode_mma.log" | tail -25) ;;
+    ring)  # the Gluon decode blocks' weights through a TMA ring filled by a producer warp
+      # (stage setting "ring"; not yet run on a GPU when written: a hang is cut by the timeouts)
+      timeout 200 python3 -m pytest -q -p no:cacheprovider tests/test_fused_moe_triton.py \
+        -k "decode_ring or ring_rules" 2>&1 | tee "$OUT/ring_tests.log" | tail -4
+      PYTORCH_NO_CUDA_MEMORY_CACHING=1 timeout 150 compute-sanitizer --tool memcheck \
+        python3 benchmarks/sanitize_fused_moe.py 2>&1 | tee "$OUT/memcheck.log" | grep -E "ring|ERROR S"
+      (cd benchmarks/probes && timeout 200 python3 decode_mma.py --M 1,4,16 --variants \
+        '{"ring2": {"ring": 2}, "ring4": {"ring": 4}, "ring6": {"ring": 6}, "ring4_r128": {"ring": 4, "maxnreg": 128}}' \
+        --out "$OUT/ring" 2>&1 | tee "$OUT/decode_mma_ring.log" | tail -16) ;;
     small-kernels)  # the prefill call's small kernels (60-150 us each at Qwen3 M = 16384)
       (cd benchmarks/probes && timeout 200 python3 quant_rows.py --out "$OUT/quant_rows" 2>&1 \
         | tee "$OUT/quant_rows.log" | tail -6

@@ -2,7 +2,8 @@
 
 Includes out-of-range and masked expert ids, M=1, sizes off the tile, the CUDA-core decode
 blocks (BLOCK_M = 1) with stage-2 K splits, the tensor-core decode blocks ("mma": Gluon, K
-tails, empty K splits, scales read bytewise and as words), with and without the alignment launch, the
+tails, empty K splits, scales read bytewise and as words; and with the weights through a TMA ring),
+with and without the alignment launch, the
 three-launch block alignment (M = 200: 600 slots), MXFP4 weights decoded before the GEMMs
 ("dequant" to bf16 or to fp8 rows, two experts at a time; at M = 200 also with an expert that gets no token, whose
 weights are then not decoded), the MXFP4 tiles' explicit decode ("dot_scaled": false; K = 96
@@ -33,6 +34,11 @@ def mma_blocks(x, w1, w2, tw, ti, args, ref, M, block_k):
         assert_close(out, ref)
         print(f"mxfp4 bf16 {M} BLOCK_M=1 mma K={x.shape[1]} scale_words={words} "
               f"pair_blocks={pair} ok", flush=True)
+    # the weights through a TMA ring of 2 steps (a producer warp; 4 consumer warps)
+    ring = {**st, "num_warps": 4, "ring": 2}
+    cfg = fix_config({"BLOCK_M": 1, "s1": dict(ring), "s2": dict(ring, split_k=3)}, "w4a16")
+    assert_close(fused_moe_triton_impl(x, w1, w2, tw, ti, config=cfg, **args), ref)
+    print(f"mxfp4 bf16 {M} BLOCK_M=1 mma ring=2 K={x.shape[1]} ok", flush=True)
 
 
 def main() -> None:

@@ -952,6 +952,42 @@ MMA_DECODE_CASES = [
 ]
 
 
+def test_tensor_core_decode_ring_rules():
+    # where the Gluon blocks may take their weights through the TMA ring ("ring": steps; host
+    # rules on CPU tensors): a [experts * rows, K / 8] int32 view, one step of TR2 rows a box
+    pytest.importorskip("triton.experimental.gluon")
+    from moeprec.kernels import _decode_mma
+    from moeprec.kernels.tuning import fix_config
+
+    E, R, K = 4, 64, 256  # noqa: N806
+    b = torch.zeros(E, R, K // 2, dtype=torch.uint8)
+    st = {"BLOCK_N": 32, "BLOCK_K": 128, "num_warps": 4, "ring": 3}
+    ch, _, kc = _decode_mma._staging_chunks(K, st, 1)
+
+    def desc(b, stage1=False, interleaved=False, **over):
+        return _decode_mma.ring_descriptor(b, stage1=stage1, interleaved=interleaved,
+                                           st=dict(st, **over), k_chunks=kc, ch=ch)
+
+    d = desc(b)  # stage 2: a box of BLOCK_N / 2 rows
+    assert d.shape == [E * R, K // 8] and d.strides == [K // 8, 1] and d.block_shape == [16, 16]
+    assert desc(b, stage1=True).block_shape == [32, 16]  # stage 1: BLOCK_N gate (or up) rows
+    assert desc(b, stage1=True, interleaved=True) is None  # gate/up rows alternate
+    assert desc(b, ring=0) is None
+    assert desc(b[:, :48]) is None  # experts not back to back in one view
+    padded = torch.zeros(E, R, K // 2 + 16, dtype=torch.uint8)  # rows 16 bytes apart: fine
+    assert desc(padded[..., 16:]) is not None
+    assert desc(torch.zeros(E, R, K // 2 + 4, dtype=torch.uint8)[..., 4:]) is None  # 132-byte rows
+    assert desc(torch.zeros(E * R * K // 2 + 4, dtype=torch.uint8)[4:].view(E, R, K // 2)) is None
+    assert desc(b, ring=64) is None  # over the shared-memory cap
+    assert desc(b, num_warps=1) is None and desc(b, num_warps=8) is not None  # warpgroups
+    # the config keeps a ring only for the Gluon blocks
+    on = {"BLOCK_N": 32, "BLOCK_K": 256, "ring": 4}
+    assert fix_config({"BLOCK_M": 1, "s1": dict(on), "s2": dict(on)}, "w4a16")["s2"]["ring"] == 4
+    assert fix_config({"BLOCK_M": 1, "s1": dict(on), "s2": dict(on, mma=False)},
+                      "w4a16")["s2"]["ring"] == 0
+    assert fix_config({"BLOCK_M": 1, "s1": dict(on), "s2": dict(on)}, "bf16")["s2"]["ring"] == 0
+
+
 def test_tensor_core_decode_fit_rules():
     # which BLOCK_M = 1 MXFP4 stages the Gluon blocks take (host-side rules; CPU tensors)
     pytest.importorskip("triton.experimental.gluon")
@@ -1052,6 +1088,42 @@ def _assert_same_sums(out, cores):
     o, c = out.double(), cores.double()
     assert (o - c).abs().max() <= 1e-2 * c.abs().max()
     assert (o - c).abs().mean() <= 1e-3 * c.abs().mean()
+
+
+@pytest.mark.gpu
+@pytest.mark.skipif(not ON_GPU, reason="Gluon kernels need a GPU")
+@pytest.mark.parametrize("activation,gate_mode,bias,masked,atomic,pdl,split_k,bn,bk,warps,M,H,I,E,k,dtype",
+                         MMA_DECODE_CASES)
+def test_gpu_tensor_core_decode_ring(activation, gate_mode, bias, masked, atomic, pdl, split_k,
+                                     bn, bk, warps, M, H, I, E, k, dtype, monkeypatch):  # noqa: E741
+    # the Gluon blocks with their weights through a 3-step TMA ring (a producer warp) against
+    # the reference and the register path; every stage the ring can take must have taken it
+    # (stage 1 with interleaved rows, and 1-warp programs, keep the registers)
+    m = _kernel_module()
+    from moeprec.kernels import _decode_mma
+    from moeprec.kernels.tuning import fix_config
+
+    rings = []
+    real = _decode_mma.ring_descriptor
+    monkeypatch.setattr(_decode_mma, "ring_descriptor",
+                        lambda b, **kw: rings.append((kw["stage1"], real(b, **kw) is not None))
+                        or real(b, **kw))
+    x, w1, w2, tw, ti, kw = make_case(M, H, I, E, k, "mxfp4", dtype=dtype, bias=bias, seed=M + H)
+    mask = None
+    if masked:
+        mask = torch.ones(E, dtype=torch.bool, device=x.device)
+        mask[1] = False
+    args = dict(quant="mxfp4", activation=activation, gate_mode=gate_mode, expert_mask=mask, **kw)
+    ref = fused_moe(x, w1, w2, tw, ti, backend="torch", **args)
+    st = {"BLOCK_N": bn, "BLOCK_K": bk, "num_warps": warps, "num_stages": 2, "mma": True}
+    regs = fix_config({"BLOCK_M": 1, "atomic": atomic, "pdl": pdl, "s1": dict(st),
+                       "s2": dict(st, split_k=split_k)}, "w4a16")
+    ring = {**regs, "s1": dict(regs["s1"], ring=3), "s2": dict(regs["s2"], ring=3)}
+    out = m.fused_moe_triton_impl(x, w1, w2, tw, ti, config=ring, **args)
+    whole = warps % 4 == 0
+    assert sorted(set(rings)) == [(False, whole), (True, whole and gate_mode != "interleaved")]
+    assert_close(out, ref)
+    _assert_same_sums(out, m.fused_moe_triton_impl(x, w1, w2, tw, ti, config=regs, **args))
 
 
 @pytest.mark.gpu

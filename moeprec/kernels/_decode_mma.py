@@ -35,6 +35,7 @@ from __future__ import annotations
 import triton.language as tl
 from triton.experimental import gluon
 from triton.experimental.gluon import language as gl
+from triton.experimental.gluon.language.nvidia.hopper import fence_async_shared, mbarrier, tma
 
 from moeprec.kernels._e2m1_ptx import e2m1_to_e4m3
 
@@ -144,6 +145,21 @@ def _fetch(src, k0, k_end, L: gl.constexpr, NSB: gl.constexpr, EVEN_K: gl.conste
     else:
         w_lo = gl.load(words_base + lo3 * stride_wn + wk, mask=sb3 * 32 < k_end, other=0)
         w_hi = gl.load(words_base + hi3 * stride_wn + wk, mask=sb3 * 32 < k_end, other=0)
+    s_lo, s_hi = _fetch_scales(src, k0, k_end, L, NSB, EVEN_K, SCALE_WORDS)
+    return w_lo, w_hi, s_lo, s_hi
+
+
+@gluon.jit
+def _fetch_scales(src, k0, k_end, L: gl.constexpr, NSB: gl.constexpr, EVEN_K: gl.constexpr,
+                  SCALE_WORDS: gl.constexpr):
+    """The E8M0 scales of one step, raw, as `_fetch` returns them."""
+    words_base, bs_base, rows_lo, rows_hi, stride_wn, stride_bsn, stride_bsk = src
+    sb = k0 // 32 + gl.arange(0, NSB, layout=gl.SliceLayout(0, gl.SliceLayout(2, L)))
+    w = gl.arange(0, 4, layout=gl.SliceLayout(0, gl.SliceLayout(1, L)))
+    sb3 = gl.expand_dims(gl.expand_dims(sb, 0), 2)                 # [1, NSB, 1]
+    w3 = gl.expand_dims(gl.expand_dims(w, 0), 1)                   # [1, 1, 4]
+    lo3 = gl.expand_dims(gl.expand_dims(rows_lo, 1), 2)            # [TR2, 1, 1]
+    hi3 = gl.expand_dims(gl.expand_dims(rows_hi, 1), 2)
     if SCALE_WORDS:  # unit K stride, 4-byte rows, whole groups: one word per row and group
         sb2 = gl.expand_dims(sb, 0)                                    # [1, NSB]
         lo2 = gl.expand_dims(rows_lo, 1)                               # [TR2, 1]
@@ -169,7 +185,7 @@ def _fetch(src, k0, k_end, L: gl.constexpr, NSB: gl.constexpr, EVEN_K: gl.conste
         else:
             s_lo = gl.load(bs_base + s_off, mask=blk * 32 < k_end, other=127).to(gl.int32)
         s_hi = 0
-    return w_lo, w_hi, s_lo, s_hi
+    return s_lo, s_hi
 
 
 @gluon.jit
@@ -197,6 +213,109 @@ def _step(acc, w_lo, w_hi, s_lo, s_hi, pairs0, pairs1, pairs2, pairs3, step,
 
 
 @gluon.jit
+def _act_scale(a_ptr, a_row, stride_am, k_begin, k_end, P: gl.constexpr, CH: gl.constexpr,
+               NSB: gl.constexpr, BLOCK_K: gl.constexpr):
+    """The powers of two for row a_row's activations of [k_begin, k_end): `up` scales them into
+    [1, 2) for f16, `down` undoes it (and the decode's 2^-6)."""
+    F16: gl.constexpr = a_ptr.dtype.element_ty == gl.float16
+    a_words = (a_ptr + a_row * stride_am).to(gl.pointer_type(gl.int32))
+    n_chunks = gl.cdiv(k_end - k_begin, CH * BLOCK_K)
+    m = gl.zeros([CH, NSB, 4, 4], gl.float32, layout=P)
+    for ch in range(n_chunks):
+        t = _act_pairs(a_words, k_begin + ch * CH * BLOCK_K, k_end, P, CH, NSB, BLOCK_K)
+        m = gl.maximum(m, gl.maximum(gl.abs(_half_lo(t, F16)), gl.abs(_half_hi(t, F16))))
+    amax = gl.max(gl.max(gl.max(gl.max(m, axis=3), axis=2), axis=1), axis=0)
+    e = (amax.to(gl.int32, bitcast=True) >> 23) & 0xFF
+    e = gl.minimum(gl.maximum(e, 1), 253)
+    up = ((254 - e) << 23).to(gl.float32, bitcast=True)            # 2^(127 - e)
+    down = (e << 23).to(gl.float32, bitcast=True) * 64.0             # back, and the decode's 2^-6
+    return up, down
+
+
+@gluon.jit
+def _stage_pairs(a_ptr, a_row, stride_am, k_begin, k_end, up, pairs, P: gl.constexpr,
+                 CH: gl.constexpr, NSB: gl.constexpr, BLOCK_K: gl.constexpr):
+    """Row a_row's activations of [k_begin, k_end) times `up` -> f16 pairs in the decode's pair
+    order, into the four chunked shared buffers `pairs` ([K_CHUNKS, CH, NSB, 4] int32 each)."""
+    F16: gl.constexpr = a_ptr.dtype.element_ty == gl.float16
+    a_words = (a_ptr + a_row * stride_am).to(gl.pointer_type(gl.int32))
+    n_chunks = gl.cdiv(k_end - k_begin, CH * BLOCK_K)
+    pairs0, pairs1, pairs2, pairs3 = pairs
+    for ch in range(n_chunks):
+        t = _act_pairs(a_words, k_begin + ch * CH * BLOCK_K, k_end, P, CH, NSB, BLOCK_K)
+        t_a, t_b = gl.split(gl.reshape(t, [CH, NSB, 4, 2, 2]))       # q = 0, 2 and 1, 3
+        q0, q2 = gl.split(t_a)
+        q1, q3 = gl.split(t_b)
+        # the decode's pair order: values (0, 2), (1, 3), (4, 6), (5, 7) of each word
+        pairs0.index(ch).store(_f16_pair(_half_lo(q0, F16) * up, _half_lo(q1, F16) * up))
+        pairs1.index(ch).store(_f16_pair(_half_hi(q0, F16) * up, _half_hi(q1, F16) * up))
+        pairs2.index(ch).store(_f16_pair(_half_lo(q2, F16) * up, _half_lo(q3, F16) * up))
+        pairs3.index(ch).store(_f16_pair(_half_hi(q2, F16) * up, _half_hi(q3, F16) * up))
+    gl.thread_barrier()
+
+
+@gluon.jit
+def _ring_producer(b_desc, rings, row_lo, row_hi, kw_begin, n_steps, BLOCK_K: gl.constexpr):
+    """Worker partition (one warp): each step's lo and hi weight rows by TMA into the next ring
+    slot, once the consumers have released it (`empty`); `full` counts the bytes in."""
+    ring_lo, ring_hi, full, empty = rings
+    S: gl.constexpr = ring_lo.type.shape[0]
+    for i in range(n_steps):
+        s = i % S
+        mbarrier.wait(empty.index(s), ((i // S) & 1) ^ 1)  # (a fresh barrier passes phase 1)
+        bar = full.index(s)
+        mbarrier.expect(bar, 2 * b_desc.block_type.nbytes)
+        kw = kw_begin + i * (BLOCK_K // 8)
+        tma.async_copy_global_to_shared(b_desc, [row_lo, kw], bar, ring_lo.index(s))
+        tma.async_copy_global_to_shared(b_desc, [row_hi, kw], bar, ring_hi.index(s))
+
+
+@gluon.jit
+def _ring_consumer(a_ptr, a_row, stride_am, k_begin, k_end, n_steps, src, pairs, rings,
+                   PDL_WAIT: gl.constexpr, L: gl.constexpr, P: gl.constexpr,
+                   SMEM_STEP: gl.constexpr, CH: gl.constexpr, NSB: gl.constexpr,
+                   BLOCK_K: gl.constexpr, STEPS: gl.constexpr, TR2: gl.constexpr,
+                   EVEN_K: gl.constexpr, SCALE_WORDS: gl.constexpr):
+    """Default partition: stages the activations (while the producer fills the ring), then per
+    step waits for its slot, reads the words out, releases the slot and multiplies; the scales
+    come from global memory a step ahead. Returns (acc, down) as the register loop has them."""
+    ring_lo, ring_hi, full, empty = rings
+    S: gl.constexpr = ring_lo.type.shape[0]
+    WORDS: gl.constexpr = gl.SwizzledSharedLayout(1, 1, 1, [2, 1, 0])
+    sn_lo, sn_hi = _fetch_scales(src, k_begin, k_end, L, NSB, EVEN_K, SCALE_WORDS)
+    if PDL_WAIT:  # activations are the launch before's output; weights and scales are not
+        gl.inline_asm_elementwise("griddepcontrol.wait; // $0", "=r", [], dtype=gl.int32,
+                                  is_pure=False, pack=1)
+    up, down = _act_scale(a_ptr, a_row, stride_am, k_begin, k_end, P, CH, NSB, BLOCK_K)
+    _stage_pairs(a_ptr, a_row, stride_am, k_begin, k_end, up, pairs, P, CH, NSB, BLOCK_K)
+    pairs0, pairs1, pairs2, pairs3 = pairs
+    pairs0 = pairs0._reinterpret(gl.int32, [STEPS, NSB, 4], SMEM_STEP)
+    pairs1 = pairs1._reinterpret(gl.int32, [STEPS, NSB, 4], SMEM_STEP)
+    pairs2 = pairs2._reinterpret(gl.int32, [STEPS, NSB, 4], SMEM_STEP)
+    pairs3 = pairs3._reinterpret(gl.int32, [STEPS, NSB, 4], SMEM_STEP)
+    acc = gl.zeros([TR2, NSB, 4], gl.float32, layout=L)
+    for i in range(n_steps):
+        s = i % S
+        mbarrier.wait(full.index(s), (i // S) & 1)
+        w_lo = ring_lo.index(s)._reinterpret(gl.int32, [TR2, NSB, 4], WORDS).load(L)
+        w_hi = ring_hi.index(s)._reinterpret(gl.int32, [TR2, NSB, 4], WORDS).load(L)
+        # the reads above before the producer's next copy into the slot (a proxy fence: the
+        # SASS is MEMBAR.ALL.CTA, which also waits for this thread's loads in flight, so the
+        # next step's scales are asked for only after it, and used a step later)
+        fence_async_shared()
+        mbarrier.arrive(empty.index(s), count=1)
+        sc_lo, sc_hi = sn_lo, sn_hi
+        ni = i + 1
+        if EVEN_K:  # (past the last step: the last step again)
+            ni = gl.minimum(ni, n_steps - 1)
+        sn_lo, sn_hi = _fetch_scales(src, k_begin + ni * BLOCK_K, k_end, L, NSB, EVEN_K,
+                                     SCALE_WORDS)
+        acc = _step(acc, w_lo, w_hi, sc_lo, sc_hi, pairs0, pairs1, pairs2, pairs3, i, L, NSB,
+                    SCALE_WORDS)
+    return acc, down
+
+
+@gluon.jit
 def _decode_mma_kernel(
     a_ptr, b_ptr, bs_ptr, bias_ptr, c_ptr, sorted_ids_ptr, expert_ids_ptr, topk_w_ptr,
     expert_mask_ptr, zero_ptr,
@@ -209,7 +328,7 @@ def _decode_mma_kernel(
     PAIR_BLOCKS: gl.constexpr, HAS_MASK: gl.constexpr, PDL: gl.constexpr,
     ZERO_OUT: gl.constexpr, BLOCK_N: gl.constexpr, BLOCK_K: gl.constexpr,
     SPLIT_K: gl.constexpr, CH: gl.constexpr, K_CHUNKS: gl.constexpr, WARPS: gl.constexpr,
-    EVEN_K: gl.constexpr, SCALE_WORDS: gl.constexpr,
+    EVEN_K: gl.constexpr, SCALE_WORDS: gl.constexpr, RING: gl.constexpr, b_desc,
 ):
     """One (token, expert) pair x BLOCK_N output columns (stage 1: gate/up GEMM + activation,
     z in the model dtype; stage 2: down GEMM, routed weight, fp32 atomic add or slot row), as
@@ -307,77 +426,88 @@ def _decode_mma_kernel(
     k_steps = gl.cdiv(K, BLOCK_K)
     k_begin = (pid_k * k_steps // SPLIT_K) * BLOCK_K
     k_end = gl.minimum(((pid_k + 1) * k_steps // SPLIT_K) * BLOCK_K, K)
-    # the first weight step is in flight before anything waits on the previous launch
     n_steps = gl.cdiv(k_end - k_begin, BLOCK_K)
-    k_first = k_begin
-    if EVEN_K:  # an empty split (more splits than steps) reads a real step it never uses
-        k_first = gl.minimum(k_begin, K - BLOCK_K)
     src = (words_base, bs_base, rows_lo, rows_hi, stride_wn, stride_bsn, stride_bsk)
-    wa_lo, wa_hi, sa_lo, sa_hi = _fetch(src, k_first, k_end, L, NSB, EVEN_K, SCALE_WORDS)
-    if PDL and not STAGE1:
-        gl.inline_asm_elementwise("griddepcontrol.wait; // $0", "=r", [], dtype=gl.int32,
-                                  is_pure=False, pack=1)
-
-    # activations of this K range -> f16 pairs in shared memory, scaled into [1, 2) by 2^-e
-    F16: gl.constexpr = a_ptr.dtype.element_ty == gl.float16
-    a_words = (a_ptr + a_row * stride_am).to(gl.pointer_type(gl.int32))
-    n_chunks = gl.cdiv(k_end - k_begin, CH * BLOCK_K)
-    m = gl.zeros([CH, NSB, 4, 4], gl.float32, layout=P)
-    for ch in range(n_chunks):
-        t = _act_pairs(a_words, k_begin + ch * CH * BLOCK_K, k_end, P, CH, NSB, BLOCK_K)
-        m = gl.maximum(m, gl.maximum(gl.abs(_half_lo(t, F16)), gl.abs(_half_hi(t, F16))))
-    amax = gl.max(gl.max(gl.max(gl.max(m, axis=3), axis=2), axis=1), axis=0)
-    e = (amax.to(gl.int32, bitcast=True) >> 23) & 0xFF
-    e = gl.minimum(gl.maximum(e, 1), 253)
-    up = ((254 - e) << 23).to(gl.float32, bitcast=True)            # 2^(127 - e)
-    down = (e << 23).to(gl.float32, bitcast=True) * 64.0             # back, and the decode's 2^-6
-    pairs0 = gl.allocate_shared_memory(gl.int32, [K_CHUNKS, CH, NSB, 4], SMEM)
-    pairs1 = gl.allocate_shared_memory(gl.int32, [K_CHUNKS, CH, NSB, 4], SMEM)
-    pairs2 = gl.allocate_shared_memory(gl.int32, [K_CHUNKS, CH, NSB, 4], SMEM)
-    pairs3 = gl.allocate_shared_memory(gl.int32, [K_CHUNKS, CH, NSB, 4], SMEM)
-    for ch in range(n_chunks):
-        t = _act_pairs(a_words, k_begin + ch * CH * BLOCK_K, k_end, P, CH, NSB, BLOCK_K)
-        t_a, t_b = gl.split(gl.reshape(t, [CH, NSB, 4, 2, 2]))       # q = 0, 2 and 1, 3
-        q0, q2 = gl.split(t_a)
-        q1, q3 = gl.split(t_b)
-        # the decode's pair order: values (0, 2), (1, 3), (4, 6), (5, 7) of each word
-        pairs0.index(ch).store(_f16_pair(_half_lo(q0, F16) * up, _half_lo(q1, F16) * up))
-        pairs1.index(ch).store(_f16_pair(_half_hi(q0, F16) * up, _half_hi(q1, F16) * up))
-        pairs2.index(ch).store(_f16_pair(_half_lo(q2, F16) * up, _half_lo(q3, F16) * up))
-        pairs3.index(ch).store(_f16_pair(_half_hi(q2, F16) * up, _half_hi(q3, F16) * up))
-    gl.thread_barrier()
     STEPS: gl.constexpr = K_CHUNKS * CH
-    pairs0 = pairs0._reinterpret(gl.int32, [STEPS, NSB, 4], SMEM_STEP)
-    pairs1 = pairs1._reinterpret(gl.int32, [STEPS, NSB, 4], SMEM_STEP)
-    pairs2 = pairs2._reinterpret(gl.int32, [STEPS, NSB, 4], SMEM_STEP)
-    pairs3 = pairs3._reinterpret(gl.int32, [STEPS, NSB, 4], SMEM_STEP)
+    if RING == 0:  # the weights through registers, fetched a step ahead
+        # the first weight step is in flight before anything waits on the previous launch
+        k_first = k_begin
+        if EVEN_K:  # an empty split (more splits than steps) reads a real step it never uses
+            k_first = gl.minimum(k_begin, K - BLOCK_K)
+        wa_lo, wa_hi, sa_lo, sa_hi = _fetch(src, k_first, k_end, L, NSB, EVEN_K, SCALE_WORDS)
+        if PDL and not STAGE1:
+            gl.inline_asm_elementwise("griddepcontrol.wait; // $0", "=r", [], dtype=gl.int32,
+                                      is_pure=False, pack=1)
 
-    # two steps per iteration, their weights in two register sets (a and b) that alternate:
-    # each is fetched a step before its arithmetic, straight into the registers it is used
-    # from (one set carried over with a copy would wait on the loads at every iteration's end)
-    acc = gl.zeros([TR2, NSB, 4], gl.float32, layout=L)
-    first = n_steps % 2
-    if first == 1:  # an odd count: step 0 alone, so that the loop's steps come in pairs
-        nb = 1
-        if EVEN_K:  # (one step: that step again)
-            nb = gl.minimum(nb, n_steps - 1)
-        wb_lo, wb_hi, sb_lo, sb_hi = _fetch(src, k_begin + nb * BLOCK_K, k_end, L, NSB, EVEN_K,
-                                            SCALE_WORDS)
-        acc = _step(acc, wa_lo, wa_hi, sa_lo, sa_hi, pairs0, pairs1, pairs2, pairs3, 0, L, NSB,
-                    SCALE_WORDS)
-        wa_lo, wa_hi, sa_lo, sa_hi = wb_lo, wb_hi, sb_lo, sb_hi
-    for step in range(first, n_steps, 2):
-        wb_lo, wb_hi, sb_lo, sb_hi = _fetch(src, k_begin + (step + 1) * BLOCK_K, k_end, L, NSB,
-                                            EVEN_K, SCALE_WORDS)
-        acc = _step(acc, wa_lo, wa_hi, sa_lo, sa_hi, pairs0, pairs1, pairs2, pairs3, step, L,
-                    NSB, SCALE_WORDS)
-        na = step + 2  # (past the last step: the last step again when nothing is masked)
-        if EVEN_K:
-            na = gl.minimum(na, n_steps - 1)
-        wa_lo, wa_hi, sa_lo, sa_hi = _fetch(src, k_begin + na * BLOCK_K, k_end, L, NSB, EVEN_K,
-                                            SCALE_WORDS)
-        acc = _step(acc, wb_lo, wb_hi, sb_lo, sb_hi, pairs0, pairs1, pairs2, pairs3, step + 1, L,
-                    NSB, SCALE_WORDS)
+        # activations of this K range -> f16 pairs in shared memory, scaled into [1, 2) by 2^-e
+        up, down = _act_scale(a_ptr, a_row, stride_am, k_begin, k_end, P, CH, NSB, BLOCK_K)
+        pairs0 = gl.allocate_shared_memory(gl.int32, [K_CHUNKS, CH, NSB, 4], SMEM)
+        pairs1 = gl.allocate_shared_memory(gl.int32, [K_CHUNKS, CH, NSB, 4], SMEM)
+        pairs2 = gl.allocate_shared_memory(gl.int32, [K_CHUNKS, CH, NSB, 4], SMEM)
+        pairs3 = gl.allocate_shared_memory(gl.int32, [K_CHUNKS, CH, NSB, 4], SMEM)
+        _stage_pairs(a_ptr, a_row, stride_am, k_begin, k_end, up, (pairs0, pairs1, pairs2, pairs3),
+                     P, CH, NSB, BLOCK_K)
+        pairs0 = pairs0._reinterpret(gl.int32, [STEPS, NSB, 4], SMEM_STEP)
+        pairs1 = pairs1._reinterpret(gl.int32, [STEPS, NSB, 4], SMEM_STEP)
+        pairs2 = pairs2._reinterpret(gl.int32, [STEPS, NSB, 4], SMEM_STEP)
+        pairs3 = pairs3._reinterpret(gl.int32, [STEPS, NSB, 4], SMEM_STEP)
+
+        # two steps per iteration, their weights in two register sets (a and b) that alternate:
+        # each is fetched a step before its arithmetic, straight into the registers it is used
+        # from (one set carried over with a copy would wait on the loads at every iteration's
+        # end)
+        acc = gl.zeros([TR2, NSB, 4], gl.float32, layout=L)
+        first = n_steps % 2
+        if first == 1:  # an odd count: step 0 alone, so that the loop's steps come in pairs
+            nb = 1
+            if EVEN_K:  # (one step: that step again)
+                nb = gl.minimum(nb, n_steps - 1)
+            wb_lo, wb_hi, sb_lo, sb_hi = _fetch(src, k_begin + nb * BLOCK_K, k_end, L, NSB,
+                                                EVEN_K, SCALE_WORDS)
+            acc = _step(acc, wa_lo, wa_hi, sa_lo, sa_hi, pairs0, pairs1, pairs2, pairs3, 0, L,
+                        NSB, SCALE_WORDS)
+            wa_lo, wa_hi, sa_lo, sa_hi = wb_lo, wb_hi, sb_lo, sb_hi
+        for step in range(first, n_steps, 2):
+            wb_lo, wb_hi, sb_lo, sb_hi = _fetch(src, k_begin + (step + 1) * BLOCK_K, k_end, L,
+                                                NSB, EVEN_K, SCALE_WORDS)
+            acc = _step(acc, wa_lo, wa_hi, sa_lo, sa_hi, pairs0, pairs1, pairs2, pairs3, step, L,
+                        NSB, SCALE_WORDS)
+            na = step + 2  # (past the last step: the last step again when nothing is masked)
+            if EVEN_K:
+                na = gl.minimum(na, n_steps - 1)
+            wa_lo, wa_hi, sa_lo, sa_hi = _fetch(src, k_begin + na * BLOCK_K, k_end, L, NSB,
+                                                EVEN_K, SCALE_WORDS)
+            acc = _step(acc, wb_lo, wb_hi, sb_lo, sb_hi, pairs0, pairs1, pairs2, pairs3, step + 1,
+                        L, NSB, SCALE_WORDS)
+    else:  # the weights through a ring of RING steps in shared memory: a one-warp partition
+        # issues the TMA copies (b_desc: the weight words as [experts * rows, K / 8] int32, a
+        # box of TR2 rows x one step), the default partition stages, decodes and multiplies
+        # (the descriptor's layout: no swizzle, so a slot is row-major and reads back as words)
+        ring_lo = gl.allocate_shared_memory(gl.int32, [RING, TR2, BLOCK_K // 8], b_desc.layout)
+        ring_hi = gl.allocate_shared_memory(gl.int32, [RING, TR2, BLOCK_K // 8], b_desc.layout)
+        full = gl.allocate_shared_memory(gl.int64, [RING, 1], mbarrier.MBarrierLayout())
+        empty = gl.allocate_shared_memory(gl.int64, [RING, 1], mbarrier.MBarrierLayout())
+        for i in gl.static_range(RING):
+            mbarrier.init(full.index(i), count=1)
+            mbarrier.init(empty.index(i), count=1)
+        pairs0 = gl.allocate_shared_memory(gl.int32, [K_CHUNKS, CH, NSB, 4], SMEM)
+        pairs1 = gl.allocate_shared_memory(gl.int32, [K_CHUNKS, CH, NSB, 4], SMEM)
+        pairs2 = gl.allocate_shared_memory(gl.int32, [K_CHUNKS, CH, NSB, 4], SMEM)
+        pairs3 = gl.allocate_shared_memory(gl.int32, [K_CHUNKS, CH, NSB, 4], SMEM)
+        # the first rows of the lo and hi boxes in the [experts * rows, K / 8] view
+        if STAGE1:  # gate rows [0, N), up rows [N, 2N)
+            row0 = (expert * 2 * N).to(gl.int32) + pid_n * BLOCK_N
+            row_hi0 = row0 + N
+        else:  # the program's BLOCK_N rows, lo half then hi half
+            row0 = (expert * N).to(gl.int32) + pid_n * BLOCK_N
+            row_hi0 = row0 + TR2
+        rings = (ring_lo, ring_hi, full, empty)
+        acc, down = gl.warp_specialize([
+            (_ring_consumer, (a_ptr, a_row, stride_am, k_begin, k_end, n_steps, src,
+                              (pairs0, pairs1, pairs2, pairs3), rings, PDL and not STAGE1, L, P,
+                              SMEM_STEP, CH, NSB, BLOCK_K, STEPS, TR2, EVEN_K, SCALE_WORDS)),
+            (_ring_producer, (b_desc, rings, row0, row_hi0, k_begin // 8, n_steps, BLOCK_K)),
+        ], [1], [24])
     # outputs 0, 1 of a lane are lo-row sums, 2, 3 hi-row sums (lanes c = 2, 3: zeros)
     w = gl.expand_dims(gl.expand_dims(gl.arange(0, 4, layout=gl.SliceLayout(0, gl.SliceLayout(1, L))), 0), 1)
     lo = gl.sum(gl.sum(gl.where(w < 2, acc, 0.0), axis=2), axis=1) * down
@@ -466,6 +596,28 @@ def fits(*, a, b, c, stage1: bool, st: dict) -> bool:
             and nsb % 4 == 0 and wk >= 1 and tr2 >= 8 * (warps // wk) and smem <= 128 * 1024)
 
 
+def ring_descriptor(b, *, stage1: bool, interleaved: bool, st: dict, k_chunks: int, ch: int):
+    """The TMA view of the weight words for a ring of st["ring"] steps ([experts * rows, K / 8]
+    int32, a box of one step of the lo or hi rows), or None where the ring cannot run: stage 1
+    with interleaved gate/up rows, experts not back to back, rows or base off 16 bytes, the
+    ring and the staging over the blocks' shared-memory cap, warps not whole warpgroups (a
+    warp-specialized kernel's rule)."""
+    import torch
+    from triton.experimental.gluon.nvidia.hopper import TensorDescriptor
+
+    ring, bk = st.get("ring", 0), st["BLOCK_K"]
+    tr2 = st["BLOCK_N"] if stage1 else st["BLOCK_N"] // 2
+    E, R, half_k = b.shape
+    smem = 2 * ring * tr2 * bk // 2 + 4 * k_chunks * ch * (bk // 32) * 16
+    if (not ring or (stage1 and interleaved) or b.stride(2) != 1 or b.stride(1) % 16
+            or b.stride(0) != R * b.stride(1) or half_k % 4 or b.data_ptr() % 16
+            or tr2 > 256 or smem > 128 * 1024 or st["num_warps"] % 4):
+        return None
+    words = b.view(torch.int32)  # (last dim contiguous, a multiple of 4 bytes: checked above)
+    return TensorDescriptor(words, [E * R, half_k // 4], [b.stride(1) // 4, 1], [tr2, bk // 8],
+                            gl.NVMMASharedLayout(swizzle_byte_width=0, element_bitwidth=32, rank=2))
+
+
 def launch(*, a, b, b_scale, bias, c, sorted_ids, expert_ids, topk_w, pair_mask, zero, N, Kdim,
            num_slots, top_k, num_experts, stage1, interleaved, act, mul_weight, atomic_out,
            alpha, limit, st, pdl, grid):
@@ -474,6 +626,11 @@ def launch(*, a, b, b_scale, bias, c, sorted_ids, expert_ids, topk_w, pair_mask,
     ch, _, k_chunks = _staging_chunks(Kdim, st, split_k)
     pair_blocks = sorted_ids is None
     dummy = expert_ids
+    desc = ring_descriptor(b, stage1=stage1, interleaved=interleaved, st=st, k_chunks=k_chunks,
+                           ch=ch) if st.get("ring", 0) else None
+    # with the ring: one more (padded) warpgroup for the producer, registers capped so that
+    # several programs share an SM (the consumers take what the producer's 24 leave)
+    extra = {"maxnreg": st.get("maxnreg", 80)} if desc is not None else {}
     return _decode_mma_kernel[grid](
         a, b, b_scale, bias if bias is not None else dummy, c,
         dummy if pair_blocks else sorted_ids, expert_ids, topk_w,
@@ -487,6 +644,6 @@ def launch(*, a, b, b_scale, bias, c, sorted_ids, expert_ids, topk_w, pair_mask,
         HAS_MASK=pair_mask is not None, PDL=pdl, ZERO_OUT=zero is not None,
         BLOCK_N=st["BLOCK_N"], BLOCK_K=st["BLOCK_K"], SPLIT_K=split_k, CH=ch,
         K_CHUNKS=k_chunks, WARPS=st["num_warps"], EVEN_K=Kdim % st["BLOCK_K"] == 0,
-        SCALE_WORDS=scale_words(b_scale, Kdim),
-        num_warps=st["num_warps"], launch_pdl=pdl and not stage1,
+        SCALE_WORDS=scale_words(b_scale, Kdim), RING=st.get("ring", 0) if desc is not None else 0,
+        b_desc=desc, num_warps=st["num_warps"], launch_pdl=pdl and not stage1, **extra,
     )
