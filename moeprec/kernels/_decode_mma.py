@@ -271,18 +271,19 @@ def _ring_producer(b_desc, rings, row_lo, row_hi, kw_begin, n_steps, BLOCK_K: gl
 
 
 @gluon.jit
-def _ring_consumer(a_ptr, a_row, stride_am, k_begin, k_end, n_steps, src, pairs, rings,
+def _ring_consumer(a_ptr, a_row, stride_am, k_begin, k_first, k_end, n_steps, src, pairs, rings,
                    PDL_WAIT: gl.constexpr, L: gl.constexpr, P: gl.constexpr,
                    SMEM_STEP: gl.constexpr, CH: gl.constexpr, NSB: gl.constexpr,
                    BLOCK_K: gl.constexpr, STEPS: gl.constexpr, TR2: gl.constexpr,
                    EVEN_K: gl.constexpr, SCALE_WORDS: gl.constexpr):
     """Default partition: stages the activations (while the producer fills the ring), then per
     step waits for its slot, reads the words out, releases the slot and multiplies; the scales
-    come from global memory a step ahead. Returns (acc, down) as the register loop has them."""
+    come from global memory a step ahead (k_first: the first step's, clamped into range as
+    the register path's). Returns (acc, down) as the register loop has them."""
     ring_lo, ring_hi, full, empty = rings
     S: gl.constexpr = ring_lo.type.shape[0]
     WORDS: gl.constexpr = gl.SwizzledSharedLayout(1, 1, 1, [2, 1, 0])
-    sn_lo, sn_hi = _fetch_scales(src, k_begin, k_end, L, NSB, EVEN_K, SCALE_WORDS)
+    sn_lo, sn_hi = _fetch_scales(src, k_first, k_end, L, NSB, EVEN_K, SCALE_WORDS)
     if PDL_WAIT:  # activations are the launch before's output; weights and scales are not
         gl.inline_asm_elementwise("griddepcontrol.wait; // $0", "=r", [], dtype=gl.int32,
                                   is_pure=False, pack=1)
@@ -429,11 +430,11 @@ def _decode_mma_kernel(
     n_steps = gl.cdiv(k_end - k_begin, BLOCK_K)
     src = (words_base, bs_base, rows_lo, rows_hi, stride_wn, stride_bsn, stride_bsk)
     STEPS: gl.constexpr = K_CHUNKS * CH
+    k_first = k_begin
+    if EVEN_K:  # an empty split (more splits than steps) reads a real step it never uses
+        k_first = gl.minimum(k_begin, K - BLOCK_K)
     if RING == 0:  # the weights through registers, fetched a step ahead
         # the first weight step is in flight before anything waits on the previous launch
-        k_first = k_begin
-        if EVEN_K:  # an empty split (more splits than steps) reads a real step it never uses
-            k_first = gl.minimum(k_begin, K - BLOCK_K)
         wa_lo, wa_hi, sa_lo, sa_hi = _fetch(src, k_first, k_end, L, NSB, EVEN_K, SCALE_WORDS)
         if PDL and not STAGE1:
             gl.inline_asm_elementwise("griddepcontrol.wait; // $0", "=r", [], dtype=gl.int32,
@@ -503,7 +504,7 @@ def _decode_mma_kernel(
             row_hi0 = row0 + TR2
         rings = (ring_lo, ring_hi, full, empty)
         acc, down = gl.warp_specialize([
-            (_ring_consumer, (a_ptr, a_row, stride_am, k_begin, k_end, n_steps, src,
+            (_ring_consumer, (a_ptr, a_row, stride_am, k_begin, k_first, k_end, n_steps, src,
                               (pairs0, pairs1, pairs2, pairs3), rings, PDL and not STAGE1, L, P,
                               SMEM_STEP, CH, NSB, BLOCK_K, STEPS, TR2, EVEN_K, SCALE_WORDS)),
             (_ring_producer, (b_desc, rings, row0, row_hi0, k_begin // 8, n_steps, BLOCK_K)),
