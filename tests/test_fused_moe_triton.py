@@ -1033,6 +1033,26 @@ def _count_mma_launches(monkeypatch):
     return launches
 
 
+def _mma_decode_case(activation, gate_mode, bias, masked, atomic, pdl, split_k, bn, bk, warps,
+                     M, H, I, E, k, dtype):  # noqa: E741
+    """One MMA_DECODE_CASES case: inputs, the op's keyword arguments, the torch reference and
+    the w4a16 config on the Gluon decode blocks."""
+    from moeprec.kernels.tuning import fix_config
+
+    x, w1, w2, tw, ti, kw = make_case(M, H, I, E, k, "mxfp4", dtype=dtype, bias=bias, seed=M + H)
+    mask = None
+    if masked:
+        mask = torch.ones(E, dtype=torch.bool, device=x.device)
+        mask[1] = False
+    args = dict(quant="mxfp4", activation=activation, gate_mode=gate_mode, expert_mask=mask, **kw)
+    ref = fused_moe(x, w1, w2, tw, ti, backend="torch", **args)
+    st = {"BLOCK_N": bn, "BLOCK_K": bk, "num_warps": warps, "num_stages": 2, "mma": True}
+    cfg = fix_config({"BLOCK_M": 1, "atomic": atomic, "pdl": pdl, "s1": dict(st),
+                      "s2": dict(st, split_k=split_k)}, "w4a16")
+    assert cfg["s1"]["mma"] and cfg["s2"]["mma"]
+    return x, w1, w2, tw, ti, kw, args, ref, cfg
+
+
 @pytest.mark.gpu
 @pytest.mark.skipif(not ON_GPU, reason="Gluon kernels need a GPU")
 @pytest.mark.parametrize("activation,gate_mode,bias,masked,atomic,pdl,split_k,bn,bk,warps,M,H,I,E,k,dtype,scale_words",
@@ -1046,20 +1066,10 @@ def test_gpu_tensor_core_decode_blocks(activation, gate_mode, bias, masked, atom
     # the Gluon decode blocks (stage config "mma") against the reference and the CUDA-core
     # blocks; a launch counter proves they ran (a silent fallback would pass the comparison)
     m = _kernel_module()
-    from moeprec.kernels.tuning import fix_config
-
     launches = _count_mma_launches(monkeypatch)
-    x, w1, w2, tw, ti, kw = make_case(M, H, I, E, k, "mxfp4", dtype=dtype, bias=bias, seed=M + H)
-    mask = None
-    if masked:
-        mask = torch.ones(E, dtype=torch.bool, device=x.device)
-        mask[1] = False
-    args = dict(quant="mxfp4", activation=activation, gate_mode=gate_mode, expert_mask=mask, **kw)
-    ref = fused_moe(x, w1, w2, tw, ti, backend="torch", **args)
-    st = {"BLOCK_N": bn, "BLOCK_K": bk, "num_warps": warps, "num_stages": 2, "mma": True}
-    cfg = fix_config({"BLOCK_M": 1, "atomic": atomic, "pdl": pdl, "s1": dict(st),
-                      "s2": dict(st, split_k=split_k)}, "w4a16")
-    assert cfg["s1"]["mma"] and cfg["s2"]["mma"]
+    x, w1, w2, tw, ti, kw, args, ref, cfg = _mma_decode_case(
+        activation, gate_mode, bias, masked, atomic, pdl, split_k, bn, bk, warps, M, H, I, E, k,
+        dtype)
     from moeprec.kernels import _decode_mma
 
     if scale_words:
@@ -1101,23 +1111,15 @@ def test_gpu_tensor_core_decode_ring(activation, gate_mode, bias, masked, atomic
     # (stage 1 with interleaved rows, and 1-warp programs, keep the registers)
     m = _kernel_module()
     from moeprec.kernels import _decode_mma
-    from moeprec.kernels.tuning import fix_config
 
     rings = []
     real = _decode_mma.ring_descriptor
     monkeypatch.setattr(_decode_mma, "ring_descriptor",
                         lambda b, **kw: rings.append((kw["stage1"], real(b, **kw) is not None))
                         or real(b, **kw))
-    x, w1, w2, tw, ti, kw = make_case(M, H, I, E, k, "mxfp4", dtype=dtype, bias=bias, seed=M + H)
-    mask = None
-    if masked:
-        mask = torch.ones(E, dtype=torch.bool, device=x.device)
-        mask[1] = False
-    args = dict(quant="mxfp4", activation=activation, gate_mode=gate_mode, expert_mask=mask, **kw)
-    ref = fused_moe(x, w1, w2, tw, ti, backend="torch", **args)
-    st = {"BLOCK_N": bn, "BLOCK_K": bk, "num_warps": warps, "num_stages": 2, "mma": True}
-    regs = fix_config({"BLOCK_M": 1, "atomic": atomic, "pdl": pdl, "s1": dict(st),
-                       "s2": dict(st, split_k=split_k)}, "w4a16")
+    x, w1, w2, tw, ti, _, args, ref, regs = _mma_decode_case(
+        activation, gate_mode, bias, masked, atomic, pdl, split_k, bn, bk, warps, M, H, I, E, k,
+        dtype)
     ring = {**regs, "s1": dict(regs["s1"], ring=3), "s2": dict(regs["s2"], ring=3)}
     out = m.fused_moe_triton_impl(x, w1, w2, tw, ti, config=ring, **args)
     whole = warps % 4 == 0

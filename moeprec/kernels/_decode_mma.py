@@ -121,6 +121,19 @@ def _half_hi(t, F16: gl.constexpr):
 
 
 @gluon.jit
+def _step_index(rows_lo, rows_hi, k0, L: gl.constexpr, NSB: gl.constexpr):
+    """A step's block indices sb ([NSB]; [1, NSB, 1] as sb3), word indices w3 ([1, 1, 4]) and
+    the lo and hi rows as [TR2, 1, 1], in the blocks' layout L."""
+    sb = k0 // 32 + gl.arange(0, NSB, layout=gl.SliceLayout(0, gl.SliceLayout(2, L)))
+    w = gl.arange(0, 4, layout=gl.SliceLayout(0, gl.SliceLayout(1, L)))
+    sb3 = gl.expand_dims(gl.expand_dims(sb, 0), 2)                 # [1, NSB, 1]
+    w3 = gl.expand_dims(gl.expand_dims(w, 0), 1)                   # [1, 1, 4]
+    lo3 = gl.expand_dims(gl.expand_dims(rows_lo, 1), 2)            # [TR2, 1, 1]
+    hi3 = gl.expand_dims(gl.expand_dims(rows_hi, 1), 2)
+    return sb, sb3, w3, lo3, hi3
+
+
+@gluon.jit
 def _fetch(src, k0, k_end, L: gl.constexpr, NSB: gl.constexpr, EVEN_K: gl.constexpr,
            SCALE_WORDS: gl.constexpr):
     """One step's packed words [TR2, NSB, 4] (int32, a block per lane) of the lo and hi rows,
@@ -132,12 +145,7 @@ def _fetch(src, k0, k_end, L: gl.constexpr, NSB: gl.constexpr, EVEN_K: gl.conste
     masked; else blocks from k_end on are not read. `src`: the program's weight rows (words,
     scales, lo and hi row indices, row and K strides: the same at every step)."""
     words_base, bs_base, rows_lo, rows_hi, stride_wn, stride_bsn, stride_bsk = src
-    sb = k0 // 32 + gl.arange(0, NSB, layout=gl.SliceLayout(0, gl.SliceLayout(2, L)))
-    w = gl.arange(0, 4, layout=gl.SliceLayout(0, gl.SliceLayout(1, L)))
-    sb3 = gl.expand_dims(gl.expand_dims(sb, 0), 2)                 # [1, NSB, 1]
-    w3 = gl.expand_dims(gl.expand_dims(w, 0), 1)                   # [1, 1, 4]
-    lo3 = gl.expand_dims(gl.expand_dims(rows_lo, 1), 2)            # [TR2, 1, 1]
-    hi3 = gl.expand_dims(gl.expand_dims(rows_hi, 1), 2)
+    sb, sb3, w3, lo3, hi3 = _step_index(rows_lo, rows_hi, k0, L, NSB)
     wk = sb3 * 4 + w3
     if EVEN_K:
         w_lo = gl.load(words_base + lo3 * stride_wn + wk)
@@ -154,12 +162,7 @@ def _fetch_scales(src, k0, k_end, L: gl.constexpr, NSB: gl.constexpr, EVEN_K: gl
                   SCALE_WORDS: gl.constexpr):
     """The E8M0 scales of one step, raw, as `_fetch` returns them."""
     words_base, bs_base, rows_lo, rows_hi, stride_wn, stride_bsn, stride_bsk = src
-    sb = k0 // 32 + gl.arange(0, NSB, layout=gl.SliceLayout(0, gl.SliceLayout(2, L)))
-    w = gl.arange(0, 4, layout=gl.SliceLayout(0, gl.SliceLayout(1, L)))
-    sb3 = gl.expand_dims(gl.expand_dims(sb, 0), 2)                 # [1, NSB, 1]
-    w3 = gl.expand_dims(gl.expand_dims(w, 0), 1)                   # [1, 1, 4]
-    lo3 = gl.expand_dims(gl.expand_dims(rows_lo, 1), 2)            # [TR2, 1, 1]
-    hi3 = gl.expand_dims(gl.expand_dims(rows_hi, 1), 2)
+    sb, sb3, w3, lo3, hi3 = _step_index(rows_lo, rows_hi, k0, L, NSB)
     if SCALE_WORDS:  # unit K stride, 4-byte rows, whole groups: one word per row and group
         sb2 = gl.expand_dims(sb, 0)                                    # [1, NSB]
         lo2 = gl.expand_dims(rows_lo, 1)                               # [TR2, 1]
