@@ -236,6 +236,26 @@ def _act_scale(a_ptr, a_row, stride_am, k_begin, k_end, P: gl.constexpr, CH: gl.
 
 
 @gluon.jit
+def _alloc_pairs(K_CHUNKS: gl.constexpr, CH: gl.constexpr, NSB: gl.constexpr,
+                 SMEM: gl.constexpr):
+    """The four shared buffers of the activation staging, [K_CHUNKS, CH, NSB, 4] int32 each."""
+    return (gl.allocate_shared_memory(gl.int32, [K_CHUNKS, CH, NSB, 4], SMEM),
+            gl.allocate_shared_memory(gl.int32, [K_CHUNKS, CH, NSB, 4], SMEM),
+            gl.allocate_shared_memory(gl.int32, [K_CHUNKS, CH, NSB, 4], SMEM),
+            gl.allocate_shared_memory(gl.int32, [K_CHUNKS, CH, NSB, 4], SMEM))
+
+
+@gluon.jit
+def _step_views(pairs, STEPS: gl.constexpr, NSB: gl.constexpr, SMEM_STEP: gl.constexpr):
+    """The staged buffers seen step by step ([STEPS, NSB, 4]: the same row-major memory)."""
+    pairs0, pairs1, pairs2, pairs3 = pairs
+    return (pairs0._reinterpret(gl.int32, [STEPS, NSB, 4], SMEM_STEP),
+            pairs1._reinterpret(gl.int32, [STEPS, NSB, 4], SMEM_STEP),
+            pairs2._reinterpret(gl.int32, [STEPS, NSB, 4], SMEM_STEP),
+            pairs3._reinterpret(gl.int32, [STEPS, NSB, 4], SMEM_STEP))
+
+
+@gluon.jit
 def _stage_pairs(a_ptr, a_row, stride_am, k_begin, k_end, up, pairs, P: gl.constexpr,
                  CH: gl.constexpr, NSB: gl.constexpr, BLOCK_K: gl.constexpr):
     """Row a_row's activations of [k_begin, k_end) times `up` -> f16 pairs in the decode's pair
@@ -292,11 +312,7 @@ def _ring_consumer(a_ptr, a_row, stride_am, k_begin, k_first, k_end, n_steps, sr
                                   is_pure=False, pack=1)
     up, down = _act_scale(a_ptr, a_row, stride_am, k_begin, k_end, P, CH, NSB, BLOCK_K)
     _stage_pairs(a_ptr, a_row, stride_am, k_begin, k_end, up, pairs, P, CH, NSB, BLOCK_K)
-    pairs0, pairs1, pairs2, pairs3 = pairs
-    pairs0 = pairs0._reinterpret(gl.int32, [STEPS, NSB, 4], SMEM_STEP)
-    pairs1 = pairs1._reinterpret(gl.int32, [STEPS, NSB, 4], SMEM_STEP)
-    pairs2 = pairs2._reinterpret(gl.int32, [STEPS, NSB, 4], SMEM_STEP)
-    pairs3 = pairs3._reinterpret(gl.int32, [STEPS, NSB, 4], SMEM_STEP)
+    pairs0, pairs1, pairs2, pairs3 = _step_views(pairs, STEPS, NSB, SMEM_STEP)
     acc = gl.zeros([TR2, NSB, 4], gl.float32, layout=L)
     for i in range(n_steps):
         s = i % S
@@ -445,16 +461,9 @@ def _decode_mma_kernel(
 
         # activations of this K range -> f16 pairs in shared memory, scaled into [1, 2) by 2^-e
         up, down = _act_scale(a_ptr, a_row, stride_am, k_begin, k_end, P, CH, NSB, BLOCK_K)
-        pairs0 = gl.allocate_shared_memory(gl.int32, [K_CHUNKS, CH, NSB, 4], SMEM)
-        pairs1 = gl.allocate_shared_memory(gl.int32, [K_CHUNKS, CH, NSB, 4], SMEM)
-        pairs2 = gl.allocate_shared_memory(gl.int32, [K_CHUNKS, CH, NSB, 4], SMEM)
-        pairs3 = gl.allocate_shared_memory(gl.int32, [K_CHUNKS, CH, NSB, 4], SMEM)
-        _stage_pairs(a_ptr, a_row, stride_am, k_begin, k_end, up, (pairs0, pairs1, pairs2, pairs3),
-                     P, CH, NSB, BLOCK_K)
-        pairs0 = pairs0._reinterpret(gl.int32, [STEPS, NSB, 4], SMEM_STEP)
-        pairs1 = pairs1._reinterpret(gl.int32, [STEPS, NSB, 4], SMEM_STEP)
-        pairs2 = pairs2._reinterpret(gl.int32, [STEPS, NSB, 4], SMEM_STEP)
-        pairs3 = pairs3._reinterpret(gl.int32, [STEPS, NSB, 4], SMEM_STEP)
+        pairs = _alloc_pairs(K_CHUNKS, CH, NSB, SMEM)
+        _stage_pairs(a_ptr, a_row, stride_am, k_begin, k_end, up, pairs, P, CH, NSB, BLOCK_K)
+        pairs0, pairs1, pairs2, pairs3 = _step_views(pairs, STEPS, NSB, SMEM_STEP)
 
         # two steps per iteration, their weights in two register sets (a and b) that alternate:
         # each is fetched a step before its arithmetic, straight into the registers it is used
@@ -494,10 +503,7 @@ def _decode_mma_kernel(
         for i in gl.static_range(RING):
             mbarrier.init(full.index(i), count=1)
             mbarrier.init(empty.index(i), count=1)
-        pairs0 = gl.allocate_shared_memory(gl.int32, [K_CHUNKS, CH, NSB, 4], SMEM)
-        pairs1 = gl.allocate_shared_memory(gl.int32, [K_CHUNKS, CH, NSB, 4], SMEM)
-        pairs2 = gl.allocate_shared_memory(gl.int32, [K_CHUNKS, CH, NSB, 4], SMEM)
-        pairs3 = gl.allocate_shared_memory(gl.int32, [K_CHUNKS, CH, NSB, 4], SMEM)
+        pairs = _alloc_pairs(K_CHUNKS, CH, NSB, SMEM)
         # the first rows of the lo and hi boxes in the [experts * rows, K / 8] view
         if STAGE1:  # gate rows [0, N), up rows [N, 2N)
             row0 = (expert * 2 * N).to(gl.int32) + pid_n * BLOCK_N
@@ -508,7 +514,7 @@ def _decode_mma_kernel(
         rings = (ring_lo, ring_hi, full, empty)
         acc, down = gl.warp_specialize([
             (_ring_consumer, (a_ptr, a_row, stride_am, k_begin, k_first, k_end, n_steps, src,
-                              (pairs0, pairs1, pairs2, pairs3), rings, PDL and not STAGE1, L, P,
+                              pairs, rings, PDL and not STAGE1, L, P,
                               SMEM_STEP, CH, NSB, BLOCK_K, STEPS, TR2, EVEN_K, SCALE_WORDS)),
             (_ring_producer, (b_desc, rings, row0, row_hi0, k_begin // 8, n_steps, BLOCK_K)),
         ], [1], [24])
@@ -606,14 +612,16 @@ def ring_descriptor(b, *, stage1: bool, interleaved: bool, st: dict, k_chunks: i
     with interleaved gate/up rows, experts not back to back, rows or base off 16 bytes, the
     ring and the staging over the blocks' shared-memory cap, warps not whole warpgroups (a
     warp-specialized kernel's rule)."""
+    ring, bk = st.get("ring", 0), st["BLOCK_K"]
+    if not ring:  # (the register path: nothing to build on this per-launch path)
+        return None
     import torch
     from triton.experimental.gluon.nvidia.hopper import TensorDescriptor
 
-    ring, bk = st.get("ring", 0), st["BLOCK_K"]
     tr2 = st["BLOCK_N"] if stage1 else st["BLOCK_N"] // 2
     E, R, half_k = b.shape
     smem = 2 * ring * tr2 * bk // 2 + 4 * k_chunks * ch * (bk // 32) * 16
-    if (not ring or (stage1 and interleaved) or b.stride(2) != 1 or b.stride(1) % 16
+    if ((stage1 and interleaved) or b.stride(2) != 1 or b.stride(1) % 16
             or b.stride(0) != R * b.stride(1) or half_k % 4 or b.data_ptr() % 16
             or tr2 > 256 or smem > 128 * 1024 or st["num_warps"] % 4):
         return None
@@ -631,7 +639,7 @@ def launch(*, a, b, b_scale, bias, c, sorted_ids, expert_ids, topk_w, pair_mask,
     pair_blocks = sorted_ids is None
     dummy = expert_ids
     desc = ring_descriptor(b, stage1=stage1, interleaved=interleaved, st=st, k_chunks=k_chunks,
-                           ch=ch) if st.get("ring", 0) else None
+                           ch=ch)
     # with the ring: one more (padded) warpgroup for the producer, registers capped so that
     # several programs share an SM (the consumers take what the producer's 24 leave)
     extra = {"maxnreg": st.get("maxnreg", 80)} if desc is not None else {}
@@ -648,6 +656,6 @@ def launch(*, a, b, b_scale, bias, c, sorted_ids, expert_ids, topk_w, pair_mask,
         HAS_MASK=pair_mask is not None, PDL=pdl, ZERO_OUT=zero is not None,
         BLOCK_N=st["BLOCK_N"], BLOCK_K=st["BLOCK_K"], SPLIT_K=split_k, CH=ch,
         K_CHUNKS=k_chunks, WARPS=st["num_warps"], EVEN_K=Kdim % st["BLOCK_K"] == 0,
-        SCALE_WORDS=scale_words(b_scale, Kdim), RING=st.get("ring", 0) if desc is not None else 0,
+        SCALE_WORDS=scale_words(b_scale, Kdim), RING=0 if desc is None else st["ring"],
         b_desc=desc, num_warps=st["num_warps"], launch_pdl=pdl and not stage1, **extra,
     )
