@@ -31,6 +31,7 @@
 #   bash benchmarks/gpu_checks.sh ncu          # Nsight Compute counters of the decode GEMMs
 #   bash benchmarks/gpu_checks.sh mma          # tensor-core decode blocks: tests, memcheck, against the CUDA cores
 #   bash benchmarks/gpu_checks.sh ring         # those blocks' weights through a TMA ring: tests, memcheck, probe
+#   bash benchmarks/gpu_checks.sh ring-tune    # the w4a16 decode entries refined (ring per stage), bench
 # Uses the machine's own python3 (torch + triton preinstalled); moeprec from this checkout.
 set -uo pipefail
 OUT=${OUT:-out}
@@ -212,6 +213,12 @@ PY
       (cd benchmarks/probes && timeout 200 python3 decode_mma.py --M 1,4,16 --variants \
         '{"ring2": {"ring": 2}, "ring4": {"ring": 4}, "ring6": {"ring": 6}, "ring4_r128": {"ring": 4, "maxnreg": 128}}' \
         --out "$OUT/ring" 2>&1 | tee "$OUT/decode_mma_ring.log" | tail -16) ;;
+    ring-tune)  # the table's w4a16 decode entries refined (`tune --refine`: the flag steps only,
+      # the TMA ring and its register cap per stage among them), bench bf16 + w4a16 with them
+      tune_into_copy ring_tune 300 --shapes deepseek-v3,mixtral-8x7b,gpt-oss-20b,qwen3-30b-a3b \
+        --paths mxfp4-w4a16 --M 1,4,16 --refine --budget-s 270
+      bench_with_copy ring_tuned 230 --paths bf16,mxfp4-w4a16 --M 1,4,16 --no-peers --reps 8 \
+        --sets 3 ;;
     small-kernels)  # the prefill call's small kernels (60-150 us each at Qwen3 M = 16384)
       (cd benchmarks/probes && timeout 200 python3 quant_rows.py --out "$OUT/quant_rows" 2>&1 \
         | tee "$OUT/quant_rows.log" | tail -6

@@ -986,6 +986,13 @@ def test_tensor_core_decode_ring_rules():
     assert fix_config({"BLOCK_M": 1, "s1": dict(on), "s2": dict(on, mma=False)},
                       "w4a16")["s2"]["ring"] == 0
     assert fix_config({"BLOCK_M": 1, "s1": dict(on), "s2": dict(on)}, "bf16")["s2"]["ring"] == 0
+    # and its register cap (programs per SM) with the ring only: 80 unless set, whole 8s, >= 40
+    cfg = fix_config({"BLOCK_M": 1, "s1": dict(on, maxnreg=63), "s2": dict(on)}, "w4a16")
+    assert (cfg["s1"]["maxnreg"], cfg["s2"]["maxnreg"]) == (56, 80)
+    assert fix_config({"BLOCK_M": 1, "s1": dict(on, maxnreg=8), "s2": dict(on)},
+                      "w4a16")["s1"]["maxnreg"] == 40
+    assert "maxnreg" not in fix_config({"BLOCK_M": 1, "s1": dict(on, ring=0, maxnreg=64),
+                                        "s2": dict(on)}, "w4a16")["s1"]
 
 
 def test_tensor_core_decode_fit_rules():

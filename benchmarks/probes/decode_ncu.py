@@ -9,6 +9,7 @@ inputs, and prints the configuration used, so that the counters can be read agai
 decode stage bound by DRAM bytes, by instruction issue, or by loads in flight?
 """
 import argparse
+import json
 
 import torch
 
@@ -23,14 +24,16 @@ ap.add_argument("--path", default="mxfp4-w4a16", choices=("bf16", "mxfp4-w4a16")
 ap.add_argument("--M", type=int, default=1)
 ap.add_argument("--calls", type=int, default=3)
 ap.add_argument("--mma", action="store_true", help="stage config \"mma\" on (tensor-core decode blocks)")
+ap.add_argument("--stage", default="{}", help='JSON merged into both stages, e.g. \'{"ring": 4}\'')
 args = ap.parse_args()
 H, I, E, k = SHAPES[args.shape]  # noqa: E741
 quant, act = PATHS[args.path]
 weights = make_weights(args.path, H, I, E)
 wkw = {n: t for n, t in weights.items() if n not in ("w1", "w2")}
 cfg = get_config(KERNEL_PATH[args.path], args.M, E, H, I, k, torch.cuda.get_device_name())
-if args.mma:
-    cfg = fix_config(dict(cfg, s1=dict(cfg["s1"], mma=True), s2=dict(cfg["s2"], mma=True)),
+extra = dict(json.loads(args.stage), **({"mma": True} if args.mma else {}))
+if extra:
+    cfg = fix_config(dict(cfg, s1={**cfg["s1"], **extra}, s2={**cfg["s2"], **extra}),
                      KERNEL_PATH[args.path])
 print(args.shape, args.path, "M", args.M, "config", cfg, flush=True)
 for x, topk_w, topk_ids in make_inputs(args.M, H, E, k, args.calls, seed=5):

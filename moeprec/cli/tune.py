@@ -40,6 +40,9 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--reps", type=int, default=8)
     p.add_argument("--budget-s", type=float, default=600.0, help="stop after this many seconds")
     p.add_argument("--log", default=None, help="append every timing (JSON lines) here")
+    p.add_argument("--refine", action="store_true",
+                   help="start from the table's entry and try only the per-flag steps (no tile "
+                        "search): a quick re-tune after a new kernel option")
 
 
 def _stage_candidates(bm: int) -> list[dict[str, int]]:
@@ -83,7 +86,14 @@ def _block_m_candidates(kpath: str, M: int, E: int, k: int) -> list[int]:
     return [64, 128]
 
 
-def tune_point(shape: str, path: str, M: int, weights: dict, reps: int, log) -> dict[str, Any]:
+# the Gluon decode blocks' TMA ring: (steps, registers per thread). The register cap sets
+# programs per SM (8 warps each with the producer's padded warpgroup): 80 -> 3, 64 -> 4, 48 -> 5;
+# the consumer warps keep 136 / 104 / 72 of them (sm_90 compile, 2026-12-04)
+RING_CANDIDATES = ((2, 64), (3, 64), (2, 80), (4, 80), (2, 48))
+
+
+def tune_point(shape: str, path: str, M: int, weights: dict, reps: int, log,
+               refine: bool = False) -> dict[str, Any]:
     import torch
 
     from moeprec.kernels.fused_moe_triton import fused_moe_triton_impl, use_dot_scaled
@@ -110,10 +120,13 @@ def tune_point(shape: str, path: str, M: int, weights: dict, reps: int, log) -> 
             log.write(json.dumps({"shape": shape, "path": path, "M": M, "ms": ms, "cfg": cfg}) + "\n")
         return ms, cfg
 
-    base = default_config(kpath, M, E, H, I, k)
+    if refine:  # the table's entry (or the heuristic) as it is, then the flag steps below
+        base = get_config(kpath, M, E, H, I, k, torch.cuda.get_device_name())
+    else:
+        base = default_config(kpath, M, E, H, I, k)
     best_ms, best = timed(base)
     default_ms = best_ms
-    for bm in _block_m_candidates(kpath, M, E, k):
+    for bm in [] if refine else _block_m_candidates(kpath, M, E, k):
         cands = {st: _gemv_stage_candidates(st) if bm == 1 else _stage_candidates(bm)
                  for st in ("s1", "s2")}
         cur = dict(best, BLOCK_M=bm)
@@ -139,6 +152,13 @@ def tune_point(shape: str, path: str, M: int, weights: dict, reps: int, log) -> 
             ms, cfg = timed(cand)
             if ms < best_ms:
                 best_ms, best = ms, cfg
+        for st in ("s1", "s2"):  # their weights through a TMA ring, per stage (where it runs)
+            if not best[st].get("mma", True):
+                continue
+            for ring, maxnreg in RING_CANDIDATES:
+                ms, cfg = timed(dict(best, **{st: dict(best[st], ring=ring, maxnreg=maxnreg)}))
+                if ms < best_ms:
+                    best_ms, best = ms, cfg
     if kpath == "w4a16" and best["BLOCK_M"] != 1:  # MXFP4 tiles: the explicit bf16-pair
         # decode or tl.dot_scaled, per stage
         for stages in (("s1",), ("s2",), ("s1", "s2")):  # each flipped from the op's own choice
@@ -213,11 +233,12 @@ def run(args: argparse.Namespace) -> int:
                 if time.time() - t0 > args.budget_s:
                     print(f"budget spent: stopping before {shape} {path} M={M}", flush=True)
                     break
-                r = tune_point(shape, path, M, weights, args.reps, log)
+                r = tune_point(shape, path, M, weights, args.reps, log, refine=args.refine)
                 done += 1
                 entry = table.setdefault(KERNEL_PATH[path], {}).setdefault(shape_key(E, H, I, k), {})
                 entry[str(M)] = r["config"]
-                print(f"{shape:<14}{path:<12}M={M:<6} default {r['default_ms'] * 1e3:9.1f} us -> "
+                print(f"{shape:<14}{path:<12}M={M:<6} {'table' if args.refine else 'default'} "
+                      f"{r['default_ms'] * 1e3:9.1f} us -> "
                       f"tuned {r['ms'] * 1e3:9.1f} us  ({time.time() - t0:.0f}s)", flush=True)
                 with open(out, "w") as f:  # after every point: a cut-off run keeps its results
                     json.dump(table, f, indent=1, sort_keys=True)

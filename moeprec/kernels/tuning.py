@@ -155,8 +155,12 @@ def fix_config(cfg: dict[str, Any], path: str) -> dict[str, Any]:
         # where it fits) instead of the CUDA-core product (1.02-1.29x on the H200, 2026-12-03)
         s["mma"] = bool(s.get("mma", True)) and gemv and path == "w4a16"
         # those blocks' weights through a TMA ring of this many steps filled by a producer warp
-        # (0: registers; experimental, not yet run on a GPU: docs/kernels.md)
+        # (0: registers; docs/kernels.md), its launch's register cap (programs per SM)
         s["ring"] = max(0, int(s.get("ring", 0))) if s["mma"] else 0
+        if s["ring"]:
+            s["maxnreg"] = min(max(int(s.get("maxnreg", 80)) // 8 * 8, 40), 256)
+        else:
+            s.pop("maxnreg", None)
         # MXFP4 decodes K in blocks of 32; tl.dot needs K >= 16 per half (>= 32 for fp8).
         if mxfp4_tiles:
             s["BLOCK_K"] = max(s["BLOCK_K"], 64)
