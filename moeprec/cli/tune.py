@@ -152,11 +152,11 @@ def tune_point(shape: str, path: str, M: int, weights: dict, reps: int, log,
             ms, cfg = timed(cand)
             if ms < best_ms:
                 best_ms, best = ms, cfg
-        for st in ("s1", "s2"):  # their weights through a TMA ring, per stage (where it runs)
-            if not best[st].get("mma", True):
-                continue
+        for st in ("s1", "s2"):  # their weights through a TMA ring, per stage (where it runs;
+            # a stage left on the CUDA cores gets the Gluon blocks with the ring too)
             for ring, maxnreg in RING_CANDIDATES:
-                ms, cfg = timed(dict(best, **{st: dict(best[st], ring=ring, maxnreg=maxnreg)}))
+                cand = dict(best[st], mma=True, ring=ring, maxnreg=maxnreg)
+                ms, cfg = timed(dict(best, **{st: cand}))
                 if ms < best_ms:
                     best_ms, best = ms, cfg
     if kpath == "w4a16" and best["BLOCK_M"] != 1:  # MXFP4 tiles: the explicit bf16-pair
