@@ -202,3 +202,41 @@ def test_tune_tries_programmatic_dependent_launch_on_short_calls(M, pdl_pays, mo
     graphed = M <= 256
     assert r["config"]["pdl"] == (graphed and pdl_pays)
     assert any(c["pdl"] for c in timed) == graphed
+
+
+@pytest.mark.parametrize("ring_pays", [True, False])
+def test_tune_refine_tries_the_ring_and_rematches_its_start(ring_pays, monkeypatch):
+    # fake clock: --refine starts from the table's entry, tries the TMA ring per stage, and keeps
+    # a change only if it beats the start in a rematch; a start timed slow once (first after
+    # compiling) must not let a noise-sized "win" into the table
+    import torch
+
+    import moeprec.kernels.fused_moe_triton as fm
+    from moeprec.cli import tune
+
+    timed = []
+    monkeypatch.setattr(fm, "fused_moe_triton_impl", lambda *a, config, **kw: config)
+    monkeypatch.setattr(tune, "make_inputs", lambda *a, **kw: [(None, None, None)])
+    monkeypatch.setattr(tune, "_as_graphs", lambda fns: fns)
+    monkeypatch.setattr(torch.cuda, "synchronize", lambda: None)
+    monkeypatch.setattr(torch.cuda, "get_device_name", lambda *a: "none")
+
+    def fake_ms(fns, reps):
+        cfg = fns[0]()
+        timed.append(cfg)
+        if len(timed) == 1:
+            return 1.2  # the start, straight after compiling
+        s1 = cfg["s1"]
+        if s1["ring"] == 2 and s1["maxnreg"] == 64:
+            return 0.9 if ring_pays else 0.995
+        return 1.0
+
+    monkeypatch.setattr(tune, "_median_ms", fake_ms)
+    r = tune.tune_point("mixtral-8x7b", "mxfp4-w4a16", 1, {"w1": None, "w2": None}, 1, None,
+                        refine=True)
+    assert timed[0]["BLOCK_M"] == 1 and not timed[0]["s1"]["ring"]
+    assert all(c["BLOCK_M"] == 1 for c in timed)  # no tile search
+    assert any(c["s2"]["ring"] for c in timed)  # both stages tried
+    s1 = r["config"]["s1"]
+    assert (s1["ring"], s1.get("maxnreg")) == ((2, 64) if ring_pays else (0, None))
+    assert r["ms"] == pytest.approx(0.9 if ring_pays else 1.0)
