@@ -205,7 +205,7 @@ PY
       (cd benchmarks/probes && timeout 240 python3 decode_mma.py --M 1,4,16 --out "$OUT/mma" 2>&1 \
         | tee "$OUT/decode_mma.log" | tail -25) ;;
     ring)  # the Gluon decode blocks' weights through a TMA ring filled by a producer warp
-      # (stage setting "ring"; not yet run on a GPU when written: a hang is cut by the timeouts)
+      # (stage setting "ring"; a hang would be cut by the timeouts)
       timeout 200 python3 -m pytest -q -p no:cacheprovider tests/test_fused_moe_triton.py \
         -k "decode_ring or ring_rules" 2>&1 | tee "$OUT/ring_tests.log" | tail -4
       PYTORCH_NO_CUDA_MEMORY_CACHING=1 timeout 150 compute-sanitizer --tool memcheck \
