@@ -210,14 +210,21 @@ def main() -> None:
     # the same blocks with a TMA ring of 4 steps filled by a producer warp (stage setting "ring",
     # registers capped at 80 per thread: three programs of 4 + 4 warps per SM): the loop's
     # barriers should be the consumer warps' own (bar.sync 0, 128 per step), none CTA-wide
-    for stage1, bn, bk, warps, K, split in ((True, 32, 256, 4, 4096, 1), (False, 32, 256, 4, 14336, 2)):
-        c = compile_decode_mma(stage1, bn, bk, warps, split=split, K=K, ring=4, maxnreg=80)
+    # then the H200 table's ring settings (depth, register cap 64 / 48: 4 / 5 programs per SM)
+    rings = ((True, 32, 256, 4, 4096, 1, 4, 80), (False, 32, 256, 4, 14336, 2, 4, 80),
+             (True, 32, 256, 4, 4096, 1, 2, 64), (False, 32, 256, 4, 14336, 2, 2, 64),
+             (False, 64, 256, 4, 2048, 1, 3, 64), (True, 32, 128, 4, 2880, 1, 2, 48),
+             (False, 64, 256, 4, 768, 1, 2, 48))
+    for stage1, bn, bk, warps, K, split, ring, cap in rings:
+        c = compile_decode_mma(stage1, bn, bk, warps, split=split, K=K, ring=ring, maxnreg=cap)
         n, mix = loop_sass(c.asm["cubin"], must="HMMA")
         ptx = c.asm["ptx"]
         weights = 2 * (bn if stage1 else bn // 2) * bk // (32 * warps)  # one step per loop
         regs = re.findall(r"setmaxnreg\.(\w+)\.sync\.aligned\.u32\s+(\d+)", ptx)
-        print(f"decode_mma ring=4 stage{'1' if stage1 else '2'} BN={bn} BK={bk} warps={warps} "
-              f"K={K}/{split}: setmaxnreg {sorted(set(regs))}, smem {c.metadata.shared} B, "
+        spills = cuobjdump(c.asm["cubin"], "-sass").count("STL")
+        print(f"decode_mma ring={ring} maxnreg={cap} stage{'1' if stage1 else '2'} BN={bn} BK={bk} "
+              f"warps={warps} K={K}/{split}: setmaxnreg {sorted(set(regs))}, {spills} spill "
+              f"stores, smem {c.metadata.shared} B, "
               f"TMA copies {ptx.count('cp.async.bulk.tensor')}, loop: {n} SASS instructions for "
               f"{weights} weights per thread ({n / weights:.2f} per weight): "
               f"{dict(mix.most_common(8))}, sass {sass_digest(c.asm['cubin'])}")

@@ -149,27 +149,42 @@ def test_bench_table_puts_each_path_against_bf16():
     assert lines[4].split()[4] == "1.0"  # the ratio column is blank: TFLOP/s comes next
 
 
-@pytest.mark.parametrize("tma_pays", [True, False])
-def test_tune_tries_tma_weight_tiles_per_stage(tma_pays, monkeypatch):
-    # the search with a fake clock (no GPU): a timing model in which TMA weight tiles save time
-    # in each stage (or cost time) must end on tma_b in both stages (or in neither)
+@pytest.fixture
+def fake_clock(monkeypatch):
+    """install(model): `tune.tune_point` runs without a GPU, each config "timed" as model(cfg)
+    ms (the kernels, inputs, graphs and device name faked); returns the list of timed configs."""
     import torch
 
     import moeprec.kernels.fused_moe_triton as fm
     from moeprec.cli import tune
 
-    timed = []
-    monkeypatch.setattr(fm, "fused_moe_triton_impl", lambda *a, config, **kw: config)
-    monkeypatch.setattr(tune, "make_inputs", lambda *a, **kw: [(None, None, None)])
-    monkeypatch.setattr(torch.cuda, "synchronize", lambda: None)
+    def install(model):
+        timed = []
+        monkeypatch.setattr(fm, "fused_moe_triton_impl", lambda *a, config, **kw: config)
+        monkeypatch.setattr(tune, "make_inputs", lambda *a, **kw: [(None, None, None)])
+        monkeypatch.setattr(tune, "_as_graphs", lambda fns: fns)
+        monkeypatch.setattr(torch.cuda, "synchronize", lambda: None)
+        monkeypatch.setattr(torch.cuda, "get_device_name", lambda *a: "none")
 
-    def fake_ms(fns, reps):
-        cfg = fns[0]()
-        timed.append(cfg)
-        sign = -1 if tma_pays else 1
-        return 1.0 + sign * (0.1 * cfg["s1"]["tma_b"] + 0.05 * cfg["s2"]["tma_b"])
+        def fake_ms(fns, reps):
+            cfg = fns[0]()
+            timed.append(cfg)
+            return model(cfg)
 
-    monkeypatch.setattr(tune, "_median_ms", fake_ms)
+        monkeypatch.setattr(tune, "_median_ms", fake_ms)
+        return timed
+
+    return install
+
+
+@pytest.mark.parametrize("tma_pays", [True, False])
+def test_tune_tries_tma_weight_tiles_per_stage(tma_pays, fake_clock):
+    # the search with a fake clock (no GPU): a timing model in which TMA weight tiles save time
+    # in each stage (or cost time) must end on tma_b in both stages (or in neither)
+    from moeprec.cli import tune
+
+    sign = -1 if tma_pays else 1
+    timed = fake_clock(lambda cfg: 1.0 + sign * (0.1 * cfg["s1"]["tma_b"] + 0.05 * cfg["s2"]["tma_b"]))
     r = tune.tune_point("qwen3-30b-a3b", "bf16", 4096, {"w1": None, "w2": None}, 1, None)
     assert r["config"]["s1"]["tma_b"] == tma_pays and r["config"]["s2"]["tma_b"] == tma_pays
     assert any(c["s1"]["tma_b"] for c in timed) and any(c["s2"]["tma_b"] for c in timed)
@@ -177,27 +192,12 @@ def test_tune_tries_tma_weight_tiles_per_stage(tma_pays, monkeypatch):
 
 
 @pytest.mark.parametrize("M,pdl_pays", [(16, True), (16, False), (4096, True)])
-def test_tune_tries_programmatic_dependent_launch_on_short_calls(M, pdl_pays, monkeypatch):
+def test_tune_tries_programmatic_dependent_launch_on_short_calls(M, pdl_pays, fake_clock):
     # fake clock: where "pdl" saves time the search must end on it, but only for calls short
     # enough to be timed as graphs (M <= 256); where it costs time, never
-    import torch
-
-    import moeprec.kernels.fused_moe_triton as fm
     from moeprec.cli import tune
 
-    timed = []
-    monkeypatch.setattr(fm, "fused_moe_triton_impl", lambda *a, config, **kw: config)
-    monkeypatch.setattr(tune, "make_inputs", lambda *a, **kw: [(None, None, None)])
-    monkeypatch.setattr(tune, "_as_graphs", lambda fns: fns)
-    monkeypatch.setattr(torch.cuda, "synchronize", lambda: None)
-    monkeypatch.setattr(torch.cuda, "get_device_name", lambda *a: "none")
-
-    def fake_ms(fns, reps):
-        cfg = fns[0]()
-        timed.append(cfg)
-        return 1.0 + (-0.1 if pdl_pays else 0.1) * cfg["pdl"]
-
-    monkeypatch.setattr(tune, "_median_ms", fake_ms)
+    timed = fake_clock(lambda cfg: 1.0 + (-0.1 if pdl_pays else 0.1) * cfg["pdl"])
     r = tune.tune_point("qwen3-30b-a3b", "bf16", M, {"w1": None, "w2": None}, 1, None)
     graphed = M <= 256
     assert r["config"]["pdl"] == (graphed and pdl_pays)
@@ -211,31 +211,19 @@ def test_tune_tries_programmatic_dependent_launch_on_short_calls(M, pdl_pays, mo
     (0.080, 0.077, True),      # 3.75%, 3 us: kept
 ])
 def test_tune_refine_tries_the_ring_and_rematches_its_start(base_ms, ring_ms, ring_pays,
-                                                            monkeypatch):
+                                                            fake_clock):
     # fake clock: --refine starts from the table's entry, tries the TMA ring per stage, and keeps
     # a change only if it beats the start in a rematch by 1% and 1 us; a start timed slow once
     # (first after compiling) must not let a noise-sized "win" into the table
-    import torch
-
-    import moeprec.kernels.fused_moe_triton as fm
     from moeprec.cli import tune
 
-    timed = []
-    monkeypatch.setattr(fm, "fused_moe_triton_impl", lambda *a, config, **kw: config)
-    monkeypatch.setattr(tune, "make_inputs", lambda *a, **kw: [(None, None, None)])
-    monkeypatch.setattr(tune, "_as_graphs", lambda fns: fns)
-    monkeypatch.setattr(torch.cuda, "synchronize", lambda: None)
-    monkeypatch.setattr(torch.cuda, "get_device_name", lambda *a: "none")
-
-    def fake_ms(fns, reps):
-        cfg = fns[0]()
-        timed.append(cfg)
+    def model(cfg):
         if len(timed) == 1:
             return 1.2 * base_ms  # the start, straight after compiling
         s1 = cfg["s1"]
         return ring_ms if (s1["ring"], s1.get("maxnreg")) == (2, 64) else base_ms
 
-    monkeypatch.setattr(tune, "_median_ms", fake_ms)
+    timed = fake_clock(model)
     r = tune.tune_point("mixtral-8x7b", "mxfp4-w4a16", 1, {"w1": None, "w2": None}, 1, None,
                         refine=True)
     assert timed[0]["BLOCK_M"] == 1 and not timed[0]["s1"]["ring"]
