@@ -204,12 +204,12 @@ def tune_point(shape: str, path: str, M: int, weights: dict, reps: int, log,
             best_ms, best = ms, cfg
     if refine and best != fix_config(base, kpath):  # a refinement must beat the entry it
         # started from in a fair rematch
-        best_ms, best = confirm_against_start(timed, base, best_ms, best)
+        best_ms, best = confirm_against_start(timed, base, best)
     torch.cuda.synchronize()
     return {"config": best, "ms": best_ms, "default_ms": default_ms}
 
 
-def confirm_against_start(timed, start: dict, best_ms: float, best: dict, rounds: int = 3,
+def confirm_against_start(timed, start: dict, best: dict, rounds: int = 3,
                           margin: float = 0.01, margin_ms: float = 1e-3) -> tuple[float, dict]:
     """Time the starting config and the search's best alternately `rounds` times each; the best
     stands only if its median beats the start's by `margin` and by `margin_ms`. (The start is
