@@ -162,6 +162,12 @@ def tune_point(shape: str, path: str, M: int, weights: dict, reps: int, log,
                 ms, cfg = timed(dict(best, **{st: cand}))
                 if ms < best_ms:
                     best_ms, best = ms, cfg
+            if best[st].get("ring"):  # the ring changes programs per SM: rows per program again
+                for bn in (best[st]["BLOCK_N"] // 2, best[st]["BLOCK_N"] * 2):
+                    if 16 <= bn <= 128:
+                        ms, cfg = timed(dict(best, **{st: dict(best[st], BLOCK_N=bn)}))
+                        if ms < best_ms:
+                            best_ms, best = ms, cfg
     if kpath == "w4a16" and best["BLOCK_M"] != 1:  # MXFP4 tiles: the explicit bf16-pair
         # decode or tl.dot_scaled, per stage
         for stages in (("s1",), ("s2",), ("s1", "s2")):  # each flipped from the op's own choice
