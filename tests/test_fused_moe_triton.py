@@ -9,6 +9,9 @@ use tol = one fp8 step (2^-4) for the per-element check and keep the similarity 
 
 from __future__ import annotations
 
+import re
+import warnings
+
 import pytest
 import torch
 
@@ -995,6 +998,32 @@ def test_tensor_core_decode_ring_rules():
                                         "s2": dict(on)}, "w4a16")["s1"]
 
 
+@pytest.mark.parametrize("version,ok", [("3.6.0", True), ("3.6.1+git1234", True),
+                                         ("3.5.1", False), ("3.9.0", False), ("4.0.0", False)])
+def test_gluon_decode_blocks_only_with_their_triton(version, ok, monkeypatch):
+    # Gluon's API moves between Triton releases (3.4, 3.5 and 3.9 do not compile the blocks):
+    # other versions get the CUDA-core blocks and one warning naming the version
+    pytest.importorskip("triton.experimental.gluon")
+    import triton
+
+    m = _kernel_module()
+    monkeypatch.setattr(triton, "__version__", version)
+    m.gluon_decode_available.cache_clear()
+    try:
+        if ok:
+            with warnings.catch_warnings():
+                warnings.simplefilter("error")
+                assert m.gluon_decode_available()
+        else:
+            with pytest.warns(RuntimeWarning, match=f"Triton {re.escape(version)}.*CUDA-core"):
+                assert not m.gluon_decode_available()
+            with warnings.catch_warnings():  # once per process
+                warnings.simplefilter("error")
+                assert not m.gluon_decode_available()
+    finally:
+        m.gluon_decode_available.cache_clear()
+
+
 def test_tensor_core_decode_fit_rules():
     # which BLOCK_M = 1 MXFP4 stages the Gluon blocks take (host-side rules; CPU tensors)
     pytest.importorskip("triton.experimental.gluon")
@@ -1061,7 +1090,8 @@ def _mma_decode_case(activation, gate_mode, bias, masked, atomic, pdl, split_k, 
 
 
 @pytest.mark.gpu
-@pytest.mark.skipif(not ON_GPU, reason="Gluon kernels need a GPU")
+@pytest.mark.skipif(not (ON_GPU and _kernel_module().gluon_decode_available()),
+                    reason="the Gluon decode blocks need a GPU and their Triton version")
 @pytest.mark.parametrize("activation,gate_mode,bias,masked,atomic,pdl,split_k,bn,bk,warps,M,H,I,E,k,dtype,scale_words",
                          # scales read bytewise on every case; as 4-byte words where both K are
                          # multiples of 128 (the default there)
@@ -1108,7 +1138,8 @@ def _assert_same_sums(out, cores):
 
 
 @pytest.mark.gpu
-@pytest.mark.skipif(not ON_GPU, reason="Gluon kernels need a GPU")
+@pytest.mark.skipif(not (ON_GPU and _kernel_module().gluon_decode_available()),
+                    reason="the Gluon decode blocks need a GPU and their Triton version")
 @pytest.mark.parametrize("activation,gate_mode,bias,masked,atomic,pdl,split_k,bn,bk,warps,M,H,I,E,k,dtype",
                          MMA_DECODE_CASES)
 def test_gpu_tensor_core_decode_ring(activation, gate_mode, bias, masked, atomic, pdl, split_k,
@@ -1136,7 +1167,8 @@ def test_gpu_tensor_core_decode_ring(activation, gate_mode, bias, masked, atomic
 
 
 @pytest.mark.gpu
-@pytest.mark.skipif(not ON_GPU, reason="Gluon kernels need a GPU")
+@pytest.mark.skipif(not (ON_GPU and _kernel_module().gluon_decode_available()),
+                    reason="the Gluon decode blocks need a GPU and their Triton version")
 @pytest.mark.parametrize("scale", [1e-30, 1.0, 3e4])
 def test_gpu_tensor_core_decode_activation_range(scale, monkeypatch):
     # the f16 staging scales each program's activations into [1, 2) by a power of two: tiny and

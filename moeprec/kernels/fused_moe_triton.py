@@ -244,6 +244,35 @@ def _weight_descriptor(b: torch.Tensor, parts: int, tile_rows: int, block_k: int
     return TensorDescriptor(b, [E, parts, rows, Kdim], strides, [1, parts, box, block_k])
 
 
+# Triton versions whose Gluon API the tensor-core decode blocks are written against and were
+# run on a GPU with. Gluon is experimental and moved between releases (compiled for sm_90 on
+# CPU, 2026-12-04: 3.4 lacks gl.num_programs, 3.5 has another warp_specialize signature, 3.9
+# renamed gl.thread_barrier), so elsewhere the CUDA-core decode blocks run.
+GLUON_DECODE_TRITON = ((3, 6),)
+
+
+@functools.cache
+def gluon_decode_available() -> bool:
+    """Whether the Gluon tensor-core decode blocks (stage setting "mma") can run with the
+    installed Triton; if not, one warning, and the CUDA-core blocks take those stages."""
+    import triton
+
+    version = tuple(int(v) for v in triton.__version__.split(".")[:2] if v.isdigit())
+    if version in GLUON_DECODE_TRITON:
+        try:
+            from moeprec.kernels import _decode_mma  # noqa: F401
+            return True
+        except ImportError as exc:
+            why = f"its Gluon imports failed ({exc})"
+    else:
+        why = (f"they are written for Triton {', '.join('%d.%d' % v for v in GLUON_DECODE_TRITON)}"
+               f" (Gluon's API changes between releases)")
+    warnings.warn(f"moeprec: Triton {triton.__version__}: the MXFP4 tensor-core decode blocks are "
+                  f"off because {why}; the CUDA-core decode blocks run instead (slower at decode "
+                  f"batches; results within the same tolerances)", RuntimeWarning, stacklevel=2)
+    return False
+
+
 def _launch_gemm(*, a, a_scale, b, b_scale, bias, c, c_scale, sorted_ids, expert_ids, topk_w,
                  N, Kdim, num_slots, top_k, interleaved, stage1, b_fmt, a_fp8,
                  a_quant, act, mul_weight, atomic_out, quant_out, compute_dtype, alpha,
@@ -272,7 +301,7 @@ def _launch_gemm(*, a, a_scale, b, b_scale, bias, c, c_scale, sorted_ids, expert
     def s(t, i):
         return t.stride(i) if t is not None and t.dim() > i else 0
 
-    if gemv and b_fmt == 1 and st.get("mma") and not triton_interpret():
+    if gemv and b_fmt == 1 and st.get("mma") and not triton_interpret() and gluon_decode_available():
         from moeprec.kernels import _decode_mma
 
         if _decode_mma.fits(a=a, b=b, c=c, stage1=stage1, st=st):  # tensor-core decode blocks
