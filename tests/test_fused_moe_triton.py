@@ -998,6 +998,31 @@ def test_tensor_core_decode_ring_rules():
                                         "s2": dict(on)}, "w4a16")["s1"]
 
 
+@pytest.mark.parametrize("cap,quant,act,pdl,need", [
+    ((8, 0), "none", "bf16", False, None),       # bf16 compiles for sm_80
+    ((8, 0), "mxfp4", "bf16", False, "8.9"),     # the MXFP4 decode blocks: fp8 conversions
+    ((8, 0), "none", "fp8", False, "8.9"),
+    ((8, 6), "fp8", "bf16", False, "8.9"),
+    ((8, 9), "fp8", "fp8", False, None),
+    ((8, 9), "mxfp4", "bf16", True, "9.0"),      # griddepcontrol
+    ((9, 0), "mxfp4", "fp8", True, None),
+    ((10, 0), "fp8", "fp8", True, None),
+])
+def test_kernels_name_the_compute_capability_they_need(cap, quant, act, pdl, need, monkeypatch):
+    # on GPUs the kernels cannot compile for, a ValueError naming the argument and the
+    # capability instead of a ptxas failure (host-side check; no GPU needed)
+    m = _kernel_module()
+    monkeypatch.setattr(m, "_capability", lambda index: cap)
+    monkeypatch.setattr(torch.cuda, "get_device_name", lambda *a: "Test GPU")
+    dev = torch.device("cuda", 0)
+    if need is None:
+        m.check_device(dev, quant, act, pdl)
+    else:
+        with pytest.raises(ValueError, match=rf"hidden_states: .*capability {re.escape(need)} "
+                                             rf"or later; Test GPU is {cap[0]}\.{cap[1]}"):
+            m.check_device(dev, quant, act, pdl)
+
+
 @pytest.mark.parametrize("version,ok", [("3.6.0", True), ("3.6.1+git1234", True),
                                          ("3.5.1", False), ("3.9.0", False), ("4.0.0", False)])
 def test_gluon_decode_blocks_only_with_their_triton(version, ok, monkeypatch):

@@ -273,6 +273,30 @@ def gluon_decode_available() -> bool:
     return False
 
 
+@functools.cache
+def _capability(index: int) -> tuple[int, int]:
+    return torch.cuda.get_device_capability(index)
+
+
+def check_device(device: torch.device, quant: str, act_dtype: str, pdl: bool) -> None:
+    """A clear error where the kernels cannot compile for the GPU (compiled on CPU for sm_80
+    and sm_89 with Triton 3.6, 2026-12-04): fp8 weights or activations and the MXFP4 decode
+    blocks need fp8 e4m3 conversions and MMAs (compute capability 8.9 on); "pdl" needs 9.0.
+    bf16 / fp16 weights with 16-bit activations compile from 8.0 (tuned and tested on 9.0)."""
+    index = device.index if device.index is not None else torch.cuda.current_device()
+    have = _capability(index)
+    need, why = (0, 0), ""
+    if quant in ("fp8", "mxfp4") or act_dtype == "fp8":
+        need, why = (8, 9), f"quant={quant!r} / act_dtype={act_dtype!r} (fp8 e4m3 conversions)"
+    if pdl and (9, 0) > need:
+        need, why = (9, 0), "config 'pdl' (programmatic dependent launch)"
+    if have < need:
+        raise ValueError(
+            f"hidden_states: the Triton kernels for {why} need a GPU of compute capability "
+            f"{need[0]}.{need[1]} or later; {torch.cuda.get_device_name(index)} is {have[0]}."
+            f"{have[1]} (use backend='torch', or bf16 weights and activations)")
+
+
 def _launch_gemm(*, a, a_scale, b, b_scale, bias, c, c_scale, sorted_ids, expert_ids, topk_w,
                  N, Kdim, num_slots, top_k, interleaved, stage1, b_fmt, a_fp8,
                  a_quant, act, mul_weight, atomic_out, quant_out, compute_dtype, alpha,
@@ -394,6 +418,8 @@ def fused_moe_triton_impl(
     out_dtype = hidden_states.dtype
     path = path_name(quant, act_dtype)
     cfg = config if config is not None else get_config(path, M, E, H, I, k, _device_name(hidden_states))
+    if dev.type == "cuda":
+        check_device(dev, quant, act_dtype, bool(cfg.get("pdl", False)))
     if quant == "mxfp4":
         w1, w2 = _with_aligned_storage(w1, "w1"), _with_aligned_storage(w2, "w2")
     bm = cfg["BLOCK_M"]
