@@ -25,6 +25,7 @@ from triton.compiler import ASTSource
 
 from moeprec.kernels import _fused_moe_kernels as K
 
+ARCH = 90  # the target (benchmarks/compile_targets.py compiles the same kernels for others)
 UNIT_STRIDES = ("stride_ak", "stride_bk", "stride_bsk", "stride_cn", "stride_asm", "stride_csm")
 NOT_DIVISIBLE = ("alpha", "limit", "num_slots", "top_k", "num_pid_m", "num_experts", "zero_numel")
 
@@ -62,7 +63,7 @@ def compile_variant(stage1, b_fmt, a_fp8, dot_scaled, bm, bn, bk, warps, stages=
     attrs = {(i,): [["tt.divisibility", 16]] for i, n in enumerate(names)
              if n not in consts and n not in NOT_DIVISIBLE}
     src = ASTSource(fn, sig, constexprs={(names.index(k),): v for k, v in consts.items()}, attrs=attrs)
-    return triton.compile(src, target=GPUTarget("cuda", 90, 32),
+    return triton.compile(src, target=GPUTarget("cuda", ARCH, 32),
                           options=dict(num_warps=warps, num_stages=stages))
 
 
@@ -143,7 +144,7 @@ def compile_decode_mma(stage1, bn, bk, warps, split=1, even_k=True, K=4096, scal
     opts = dict(num_warps=warps)
     if maxnreg:
         opts["maxnreg"] = maxnreg
-    return triton.compile(src, target=GPUTarget("cuda", 90, 32), options=opts)
+    return triton.compile(src, target=GPUTarget("cuda", ARCH, 32), options=opts)
 
 
 def main() -> None:
