@@ -28,7 +28,7 @@ import torch
 from moeprec._validation import check_bool, check_choice, check_real, check_tensor
 from moeprec.act_policy import ACT_DTYPE_CHOICES, QUANTS, resolve_act_dtype
 from moeprec.activations import ACTIVATIONS, GATE_MODES, SWIGLU_ALPHA, SWIGLU_LIMIT, gated_activation
-from moeprec.backends import BACKENDS, resolve_backend
+from moeprec.backends import BACKENDS, FP8_CAPABILITY, resolve_backend
 from moeprec.dispatch import INDEX_DTYPES, MASK_DTYPES
 from moeprec.formats.fp8 import fake_quantize_fp8
 from moeprec.formats.layout import check_expert_weights
@@ -180,9 +180,11 @@ def _load_triton() -> Callable[..., torch.Tensor]:
     return fused_moe_triton
 
 
-def _pick_backend(backend: str, device: torch.device) -> Callable[..., torch.Tensor]:
-    """The implementation of `backend` (moeprec.backends decides which) on `device`."""
-    if resolve_backend(backend, device, _TRITON_KERNELS) == "torch":
+def _pick_backend(backend: str, device: torch.device, fp8: bool) -> Callable[..., torch.Tensor]:
+    """The implementation of `backend` (moeprec.backends decides which) on `device`; `fp8`: the
+    kernels of this call convert through fp8 (fp8 or MXFP4 weights, fp8 activations)."""
+    need = FP8_CAPABILITY if fp8 else None
+    if resolve_backend(backend, device, _TRITON_KERNELS, min_capability=need) == "torch":
         return _fused_moe_torch_impl
     return _load_triton()
 
@@ -245,7 +247,7 @@ def fused_moe(
             f"act_dtype: 'fp4' (MXFP4 activations) needs hidden and intermediate sizes that are "
             f"multiples of {MX_BLOCK}, got {H} and {I}"
         )
-    impl = _pick_backend(backend, dev)
+    impl = _pick_backend(backend, dev, quant in ("fp8", "mxfp4") or resolved == "fp8")
     if check_topk_ids:
         _check_ids_in_range(topk_ids, E)
     if M == 0 or topk_ids.shape[1] == 0:

@@ -339,6 +339,34 @@ def test_backend_choice(monkeypatch):
         fused_moe(x, backend="triton", **kw)
 
 
+@pytest.mark.parametrize("cap,fp8,backend,expect", [
+    ((8, 0), True, "auto", "torch"),      # fp8 / MXFP4 kernels cannot compile for sm_80
+    ((8, 0), False, "auto", "triton"),    # bf16 ones can
+    ((8, 9), True, "auto", "triton"),
+    ((9, 0), True, "triton", "triton"),
+    ((8, 6), True, "triton", ValueError),
+])
+def test_backend_choice_by_compute_capability(cap, fp8, backend, expect, monkeypatch):
+    # on CUDA devices below what the call's kernels need, "auto" takes the reference and an
+    # explicit "triton" raises naming the capability (host-side: no GPU needed)
+    import moeprec.backends as backends
+
+    fm = importlib.import_module("moeprec.fused_moe_op")
+    monkeypatch.setattr(backends, "cuda_capability", lambda device: cap)
+    monkeypatch.setattr(backends, "triton_available", lambda module=None: True)
+    monkeypatch.setattr(fm, "_load_triton", lambda: "triton")
+    dev = torch.device("cuda", 0)
+    if expect is ValueError:
+        with pytest.raises(ValueError, match=r"backend: 'triton' needs .* capability 8\.9 .* is 8\.6"):
+            fm._pick_backend(backend, dev, fp8)
+        return
+    impl = fm._pick_backend(backend, dev, fp8)
+    assert (impl == "triton") == (expect == "triton")
+    # while torch.compile traces, the check stays out of the graph (the kernels check eagerly)
+    monkeypatch.setattr(torch.compiler, "is_compiling", lambda: True)
+    assert fm._pick_backend(backend, dev, fp8) == "triton"
+
+
 def test_public_name_is_the_function_whatever_the_import_order():
     import moeprec.fused_moe_op
 

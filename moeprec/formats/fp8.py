@@ -19,7 +19,7 @@ import math
 import torch
 
 from moeprec._validation import check_choice, check_floating, check_positive_int, check_tensor
-from moeprec.backends import resolve_backend
+from moeprec.backends import FP8_CAPABILITY, resolve_backend
 
 FP8_DTYPE = torch.float8_e4m3fn
 FP8_MAX = 448.0
@@ -111,7 +111,8 @@ def quantize_fp8(
     `backend`: "torch", "triton" or "auto" (Triton on CUDA); both give the same bytes.
     """
     _check_input(x, granularity, block_size)
-    if resolve_backend(backend, x.device) == "triton" and x.numel() > 0:
+    use_triton = resolve_backend(backend, x.device, min_capability=FP8_CAPABILITY) == "triton"
+    if use_triton and x.numel() > 0:
         from moeprec.kernels.quantize import quantize_fp8_triton
 
         return quantize_fp8_triton(x, granularity, block_size)
