@@ -24,6 +24,28 @@ PATHS = {
 }
 
 
+def compile_quantizer(name: str):
+    """One of moeprec/kernels/quantize.py's MXFP4 kernels (the fused MoE's torch reference
+    decodes weights with them on any GPU), compiled for C.ARCH."""
+    from triton.compiler import ASTSource
+
+    from moeprec.kernels import quantize as Q
+
+    fn, sig, consts = {
+        "quant": (Q._mxfp4_quant_kernel,
+                  dict(x_ptr="*bf16", packed_ptr="*u8", scales_ptr="*u8", NB="i64"),
+                  dict(MODE=1, BLOCK_B=32)),
+        "dequant": (Q._mxfp4_dequant_kernel,
+                    dict(packed_ptr="*u8", scales_ptr="*u8", out_ptr="*bf16", NB="i64",
+                         keep_ptr="*i32", blocks_per_group="i64"),
+                    dict(HAS_KEEP=False, BLOCK_B=32)),
+    }[name]
+    names = fn.arg_names
+    src = ASTSource(fn, {n: "constexpr" if n in consts else sig[n] for n in names},
+                    constexprs={(names.index(k),): v for k, v in consts.items()})
+    return C.triton.compile(src, target=C.GPUTarget("cuda", C.ARCH, 32), options=dict(num_warps=4))
+
+
 def last_line(exc: Exception) -> str:
     """The compiler's reason: ptxas's first error line, else the message's last line."""
     lines = [ln.strip() for ln in str(exc).strip().splitlines() if ln.strip()]
@@ -38,6 +60,8 @@ def main() -> None:
         cases = [(n, lambda v=v: C.compile_variant(*v)) for n, v in PATHS.items()]
         cases.append(("mxfp4 decode blocks (Gluon tensor cores)",
                       lambda: C.compile_decode_mma(True, 32, 256, 4, K=4096)))
+        cases += [(f"mxfp4 {q} (quantize.py)", lambda q=q: compile_quantizer(q))
+                  for q in ("quant", "dequant")]
         for name, compile_one in cases:
             try:
                 compile_one()
