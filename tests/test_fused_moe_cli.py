@@ -230,8 +230,9 @@ def test_tune_refine_tries_the_ring_and_rematches_its_start(base_ms, ring_ms, ri
     assert all(c["BLOCK_M"] == 1 for c in timed)  # no tile search
     assert any(c["s2"]["ring"] for c in timed)  # both stages tried
     # with a ring taken, that stage's rows per program again (half and double)
-    rows = {c["s1"]["BLOCK_N"] for c in timed if c["s1"]["ring"] == 2 and c["s1"]["maxnreg"] == 64}
-    assert rows - {timed[0]["s1"]["BLOCK_N"]}
+    ring = [c["s1"] for c in timed if c["s1"]["ring"] == 2 and c["s1"]["maxnreg"] == 64]
+    assert {s["BLOCK_N"] for s in ring} - {timed[0]["s1"]["BLOCK_N"]}
+    assert {s["BLOCK_K"] for s in ring} - {timed[0]["s1"]["BLOCK_K"]}  # and longer steps
     s1 = r["config"]["s1"]
     assert (s1["ring"], s1.get("maxnreg")) == ((2, 64) if ring_pays else (0, None))
     assert r["ms"] == pytest.approx(ring_ms if ring_pays else base_ms)

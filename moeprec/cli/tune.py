@@ -162,10 +162,12 @@ def tune_point(shape: str, path: str, M: int, weights: dict, reps: int, log,
                 ms, cfg = timed(dict(best, **{st: cand}))
                 if ms < best_ms:
                     best_ms, best = ms, cfg
-            if best[st].get("ring"):  # the ring changes programs per SM: rows per program again
-                for bn in (best[st]["BLOCK_N"] // 2, best[st]["BLOCK_N"] * 2):
-                    if 16 <= bn <= 128:
-                        ms, cfg = timed(dict(best, **{st: dict(best[st], BLOCK_N=bn)}))
+            if best[st].get("ring"):  # the ring changes programs per SM: rows per program
+                # again; and longer steps (the consumer warps meet at two barriers per step)
+                bn, bk = best[st]["BLOCK_N"], best[st]["BLOCK_K"]
+                for over in ({"BLOCK_N": bn // 2}, {"BLOCK_N": bn * 2}, {"BLOCK_K": bk * 2}):
+                    if 16 <= over.get("BLOCK_N", bn) <= 128 and over.get("BLOCK_K", bk) <= 512:
+                        ms, cfg = timed(dict(best, **{st: dict(best[st], **over)}))
                         if ms < best_ms:
                             best_ms, best = ms, cfg
     if kpath == "w4a16" and best["BLOCK_M"] != 1:  # MXFP4 tiles: the explicit bf16-pair
