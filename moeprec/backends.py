@@ -3,6 +3,7 @@ reference ("torch") or the Triton kernels ("triton"). Used by the quantizers and
 
 from __future__ import annotations
 
+import functools
 import importlib.util
 import os
 
@@ -32,8 +33,14 @@ FP8_CAPABILITY = (8, 9)
 
 
 def cuda_capability(device: torch.device) -> tuple[int, int]:
-    """(major, minor) of a CUDA device."""
-    props = torch.cuda.get_device_properties(device)
+    """(major, minor) of a CUDA device (looked up once per device)."""
+    device = torch.device(device)
+    return _capability(device.index if device.index is not None else torch.cuda.current_device())
+
+
+@functools.cache
+def _capability(index: int) -> tuple[int, int]:
+    props = torch.cuda.get_device_properties(index)
     return props.major, props.minor
 
 

@@ -26,6 +26,7 @@ from typing import Any, NamedTuple
 import torch
 from triton.tools.tensor_descriptor import TensorDescriptor
 
+from moeprec import backends
 from moeprec.backends import triton_interpret
 from moeprec.kernels import _fused_moe_kernels as K
 from moeprec.kernels._grid import cdiv, next_power_of_2
@@ -273,18 +274,12 @@ def gluon_decode_available() -> bool:
     return False
 
 
-@functools.cache
-def _capability(index: int) -> tuple[int, int]:
-    return torch.cuda.get_device_capability(index)
-
-
 def check_device(device: torch.device, quant: str, act_dtype: str, pdl: bool) -> None:
     """A clear error where the kernels cannot compile for the GPU (compiled on CPU for sm_80
     and sm_89 with Triton 3.6, 2026-12-04): fp8 weights or activations and the MXFP4 decode
     blocks need fp8 e4m3 conversions and MMAs (compute capability 8.9 on); "pdl" needs 9.0.
     bf16 / fp16 weights with 16-bit activations compile from 8.0 (tuned and tested on 9.0)."""
-    index = device.index if device.index is not None else torch.cuda.current_device()
-    have = _capability(index)
+    have = backends.cuda_capability(device)
     need, why = (0, 0), ""
     if quant in ("fp8", "mxfp4") or act_dtype == "fp8":
         need, why = (8, 9), f"quant={quant!r} / act_dtype={act_dtype!r} (fp8 e4m3 conversions)"
@@ -293,7 +288,7 @@ def check_device(device: torch.device, quant: str, act_dtype: str, pdl: bool) ->
     if have < need:
         raise ValueError(
             f"hidden_states: the Triton kernels for {why} need a GPU of compute capability "
-            f"{need[0]}.{need[1]} or later; {torch.cuda.get_device_name(index)} is {have[0]}."
+            f"{need[0]}.{need[1]} or later; {torch.cuda.get_device_name(device)} is {have[0]}."
             f"{have[1]} (use backend='torch', or bf16 weights and activations)")
 
 
