@@ -216,6 +216,13 @@ def _step(acc, w_lo, w_hi, s_lo, s_hi, pairs0, pairs1, pairs2, pairs3, step,
 
 
 @gluon.jit
+def _pdl_wait():
+    """Wait for the launch before (programmatic dependent launch): its output is our input."""
+    gl.inline_asm_elementwise("griddepcontrol.wait; // $0", "=r", [], dtype=gl.int32,
+                              is_pure=False, pack=1)
+
+
+@gluon.jit
 def _act_scale(a_ptr, a_row, stride_am, k_begin, k_end, P: gl.constexpr, CH: gl.constexpr,
                NSB: gl.constexpr, BLOCK_K: gl.constexpr):
     """The powers of two for row a_row's activations of [k_begin, k_end): `up` scales them into
@@ -308,8 +315,7 @@ def _ring_consumer(a_ptr, a_row, stride_am, k_begin, k_first, k_end, n_steps, sr
     WORDS: gl.constexpr = gl.SwizzledSharedLayout(1, 1, 1, [2, 1, 0])
     sn_lo, sn_hi = _fetch_scales(src, k_first, k_end, L, NSB, EVEN_K, SCALE_WORDS)
     if PDL_WAIT:  # activations are the launch before's output; weights and scales are not
-        gl.inline_asm_elementwise("griddepcontrol.wait; // $0", "=r", [], dtype=gl.int32,
-                                  is_pure=False, pack=1)
+        _pdl_wait()
     up, down = _act_scale(a_ptr, a_row, stride_am, k_begin, k_end, P, CH, NSB, BLOCK_K)
     _stage_pairs(a_ptr, a_row, stride_am, k_begin, k_end, up, pairs, P, CH, NSB, BLOCK_K)
     pairs0, pairs1, pairs2, pairs3 = _step_views(pairs, STEPS, NSB, SMEM_STEP)
@@ -456,8 +462,7 @@ def _decode_mma_kernel(
         # the first weight step is in flight before anything waits on the previous launch
         wa_lo, wa_hi, sa_lo, sa_hi = _fetch(src, k_first, k_end, L, NSB, EVEN_K, SCALE_WORDS)
         if PDL and not STAGE1:
-            gl.inline_asm_elementwise("griddepcontrol.wait; // $0", "=r", [], dtype=gl.int32,
-                                      is_pure=False, pack=1)
+            _pdl_wait()
 
         # activations of this K range -> f16 pairs in shared memory, scaled into [1, 2) by 2^-e
         up, down = _act_scale(a_ptr, a_row, stride_am, k_begin, k_end, P, CH, NSB, BLOCK_K)
@@ -581,6 +586,21 @@ def _staging_chunks(K: int, st: dict, split_k: int) -> tuple[int, int, int]:
     return ch, reps, _next_pow2(-(-steps // ch))
 
 
+# the shared memory a program of the blocks may take (staging, and the ring's slots)
+_SMEM_CAP = 128 * 1024
+
+
+def _lo_rows(st: dict, stage1: bool) -> int:
+    """Rows a program reads per row set (lo, and as many hi): stage 1 BLOCK_N gate rows (and
+    their up rows), stage 2 half its BLOCK_N columns (the other half)."""
+    return st["BLOCK_N"] if stage1 else st["BLOCK_N"] // 2
+
+
+def _staging_bytes(k_chunks: int, ch: int, st: dict) -> int:
+    """Shared memory of the activation staging: four [K_CHUNKS, CH, NSB, 4] int32 buffers."""
+    return 4 * k_chunks * ch * (st["BLOCK_K"] // 32) * 16
+
+
 def scale_words(b_scale, K: int) -> bool:
     """Whether the kernel may read a lane's scales as one 4-byte word per row and group of 4
     blocks: unit K stride, 4-byte aligned rows and experts, whole groups (K a multiple of 128)."""
@@ -596,14 +616,14 @@ def fits(*, a, b, c, stage1: bool, st: dict) -> bool:
     import torch
 
     nsb, warps = st["BLOCK_K"] // 32, st["num_warps"]
-    tr2 = st["BLOCK_N"] if stage1 else st["BLOCK_N"] // 2
+    tr2 = _lo_rows(st, stage1)
     wk = min(warps, nsb // 4)
     ch, _, k_chunks = _staging_chunks(b.shape[2] * 2, st, st.get("split_k", 1))
-    smem = 4 * k_chunks * ch * nsb * 16
     return (a.dtype in (torch.bfloat16, torch.float16) and a.stride(1) == 1
             and a.stride(0) % 8 == 0 and a.data_ptr() % 16 == 0 and b.stride(2) == 1
             and b.stride(1) % 16 == 0 and b.data_ptr() % 16 == 0 and c.stride(-1) == 1
-            and nsb % 4 == 0 and wk >= 1 and tr2 >= 8 * (warps // wk) and smem <= 128 * 1024)
+            and nsb % 4 == 0 and wk >= 1 and tr2 >= 8 * (warps // wk)
+            and _staging_bytes(k_chunks, ch, st) <= _SMEM_CAP)
 
 
 def ring_descriptor(b, *, stage1: bool, interleaved: bool, st: dict, k_chunks: int, ch: int):
@@ -618,12 +638,12 @@ def ring_descriptor(b, *, stage1: bool, interleaved: bool, st: dict, k_chunks: i
     import torch
     from triton.experimental.gluon.nvidia.hopper import TensorDescriptor
 
-    tr2 = st["BLOCK_N"] if stage1 else st["BLOCK_N"] // 2
+    tr2 = _lo_rows(st, stage1)
     E, R, half_k = b.shape
-    smem = 2 * ring * tr2 * bk // 2 + 4 * k_chunks * ch * (bk // 32) * 16
+    smem = 2 * ring * tr2 * bk // 2 + _staging_bytes(k_chunks, ch, st)  # lo + hi slots, staging
     if ((stage1 and interleaved) or b.stride(2) != 1 or b.stride(1) % 16
             or b.stride(0) != R * b.stride(1) or half_k % 4 or b.data_ptr() % 16
-            or tr2 > 256 or smem > 128 * 1024 or st["num_warps"] % 4):
+            or tr2 > 256 or smem > _SMEM_CAP or st["num_warps"] % 4):
         return None
     words = b.view(torch.int32)  # (last dim contiguous, a multiple of 4 bytes: checked above)
     return TensorDescriptor(words, [E * R, half_k // 4], [b.stride(1) // 4, 1], [tr2, bk // 8],
