@@ -30,6 +30,14 @@ def triton_available(kernel_module: str | None = None) -> bool:
 # MXFP4 decode blocks convert through e4m3 too). Compiled on CPU for sm_80, they fail in ptxas
 # (benchmarks/compile_targets.py, 2026-12-04).
 FP8_CAPABILITY = (8, 9)
+# programmatic dependent launch (griddepcontrol): sm_90 on
+PDL_CAPABILITY = (9, 0)
+
+
+def needs_fp8(quant: str, act_dtype: str) -> bool:
+    """Whether the fused MoE's Triton kernels convert through fp8 for these formats (fp8 or
+    MXFP4 weights, fp8 activations), and so need FP8_CAPABILITY."""
+    return quant in ("fp8", "mxfp4") or act_dtype == "fp8"
 
 
 def cuda_capability(device: torch.device) -> tuple[int, int]:

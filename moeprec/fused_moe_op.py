@@ -28,7 +28,7 @@ import torch
 from moeprec._validation import check_bool, check_choice, check_real, check_tensor
 from moeprec.act_policy import ACT_DTYPE_CHOICES, QUANTS, resolve_act_dtype
 from moeprec.activations import ACTIVATIONS, GATE_MODES, SWIGLU_ALPHA, SWIGLU_LIMIT, gated_activation
-from moeprec.backends import BACKENDS, FP8_CAPABILITY, resolve_backend
+from moeprec.backends import BACKENDS, FP8_CAPABILITY, needs_fp8, resolve_backend
 from moeprec.dispatch import INDEX_DTYPES, MASK_DTYPES
 from moeprec.formats.fp8 import fake_quantize_fp8
 from moeprec.formats.layout import check_expert_weights
@@ -247,7 +247,7 @@ def fused_moe(
             f"act_dtype: 'fp4' (MXFP4 activations) needs hidden and intermediate sizes that are "
             f"multiples of {MX_BLOCK}, got {H} and {I}"
         )
-    impl = _pick_backend(backend, dev, quant in ("fp8", "mxfp4") or resolved == "fp8")
+    impl = _pick_backend(backend, dev, needs_fp8(quant, resolved))
     if check_topk_ids:
         _check_ids_in_range(topk_ids, E)
     if M == 0 or topk_ids.shape[1] == 0:

@@ -281,10 +281,11 @@ def check_device(device: torch.device, quant: str, act_dtype: str, pdl: bool) ->
     bf16 / fp16 weights with 16-bit activations compile from 8.0 (tuned and tested on 9.0)."""
     have = backends.cuda_capability(device)
     need, why = (0, 0), ""
-    if quant in ("fp8", "mxfp4") or act_dtype == "fp8":
-        need, why = (8, 9), f"quant={quant!r} / act_dtype={act_dtype!r} (fp8 e4m3 conversions)"
-    if pdl and (9, 0) > need:
-        need, why = (9, 0), "config 'pdl' (programmatic dependent launch)"
+    if backends.needs_fp8(quant, act_dtype):
+        need = backends.FP8_CAPABILITY
+        why = f"quant={quant!r} / act_dtype={act_dtype!r} (fp8 e4m3 conversions)"
+    if pdl and backends.PDL_CAPABILITY > need:
+        need, why = backends.PDL_CAPABILITY, "config 'pdl' (programmatic dependent launch)"
     if have < need:
         raise ValueError(
             f"hidden_states: the Triton kernels for {why} need a GPU of compute capability "
