@@ -129,6 +129,13 @@ def tune_point(shape: str, path: str, M: int, weights: dict, reps: int, log,
         base = default_config(kpath, M, E, H, I, k)
     best_ms, best = timed(base)
     default_ms = best_ms
+
+    def offer(cand):  # time cand; it becomes the best if faster
+        nonlocal best_ms, best
+        ms, cfg = timed(cand)
+        if ms < best_ms:
+            best_ms, best = ms, cfg
+
     for bm in [] if refine else _block_m_candidates(kpath, M, E, k):
         cands = {st: _gemv_stage_candidates(st) if bm == 1 else _stage_candidates(bm)
                  for st in ("s1", "s2")}
@@ -152,64 +159,44 @@ def tune_point(shape: str, path: str, M: int, weights: dict, reps: int, log,
         for stages in (("s1",), ("s2",), ("s1", "s2")):
             cand = dict(best, **{st: dict(best[st], mma=not best[st].get("mma", False))
                                  for st in stages})
-            ms, cfg = timed(cand)
-            if ms < best_ms:
-                best_ms, best = ms, cfg
+            offer(cand)
         for st in ("s1", "s2"):  # their weights through a TMA ring, per stage (where it runs;
             # a stage left on the CUDA cores gets the Gluon blocks with the ring too)
             for ring, maxnreg in RING_CANDIDATES:
                 cand = dict(best[st], mma=True, ring=ring, maxnreg=maxnreg)
-                ms, cfg = timed(dict(best, **{st: cand}))
-                if ms < best_ms:
-                    best_ms, best = ms, cfg
+                offer(dict(best, **{st: cand}))
             if best[st].get("ring"):  # the ring changes programs per SM: rows per program
                 # again; and longer steps (the consumer warps meet at two barriers per step)
                 bn, bk = best[st]["BLOCK_N"], best[st]["BLOCK_K"]
                 for over in ({"BLOCK_N": bn // 2}, {"BLOCK_N": bn * 2}, {"BLOCK_K": bk * 2}):
                     if 16 <= over.get("BLOCK_N", bn) <= 128 and over.get("BLOCK_K", bk) <= 512:
-                        ms, cfg = timed(dict(best, **{st: dict(best[st], **over)}))
-                        if ms < best_ms:
-                            best_ms, best = ms, cfg
+                        offer(dict(best, **{st: dict(best[st], **over)}))
     if kpath == "w4a16" and best["BLOCK_M"] != 1:  # MXFP4 tiles: the explicit bf16-pair
         # decode or tl.dot_scaled, per stage
         for stages in (("s1",), ("s2",), ("s1", "s2")):  # each flipped from the op's own choice
             cand = dict(best, **{st: dict(best[st], dot_scaled=not use_dot_scaled(
                 torch.bfloat16, False, best[st], False)) for st in stages})
-            ms, cfg = timed(cand)
-            if ms < best_ms:
-                best_ms, best = ms, cfg
+            offer(cand)
     if best["BLOCK_M"] != 1 and M * k >= 64 * E:  # prefill tiles: stage 2 storing slot rows
         # summed per token afterwards, instead of fp32 atomics (k adds per output element)
-        ms, cfg = timed(dict(best, atomic=not best.get("atomic", True)))
-        if ms < best_ms:
-            best_ms, best = ms, cfg
+        offer(dict(best, atomic=not best.get("atomic", True)))
     if best["BLOCK_M"] != 1 and best.get("atomic", True):  # tiles: stage 2 split along K
         for split_k in (2, 4):
-            ms, cfg = timed(dict(best, s2=dict(best["s2"], split_k=split_k)))
-            if ms < best_ms:
-                best_ms, best = ms, cfg
+            offer(dict(best, s2=dict(best["s2"], split_k=split_k)))
     if kpath in DEQUANT_PLAIN_PATH and M * k > 96 * E:  # MXFP4 decoded first, then the plain
         # kernels: at this search's best tile, and at the plain path's own (table or heuristic)
         plain = get_config(DEQUANT_PLAIN_PATH[kpath], M, E, H, I, k, torch.cuda.get_device_name())
         for cand in (dict(best, dequant=True), dict(plain, dequant=True)):
-            ms, cfg = timed(cand)
-            if ms < best_ms:
-                best_ms, best = ms, cfg
+            offer(cand)
     if act == "fp8":
-        ms, cfg = timed(dict(best, fuse_quant=not best.get("fuse_quant", True)))
-        if ms < best_ms:
-            best_ms, best = ms, cfg
+        offer(dict(best, fuse_quant=not best.get("fuse_quant", True)))
     for st in ("s1", "s2"):  # plain / fp8 weight tiles through TMA or pointer loads
         cand = dict(best, **{st: dict(best[st], tma_b=not best[st].get("tma_b"))})
         if fix_config(cand, kpath)[st]["tma_b"] == best[st].get("tma_b", False):
             continue  # fix_config drops the flag here (decode blocks, MXFP4 tiles): nothing to time
-        ms, cfg = timed(cand)
-        if ms < best_ms:
-            best_ms, best = ms, cfg
+        offer(cand)
     if graphed:  # short calls: stage 2 as a programmatic dependent launch of stage 1
-        ms, cfg = timed(dict(best, pdl=not best.get("pdl", False)))
-        if ms < best_ms:
-            best_ms, best = ms, cfg
+        offer(dict(best, pdl=not best.get("pdl", False)))
     if refine and best != fix_config(base, kpath):  # a refinement must beat the entry it
         # started from in a fair rematch
         best_ms, best = confirm_against_start(timed, base, best)
