@@ -29,6 +29,11 @@ def _kernel_module():
     return m
 
 
+# the Gluon decode blocks' GPU tests (Triton imported only where there is a GPU)
+NEEDS_GLUON = pytest.mark.skipif(not (ON_GPU and _kernel_module().gluon_decode_available()),
+                                 reason="the Gluon decode blocks need a GPU and their Triton version")
+
+
 @pytest.fixture(autouse=True)
 def _poison(monkeypatch):
     # intermediates start as NaN: any row read before it was written shows up in the output
@@ -1117,8 +1122,7 @@ def _mma_decode_case(activation, gate_mode, bias, masked, atomic, pdl, split_k, 
 
 
 @pytest.mark.gpu
-@pytest.mark.skipif(not (ON_GPU and _kernel_module().gluon_decode_available()),
-                    reason="the Gluon decode blocks need a GPU and their Triton version")
+@NEEDS_GLUON
 @pytest.mark.parametrize("activation,gate_mode,bias,masked,atomic,pdl,split_k,bn,bk,warps,M,H,I,E,k,dtype,scale_words",
                          # scales read bytewise on every case; as 4-byte words where both K are
                          # multiples of 128 (the default there)
@@ -1165,8 +1169,7 @@ def _assert_same_sums(out, cores):
 
 
 @pytest.mark.gpu
-@pytest.mark.skipif(not (ON_GPU and _kernel_module().gluon_decode_available()),
-                    reason="the Gluon decode blocks need a GPU and their Triton version")
+@NEEDS_GLUON
 @pytest.mark.parametrize("activation,gate_mode,bias,masked,atomic,pdl,split_k,bn,bk,warps,M,H,I,E,k,dtype",
                          MMA_DECODE_CASES)
 def test_gpu_tensor_core_decode_ring(activation, gate_mode, bias, masked, atomic, pdl, split_k,
@@ -1179,9 +1182,13 @@ def test_gpu_tensor_core_decode_ring(activation, gate_mode, bias, masked, atomic
 
     rings = []
     real = _decode_mma.ring_descriptor
-    monkeypatch.setattr(_decode_mma, "ring_descriptor",
-                        lambda b, **kw: rings.append((kw["stage1"], real(b, **kw) is not None))
-                        or real(b, **kw))
+
+    def recorded(b, **kw):
+        desc = real(b, **kw)
+        rings.append((kw["stage1"], desc is not None))
+        return desc
+
+    monkeypatch.setattr(_decode_mma, "ring_descriptor", recorded)
     x, w1, w2, tw, ti, _, args, ref, regs = _mma_decode_case(
         activation, gate_mode, bias, masked, atomic, pdl, split_k, bn, bk, warps, M, H, I, E, k,
         dtype)
@@ -1194,8 +1201,7 @@ def test_gpu_tensor_core_decode_ring(activation, gate_mode, bias, masked, atomic
 
 
 @pytest.mark.gpu
-@pytest.mark.skipif(not (ON_GPU and _kernel_module().gluon_decode_available()),
-                    reason="the Gluon decode blocks need a GPU and their Triton version")
+@NEEDS_GLUON
 @pytest.mark.parametrize("scale", [1e-30, 1.0, 3e4])
 def test_gpu_tensor_core_decode_activation_range(scale, monkeypatch):
     # the f16 staging scales each program's activations into [1, 2) by a power of two: tiny and
